@@ -1,0 +1,1 @@
+//! fabvm devices.

@@ -1,0 +1,1 @@
+//! fabvm VMM library.
