@@ -1,1 +1,10 @@
-//! fabvm devices.
+//! fabvm's emulated devices and the buses they sit on.
+//! The vCPU loop never matches addresses: it hands every PIO/MMIO exit to a [`Bus`].
+
+pub mod bus;
+pub mod i8042;
+pub mod serial;
+
+pub use bus::{Bus, BusDevice, BusError};
+pub use i8042::I8042;
+pub use serial::{EventFdTrigger, InputDrained, SerialDevice};
