@@ -4,7 +4,7 @@
 # Uses only the machine's own gcc and binutils (no cross toolchain, no
 # downloads). Idempotent: every run rebuilds from source into a temporary
 # directory and moves the result into place only when everything succeeded.
-# Usage: guest-images/build-test-guest.sh   (env: CC, LD, READELF override)
+# Usage: guest-images/build-test-guest.sh   (env: CC, LD, READELF, OBJDUMP override)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -13,8 +13,9 @@ out="$here/out"
 CC="${CC:-gcc}"
 LD="${LD:-ld}"
 READELF="${READELF:-readelf}"
+OBJDUMP="${OBJDUMP:-objdump}"
 
-for tool in "$CC" "$LD" "$READELF"; do
+for tool in "$CC" "$LD" "$READELF" "$OBJDUMP"; do
 	command -v "$tool" >/dev/null || { echo "build-test-guest: '$tool' not found" >&2; exit 1; }
 done
 
@@ -36,9 +37,8 @@ cflags=(-std=gnu11 -O2 -mgeneral-regs-only -mno-red-zone -nostdlib
 # and the image must stay clear of the SSE/x87 instructions ring 3 cannot use.
 entry="$("$READELF" -sW "$tmp/test-guest.elf" | awk '$8 == "pvh_start32" { print $2 }')"
 note="$("$READELF" -nW "$tmp/test-guest.elf")"
-if ! grep -q 'Xen.*0x00000008.*Unknown note type: (0x00000012)' <<<"$note" &&
-   ! grep -q 'Xen.*0x00000008.*NT_VERSION\|Xen.*0x00000008.*0x00000012' <<<"$note"; then
-	echo "build-test-guest: PVH note (Xen, type 18) missing:" >&2
+if ! grep -qE 'Xen[[:space:]]+0x00000008[[:space:]].*\(0x00000012\)' <<<"$note"; then
+	echo "build-test-guest: PVH note (owner Xen, type 18, 8-byte descriptor) missing:" >&2
 	echo "$note" >&2
 	exit 1
 fi
@@ -50,9 +50,10 @@ if [ -z "$entry" ]; then
 	echo "build-test-guest: pvh_start32 not found" >&2
 	exit 1
 fi
-if objdump -d "$tmp/test-guest.elf" | grep -qE '\s(xmm|ymm|%st)|\s(fwait|popcnt|xrstor|cmpxchg16b|int3)\b'; then
-	echo "build-test-guest: image contains SSE/x87 or emulator-hostile instructions:" >&2
-	objdump -d "$tmp/test-guest.elf" | grep -E '\s(xmm|ymm|%st)|\s(fwait|popcnt|xrstor|cmpxchg16b|int3)\b' | head >&2
+bad_insn='%[xyz]mm[0-9]|%st\b|%mm[0-7]|[[:space:]](fwait|popcnt|xrstor[a-z0-9]*|cmpxchg16b|int3)\b'
+if "$OBJDUMP" -d "$tmp/test-guest.elf" | grep -qE "$bad_insn"; then
+	echo "build-test-guest: image contains SSE/x87/MMX or emulator-hostile instructions:" >&2
+	"$OBJDUMP" -d "$tmp/test-guest.elf" | grep -E "$bad_insn" | head >&2
 	exit 1
 fi
 

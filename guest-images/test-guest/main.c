@@ -248,10 +248,19 @@ static void say(const char *fmt, ...)
 	va_end(ap);
 }
 
+/*
+ * Success: i8042 reset (port 0x64 <- 0xFE; fabvm exits 0 on it), then the
+ * status to port 0xf4 (QEMU's isa-debug-exit: exit code (status << 1) | 1).
+ * Failure: port 0xf4 first, so that a VMM with both devices (QEMU -M pc or
+ * q35 with -no-reboot) reports the failure in its exit code instead of a
+ * clean reset. Last resort: spin in ring 3.
+ */
 static void __attribute__((noreturn)) poweroff(u8 status)
 {
-	outb(0x64, 0xFE);   /* i8042 reset: fabvm exits (0) on this */
-	outb(0xf4, status); /* QEMU isa-debug-exit: exit code (status<<1)|1 */
+	if (status)
+		outb(0xf4, status);
+	outb(0x64, 0xFE);
+	outb(0xf4, status);
 	for (;;)
 		cpu_relax();
 }
