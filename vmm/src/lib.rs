@@ -1,1 +1,13 @@
-//! fabvm VMM library.
+//! fabvm: a minimal KVM microVM monitor with a memory fabric. This library holds everything
+//! the `fabvm` binary does: configuration, the VM, x86_64 boot, vCPUs, devices, the run loop.
+
+pub mod boot;
+pub mod cli;
+pub mod config;
+pub mod console;
+pub mod device_manager;
+pub mod layout;
+pub mod memory;
+pub mod runner;
+pub mod vcpu;
+pub mod vm;

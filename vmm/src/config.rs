@@ -1,0 +1,165 @@
+//! A validated VM configuration: everything checked against the host before KVM is touched,
+//! so bad input ends with one clear line instead of a half-built VM.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::cli::Cli;
+use crate::layout;
+
+/// Command line used when the user gives none.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+/// Most vCPUs we start: APIC ids are 8 bits in the MP table and one id goes to the IOAPIC.
+pub const MAX_CPUS: u32 = 254;
+
+/// Errors from validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file argument cannot be opened.
+    #[error("cannot open {what} {path}: {source}")]
+    Open {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A file argument is a directory or otherwise not a regular file.
+    #[error("{what} {path} is not a regular file")]
+    NotAFile { what: &'static str, path: PathBuf },
+    /// Memory size outside what we can boot.
+    #[error("--mem {0}: must be at least 16M")]
+    MemTooSmall(String),
+    /// Memory size not page aligned.
+    #[error("--mem {0}: must be a multiple of 4K")]
+    MemUnaligned(String),
+    /// Memory size beyond the host.
+    #[error("--mem {asked}: more than this host's memory ({host})")]
+    MemBeyondHost { asked: String, host: String },
+    /// vCPU count outside 1..=max.
+    #[error("--cpus {asked}: must be between 1 and {max}")]
+    Cpus { asked: u32, max: u32 },
+    /// Command line too long for the boot protocol.
+    #[error("--cmdline is {0} bytes; the limit is 2047")]
+    CmdlineTooLong(usize),
+    /// Command line with a NUL byte.
+    #[error("--cmdline must not contain NUL bytes")]
+    CmdlineNul,
+}
+
+/// Everything needed to build and boot a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Kernel image path.
+    pub kernel: PathBuf,
+    /// Initrd path.
+    pub initrd: Option<PathBuf>,
+    /// Guest memory in bytes.
+    pub mem: u64,
+    /// vCPU count.
+    pub cpus: u32,
+    /// Kernel command line.
+    pub cmdline: String,
+}
+
+impl VmConfig {
+    /// Validates the command line against the host: files readable, sizes sane.
+    pub fn from_cli(cli: Cli) -> Result<Self, ConfigError> {
+        check_file("kernel", &cli.kernel)?;
+        if let Some(initrd) = &cli.initrd {
+            check_file("initrd", initrd)?;
+        }
+        check_mem(cli.mem, host_memory())?;
+        if cli.cpus == 0 || cli.cpus > MAX_CPUS {
+            return Err(ConfigError::Cpus { asked: cli.cpus, max: MAX_CPUS });
+        }
+        if cli.cmdline.len() >= layout::CMDLINE_MAX {
+            return Err(ConfigError::CmdlineTooLong(cli.cmdline.len()));
+        }
+        if cli.cmdline.contains('\0') {
+            return Err(ConfigError::CmdlineNul);
+        }
+        Ok(Self {
+            kernel: cli.kernel,
+            initrd: cli.initrd,
+            mem: cli.mem,
+            cpus: cli.cpus,
+            cmdline: cli.cmdline,
+        })
+    }
+}
+
+fn check_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let file = File::open(path).map_err(|source| ConfigError::Open {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let is_file = file.metadata().map(|m| m.is_file()).unwrap_or(false);
+    if !is_file {
+        return Err(ConfigError::NotAFile { what, path: path.to_path_buf() });
+    }
+    Ok(())
+}
+
+/// Checks a memory size against our limits and the host's total memory (if known).
+pub fn check_mem(mem: u64, host: Option<u64>) -> Result<(), ConfigError> {
+    if mem < layout::MIN_MEM {
+        return Err(ConfigError::MemTooSmall(human(mem)));
+    }
+    if mem % layout::PAGE_SIZE != 0 {
+        return Err(ConfigError::MemUnaligned(human(mem)));
+    }
+    let limit = host.unwrap_or(layout::MAX_MEM).min(layout::MAX_MEM);
+    if mem > limit {
+        return Err(ConfigError::MemBeyondHost {
+            asked: human(mem),
+            host: human(limit),
+        });
+    }
+    Ok(())
+}
+
+/// The host's total memory from /proc/meminfo.
+fn host_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Renders a byte count the way users type it.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [(1 << 40, "T"), (1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
+    for (size, unit) in UNITS {
+        if bytes >= size && bytes % size == 0 {
+            return format!("{}{unit}", bytes / size);
+        }
+    }
+    if bytes >= 1 << 30 {
+        return format!("{:.1}G", bytes as f64 / (1u64 << 30) as f64);
+    }
+    format!("{bytes}B")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_limits() {
+        assert!(matches!(check_mem(0, None), Err(ConfigError::MemTooSmall(_))));
+        assert!(matches!(check_mem(1 << 20, None), Err(ConfigError::MemTooSmall(_))));
+        assert!(matches!(check_mem((64 << 20) + 1, None), Err(ConfigError::MemUnaligned(_))));
+        assert!(check_mem(256 << 20, Some(1 << 30)).is_ok());
+        let err = check_mem(2 << 30, Some(1 << 30)).unwrap_err();
+        assert_eq!(err.to_string(), "--mem 2G: more than this host's memory (1G)");
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(0), "0B");
+        assert_eq!(human(512 << 20), "512M");
+        assert_eq!(human(3 << 30), "3G");
+        assert_eq!(human(25_000_000_000), "23.3G");
+    }
+}

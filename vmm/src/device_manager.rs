@@ -1,0 +1,68 @@
+//! Builds the devices and puts them on the buses: COM1 (irqfd on GSI 4) and the i8042.
+//! Owns the eventfds the event loop watches for console input and guest reset.
+
+use std::sync::{Arc, Mutex};
+
+use devices::{Bus, BusError, EventFdTrigger, I8042, InputDrained, SerialDevice};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::vcpu::exit::Buses;
+
+/// COM1 ports.
+pub const COM1_BASE: u64 = 0x3f8;
+/// COM1's ISA interrupt.
+pub const COM1_IRQ: u32 = 4;
+/// i8042 data port; the command port is at +4.
+pub const I8042_BASE: u64 = 0x60;
+
+/// Errors from building the devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// An eventfd could not be created.
+    #[error("cannot create eventfd: {0}")]
+    EventFd(std::io::Error),
+    /// KVM refused an irqfd.
+    #[error("KVM refused irqfd for GSI {gsi}: {source}")]
+    Irqfd { gsi: u32, source: kvm_ioctls::Error },
+    /// Two devices claim the same range.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// The VM's devices and the handles the event loop needs.
+#[derive(Debug)]
+pub struct DeviceManager {
+    /// Buses shared with the vCPUs.
+    pub buses: Arc<Buses>,
+    /// The console UART.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// Signalled when the guest has drained the UART's receive FIFO.
+    pub serial_drained: EventFd,
+    /// Signalled when the guest asks the i8042 for a reset.
+    pub reset: EventFd,
+}
+
+impl DeviceManager {
+    /// Creates the devices, wires their interrupts into `vm` and writes console output to `out`.
+    pub fn new(vm: &VmFd, out: Box<dyn std::io::Write + Send>) -> Result<Self, DeviceError> {
+        let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd);
+        let irq = eventfd()?;
+        vm.register_irqfd(&irq, COM1_IRQ)
+            .map_err(|source| DeviceError::Irqfd { gsi: COM1_IRQ, source })?;
+        let serial_drained = eventfd()?;
+        let reset = eventfd()?;
+        let clone = |evt: &EventFd| evt.try_clone().map_err(DeviceError::EventFd);
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            EventFdTrigger(irq),
+            InputDrained(clone(&serial_drained)?),
+            out,
+        )));
+        let i8042 = Arc::new(Mutex::new(I8042::new(clone(&reset)?)));
+        let mut pio = Bus::new();
+        pio.insert(serial.clone(), COM1_BASE, 8)?;
+        pio.insert(i8042, I8042_BASE, 5)?;
+        let buses = Arc::new(Buses { pio, mmio: Bus::new() });
+        Ok(Self { buses, serial, serial_drained, reset })
+    }
+}

@@ -1,0 +1,279 @@
+//! vCPUs as threads, each a small state machine (running, paused, finished) driven by
+//! requests in a mailbox; a real-time signal kicks a vCPU out of KVM_RUN via immediate_exit.
+
+pub mod exit;
+
+use std::cell::Cell;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::VcpuFd;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use exit::{Buses, ExitAction, StopReason};
+
+/// Errors from managing vCPU threads.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// The thread could not be started.
+    #[error("cannot start vCPU {index} thread: {source}")]
+    Spawn { index: u32, source: std::io::Error },
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+    /// The thread is gone (it ended or panicked).
+    #[error("vCPU {0} is not running")]
+    Gone(u32),
+}
+
+/// What the VMM asks of a vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// Leave the guest and wait; acknowledged with [`Ack::Paused`].
+    Pause,
+    /// Re-enter the guest; acknowledged with [`Ack::Resumed`].
+    Resume,
+    /// End the thread.
+    Stop,
+}
+
+/// A vCPU's answer to a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// Out of the guest; its state may be read.
+    Paused,
+    /// Back in the guest.
+    Resumed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Running,
+    Paused,
+    Finished,
+}
+
+/// Where a vCPU reports that the VM should stop.
+#[derive(Debug, Clone)]
+pub struct StopSink {
+    reasons: Sender<StopReason>,
+    wake: Arc<EventFd>,
+}
+
+impl StopSink {
+    /// Reasons go to `reasons`; `wake` is signalled so an event loop notices.
+    pub fn new(reasons: Sender<StopReason>, wake: Arc<EventFd>) -> Self {
+        Self { reasons, wake }
+    }
+
+    /// Reports a stop.
+    pub fn stop(&self, reason: StopReason) {
+        let _ = self.reasons.send(reason);
+        let _ = self.wake.write(1);
+    }
+}
+
+/// A vCPU, before its thread starts.
+#[derive(Debug)]
+pub struct Vcpu {
+    index: u32,
+    fd: VcpuFd,
+    buses: Arc<Buses>,
+    stops: StopSink,
+}
+
+/// The VMM's handle on a running vCPU thread.
+#[derive(Debug)]
+pub struct VcpuHandle {
+    index: u32,
+    requests: Sender<Request>,
+    acks: Receiver<Ack>,
+    thread: JoinHandle<()>,
+}
+
+thread_local! {
+    /// The kvm_run page of the vCPU on this thread, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set before the thread first
+        // enters KVM_RUN and valid until the thread ends; a byte store is async-signal-safe.
+        unsafe { std::ptr::write_volatile(&raw mut (*run).immediate_exit, 1) };
+    }
+}
+
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+/// Installs the kick handler once per process.
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| result = register_signal_handler(kick_signal(), kick_handler).map_err(VcpuError::Signal));
+    result
+}
+
+impl Vcpu {
+    /// A vCPU that dispatches I/O to `buses` and reports stops to `stops`.
+    pub fn new(index: u32, fd: VcpuFd, buses: Arc<Buses>, stops: StopSink) -> Self {
+        Self { index, fd, buses, stops }
+    }
+
+    /// Starts the vCPU's thread; it enters the guest at once.
+    pub fn start(self) -> Result<VcpuHandle, VcpuError> {
+        install_kick_handler()?;
+        let index = self.index;
+        let (requests, mailbox) = channel();
+        let (ack_tx, acks) = channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || self.run(mailbox, ack_tx))
+            .map_err(|source| VcpuError::Spawn { index, source })?;
+        Ok(VcpuHandle { index, requests, acks, thread })
+    }
+
+    fn run(mut self, mailbox: Receiver<Request>, acks: Sender<Ack>) {
+        KVM_RUN.with(|cell| cell.set(self.fd.get_kvm_run()));
+        let mut state = State::Running;
+        loop {
+            let request = match state {
+                State::Running => mailbox.try_recv().ok(),
+                // The VMM dropped its handle: nothing more will come, end the thread.
+                State::Paused | State::Finished => Some(mailbox.recv().unwrap_or(Request::Stop)),
+            };
+            if let Some(request) = request {
+                match request {
+                    Request::Pause => {
+                        if state == State::Running {
+                            state = State::Paused;
+                        }
+                        let _ = acks.send(Ack::Paused);
+                    }
+                    Request::Resume => {
+                        if state == State::Paused {
+                            state = State::Running;
+                        }
+                        let _ = acks.send(Ack::Resumed);
+                    }
+                    Request::Stop => break,
+                }
+                continue;
+            }
+            if let Some(reason) = self.run_once() {
+                self.stops.stop(reason);
+                state = State::Finished;
+            }
+        }
+        KVM_RUN.with(|cell| cell.set(std::ptr::null_mut()));
+    }
+
+    /// Enters the guest once; returns a reason if the VM must stop.
+    fn run_once(&mut self) -> Option<StopReason> {
+        match self.fd.run() {
+            Ok(exit) => match exit::handle(exit, &self.buses) {
+                ExitAction::Continue => None,
+                ExitAction::Stop(reason) => Some(reason),
+                ExitAction::InternalError => Some(StopReason::Failed(self.internal_error())),
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                None
+            }
+            Err(e) => Some(StopReason::Failed(format!("vCPU {}: KVM_RUN failed: {e}", self.index))),
+        }
+    }
+
+    fn internal_error(&mut self) -> String {
+        // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member of the exit union is the
+        // one KVM filled in; it is plain data.
+        let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        let what = match suberror {
+            kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => "instruction emulation failed",
+            kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "exception during exception delivery",
+            kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "event delivery failed",
+            _ => "internal error",
+        };
+        let rip = self.fd.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|_| "?".into());
+        format!("vCPU {}: KVM {what} (suberror {suberror}) at rip {rip}", self.index)
+    }
+}
+
+impl VcpuHandle {
+    /// The vCPU's index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Posts a request and kicks the vCPU out of the guest so it sees it.
+    pub fn request(&self, request: Request) -> Result<(), VcpuError> {
+        self.requests.send(request).map_err(|_| VcpuError::Gone(self.index))?;
+        // The thread may already have ended; then there is nothing to kick.
+        let _ = self.thread.kill(kick_signal());
+        Ok(())
+    }
+
+    /// Waits for the acknowledgement of a pause or resume.
+    pub fn wait_ack(&self) -> Result<Ack, VcpuError> {
+        self.acks.recv().map_err(|_| VcpuError::Gone(self.index))
+    }
+
+    /// Stops the thread and waits for it to end.
+    pub fn stop(self) {
+        let _ = self.request(Request::Stop);
+        if self.thread.join().is_err() {
+            log::error!("vCPU {} thread panicked", self.index);
+        }
+    }
+}
+
+/// All of a VM's vCPUs.
+#[derive(Debug, Default)]
+pub struct Vcpus {
+    handles: Vec<VcpuHandle>,
+}
+
+impl Vcpus {
+    /// Wraps started vCPUs.
+    pub fn new(handles: Vec<VcpuHandle>) -> Self {
+        Self { handles }
+    }
+
+    /// Takes every vCPU out of the guest and waits until all have.
+    pub fn pause(&self) -> Result<(), VcpuError> {
+        self.all(Request::Pause, Ack::Paused)
+    }
+
+    /// Lets every vCPU run again.
+    pub fn resume(&self) -> Result<(), VcpuError> {
+        self.all(Request::Resume, Ack::Resumed)
+    }
+
+    fn all(&self, request: Request, expect: Ack) -> Result<(), VcpuError> {
+        for handle in &self.handles {
+            handle.request(request)?;
+        }
+        for handle in &self.handles {
+            if handle.wait_ack()? != expect {
+                return Err(VcpuError::Gone(handle.index));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops and joins every vCPU thread.
+    pub fn stop(self) {
+        for handle in &self.handles {
+            let _ = handle.request(Request::Stop);
+        }
+        for handle in self.handles {
+            handle.stop();
+        }
+    }
+}
