@@ -440,7 +440,6 @@ struct range {
 static struct range ranges[RANGES_MAX];
 static u32 nranges;
 static u64 total_pages;
-static u64 ram_bytes;     /* sum of RAM entries */
 static u16 *gen_tab;      /* generation per frame, indexed by gfn - gen_base */
 static u64 gen_base, gen_count;
 static u64 fill_start, fill_end; /* physical; pages filled are RAM in [start, end) */
@@ -469,7 +468,6 @@ static void layout_memory(void)
 	for (u32 i = 0; i < memmap_n; i++) {
 		if (memmap[i].type != 1)
 			continue;
-		ram_bytes += memmap[i].size;
 		if (memmap[i].addr + memmap[i].size > top)
 			top = memmap[i].addr + memmap[i].size;
 	}
@@ -477,7 +475,6 @@ static void layout_memory(void)
 
 	/* The image, its bss, and the generation table must be in RAM. */
 	u64 image_end = align_up((u64)(uintptr_t)_end, PAGE_SIZE);
-	gen_base = 0; /* set below */
 	u64 gen_bytes = align_up(((top >> PAGE_SHIFT) + 1) * sizeof(u16), PAGE_SIZE);
 	fill_start = align_up(image_end + gen_bytes, 2 * MIB);
 	int ok = 0;
