@@ -1,1 +1,229 @@
-//! Helpers shared by the integration tests.
+//! Helpers for fabvm's integration tests: find (or build) the `fabvm` binary and the guest
+//! images, check for KVM loudly, and run a VM while watching its serial console.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// The `fabvm` binary: `$FABVM_BIN`, or built (once) with cargo in the test's profile.
+pub fn fabvm() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(bin) = std::env::var("FABVM_BIN") {
+            return PathBuf::from(bin);
+        }
+        let _lock = FileLock::take("cargo-build");
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "vmm", "--bin", "fabvm"])
+            .current_dir(workspace())
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build of fabvm failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace().join("target"));
+        target.join("debug").join("fabvm")
+    })
+    .clone()
+}
+
+/// Runs one of the guest-images scripts (idempotent), serialised across test processes.
+fn build_image(script: &str, output: &Path) -> PathBuf {
+    let _lock = FileLock::take(script);
+    let status = Command::new("bash")
+        .arg(workspace().join("guest-images").join(script))
+        .current_dir(workspace())
+        .stdin(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("run guest-images/{script}: {e}"));
+    assert!(status.success(), "guest-images/{script} failed");
+    assert!(output.exists(), "guest-images/{script} did not produce {}", output.display());
+    output.to_path_buf()
+}
+
+/// The test guest ELF, built by `guest-images/build-test-guest.sh`.
+pub fn test_guest() -> PathBuf {
+    build_image("build-test-guest.sh", &workspace().join("guest-images/out/test-guest.elf"))
+}
+
+/// The Debian kernel directory (vmlinuz, vmlinux, initramfs.cpio.gz), made by
+/// `guest-images/debian-kernel.sh`.
+pub fn debian_kernel() -> PathBuf {
+    let dir = workspace().join("guest-images/out/debian");
+    build_image("debian-kernel.sh", &dir.join("vmlinux"));
+    dir
+}
+
+/// Which kind of KVM runs the tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// kvm_pvm: nested, guest ring 0 emulated (about 1 MIPS); Linux does not reach /init.
+    Emulated,
+    /// Hardware-backed KVM (VMX/SVM).
+    Hardware,
+}
+
+/// Asserts that KVM is usable, and says which tier. With `FABVM_ALLOW_NO_KVM=1` a missing KVM
+/// returns `None` after a loud notice instead of failing.
+pub fn require_kvm(test: &str) -> Option<Tier> {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => {
+            let tier = if Path::new("/sys/module/kvm_pvm").exists() { Tier::Emulated } else { Tier::Hardware };
+            eprintln!("{test}: KVM tier: {tier:?}");
+            Some(tier)
+        }
+        Err(e) if std::env::var("FABVM_ALLOW_NO_KVM").as_deref() == Ok("1") => {
+            eprintln!("!!! {test}: SKIPPED, /dev/kvm unusable ({e}) and FABVM_ALLOW_NO_KVM=1 !!!");
+            None
+        }
+        Err(e) => panic!("{test} needs KVM and /dev/kvm is unusable: {e} (set FABVM_ALLOW_NO_KVM=1 to skip)"),
+    }
+}
+
+/// A running fabvm process with its console captured.
+#[derive(Debug)]
+pub struct Vm {
+    child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
+    started: Instant,
+}
+
+impl Vm {
+    /// Starts `fabvm` with `args`, stdin closed.
+    pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Vm {
+        Self::start_command(Command::new(fabvm()).args(args))
+    }
+
+    /// Starts a prepared command (e.g. wrapped in `setpriv` or `unshare`).
+    pub fn start_command(command: &mut Command) -> Vm {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn fabvm");
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let readers = vec![
+            pump(child.stdout.take().expect("stdout"), stdout.clone()),
+            pump(child.stderr.take().expect("stderr"), stderr.clone()),
+        ];
+        Vm { child, stdout, stderr, readers, started: Instant::now() }
+    }
+
+    /// Console output so far.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until the console holds every one of `needles` (true), or the process ends or
+    /// `timeout` passes (false).
+    pub fn wait_for_all(&mut self, needles: &[&str], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.stdout();
+            if needles.iter().all(|n| out.contains(n)) {
+                return true;
+            }
+            if Instant::now() > deadline || matches!(self.child.try_wait(), Ok(Some(_))) {
+                // One last look: output may have landed just before the exit.
+                std::thread::sleep(Duration::from_millis(50));
+                let out = self.stdout();
+                return needles.iter().all(|n| out.contains(n));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process to exit; kills it and returns `None` after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                for reader in self.readers.drain(..) {
+                    let _ = reader.join();
+                }
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Time since the process started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Kills the process (if still running) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
+    }
+}
+
+fn pump(mut from: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            into.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+}
+
+/// An exclusive lock on a file under `target/`, held across test processes (nextest runs each
+/// test in its own process).
+#[derive(Debug)]
+pub struct FileLock(#[allow(dead_code)] File);
+
+impl FileLock {
+    /// Blocks until the named lock is ours.
+    pub fn take(name: &str) -> FileLock {
+        let dir = workspace().join("target").join("test-locks");
+        std::fs::create_dir_all(&dir).expect("create lock dir");
+        let file = File::create(dir.join(name)).expect("create lock file");
+        // SAFETY: flock on an fd we own; it only affects advisory locks on that file.
+        let ret = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(ret, 0, "flock: {}", std::io::Error::last_os_error());
+        FileLock(file)
+    }
+}
+
+/// Lines of `text` that start with `prefix`.
+pub fn lines_with<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+    text.lines().map(|l| l.trim_end_matches('\r')).filter(|l| l.starts_with(prefix)).collect()
+}

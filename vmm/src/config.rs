@@ -127,18 +127,14 @@ fn host_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Renders a byte count the way users type it.
+/// Renders a byte count the way users type it: whole units where exact, else one decimal.
 pub fn human(bytes: u64) -> String {
     const UNITS: [(u64, &str); 4] = [(1 << 40, "T"), (1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
-    for (size, unit) in UNITS {
-        if bytes >= size && bytes % size == 0 {
-            return format!("{}{unit}", bytes / size);
-        }
+    match UNITS.iter().find(|(size, _)| bytes >= *size) {
+        Some((size, unit)) if bytes % size == 0 => format!("{}{unit}", bytes / size),
+        Some((size, unit)) => format!("{:.1}{unit}", bytes as f64 / *size as f64),
+        None => format!("{bytes}B"),
     }
-    if bytes >= 1 << 30 {
-        return format!("{:.1}G", bytes as f64 / (1u64 << 30) as f64);
-    }
-    format!("{bytes}B")
 }
 
 #[cfg(test)]
@@ -161,5 +157,7 @@ mod tests {
         assert_eq!(human(512 << 20), "512M");
         assert_eq!(human(3 << 30), "3G");
         assert_eq!(human(25_000_000_000), "23.3G");
+        assert_eq!(human(24_682_416 * 1024), "23.5G");
+        assert_eq!(human(1536), "1.5K");
     }
 }

@@ -30,6 +30,9 @@ pub enum BootError {
     /// Neither an ELF nor a bzImage.
     #[error("kernel {0} is neither a bzImage nor an ELF vmlinux")]
     UnknownFormat(String),
+    /// The file ends inside its own headers.
+    #[error("kernel {0} is truncated")]
+    Truncated(String),
     /// An ELF that is not a 64-bit x86 executable.
     #[error("kernel {0} is not a 64-bit x86 ELF")]
     WrongElf(String),
@@ -152,6 +155,10 @@ fn load_kernel(memory: &GuestMemory, mem_size: u64, path: &Path) -> Result<Loade
     let high = Some(GuestAddress(layout::HIGH_MEMORY));
     let loaded = match format {
         KernelFormat::Elf => {
+            const ELF64_HEADER: usize = 64;
+            if header.len() < ELF64_HEADER {
+                return Err(BootError::Truncated(name));
+            }
             // EI_CLASS 2 = 64-bit, e_machine 62 = x86_64.
             if header.get(4) != Some(&2) || header.get(18..20) != Some(&[62, 0]) {
                 return Err(BootError::WrongElf(name));
