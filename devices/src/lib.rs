@@ -2,9 +2,11 @@
 //! The vCPU loop never matches addresses: it hands every PIO/MMIO exit to a [`Bus`].
 
 pub mod bus;
+pub mod debug_exit;
 pub mod i8042;
 pub mod serial;
 
 pub use bus::{Bus, BusDevice, BusError};
+pub use debug_exit::DebugExit;
 pub use i8042::I8042;
 pub use serial::{EventFdTrigger, InputDrained, SerialDevice};

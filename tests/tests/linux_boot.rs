@@ -29,7 +29,7 @@ fn boot_linux(kernel_name: &str, timeout: Duration) {
     ]);
     let ram_end = format!("{:#018x}] usable", MEM_BYTES - 1);
     let mut wanted = vec!["Linux version 6.", "BIOS-e820: [mem 0x0000000000100000-", ram_end.as_str(), "RAMDISK: [mem "];
-    let command_line = format!("Command line: {cmdline}\n");
+    let command_line = format!("Command line: {cmdline}");
     wanted.push(&command_line);
     if tier == Tier::Hardware {
         wanted.push("fabvm-initramfs: init started");
@@ -40,6 +40,11 @@ fn boot_linux(kernel_name: &str, timeout: Duration) {
     eprintln!("{test}: tier {tier:?}, {} after {:?}", if found { "all lines seen" } else { "MISSING lines" }, vm.elapsed());
     let missing: Vec<_> = wanted.iter().filter(|w| !out.contains(**w)).collect();
     assert!(missing.is_empty(), "missing {missing:?} in console:\n{out}\nstderr:\n{}", vm.stderr());
+    // Exactly our command line: the line ends where ours does.
+    assert!(
+        out.lines().any(|l| l.trim_end_matches('\r').ends_with(&command_line)),
+        "command line differs:\n{out}"
+    );
     // The e820 map has exactly our RAM: no usable range beyond --mem.
     for line in out.lines().filter(|l| l.contains("BIOS-e820:") && l.contains("usable")) {
         let end = line.split('-').nth(1).and_then(|s| s.split(']').next()).unwrap();

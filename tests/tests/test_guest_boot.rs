@@ -75,14 +75,21 @@ fn two_vcpus_fill_256m_verify_and_exit_0() {
 }
 
 #[test]
-fn bad_guest_arguments_are_reported_by_the_guest() {
-    if require_kvm("bad_guest_arguments").is_none() {
+fn guest_reported_failure_ends_fabvm_non_zero() {
+    if require_kvm("guest_reported_failure").is_none() {
         return;
     }
-    let (out, _) = boot(1, "passes=1 bogus=1");
+    // The guest rejects the unknown key, prints an error line and reports failure on the
+    // debug-exit port: fabvm must exit non-zero with one line saying so.
+    let guest = test_guest();
+    let mut vm = Vm::start(&["--kernel", guest.to_str().unwrap(), "--mem", "64M", "--cmdline", "passes=1 bogus=1"]);
+    let status = vm.wait_exit(Duration::from_secs(60)).expect("guest did not stop");
+    let out = vm.stdout();
     assert!(
         lines_with(&out, PREFIX).iter().any(|l| l.starts_with("fabvm-guest: error")),
         "no error line:\n{out}"
     );
     assert!(!out.contains("fabvm-guest: done"));
+    assert_eq!(status.code(), Some(1), "stderr: {}", vm.stderr());
+    assert_eq!(vm.stderr().trim_end(), "fabvm: guest reported failure (status 1 on the debug-exit port)");
 }

@@ -1,9 +1,10 @@
-//! Builds the devices and puts them on the buses: COM1 (irqfd on GSI 4) and the i8042.
+//! Builds the devices and puts them on the buses: COM1 (irqfd on GSI 4), the i8042 and the
+//! debug-exit port.
 //! Owns the eventfds the event loop watches for console input and guest reset.
 
 use std::sync::{Arc, Mutex};
 
-use devices::{Bus, BusError, EventFdTrigger, I8042, InputDrained, SerialDevice};
+use devices::{Bus, BusError, DebugExit, EventFdTrigger, I8042, InputDrained, SerialDevice};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -41,6 +42,8 @@ pub struct DeviceManager {
     pub serial_drained: EventFd,
     /// Signalled when the guest asks the i8042 for a reset.
     pub reset: EventFd,
+    /// Signalled (status + 1) when the guest writes its exit status to the debug-exit port.
+    pub debug_exit: EventFd,
 }
 
 impl DeviceManager {
@@ -52,6 +55,7 @@ impl DeviceManager {
             .map_err(|source| DeviceError::Irqfd { gsi: COM1_IRQ, source })?;
         let serial_drained = eventfd()?;
         let reset = eventfd()?;
+        let debug_exit = eventfd()?;
         let clone = |evt: &EventFd| evt.try_clone().map_err(DeviceError::EventFd);
         let serial = Arc::new(Mutex::new(SerialDevice::new(
             EventFdTrigger(irq),
@@ -62,7 +66,9 @@ impl DeviceManager {
         let mut pio = Bus::new();
         pio.insert(serial.clone(), COM1_BASE, 8)?;
         pio.insert(i8042, I8042_BASE, 5)?;
+        let exit_port = Arc::new(Mutex::new(DebugExit::new(clone(&debug_exit)?)));
+        pio.insert(exit_port, devices::debug_exit::DEBUG_EXIT_PORT, 1)?;
         let buses = Arc::new(Buses { pio, mmio: Bus::new() });
-        Ok(Self { buses, serial, serial_drained, reset })
+        Ok(Self { buses, serial, serial_drained, reset, debug_exit })
     }
 }

@@ -1,12 +1,15 @@
 //! Builds a VM from a [`VmConfig`], boots it and runs the event loop until it stops: console
 //! input, guest reset, vCPU stop reports. Returns why the VM stopped.
 
+use std::os::fd::AsRawFd;
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use devices::DebugExit;
 
 use crate::boot::{self, cpuid, regs, BootEntry, BootError};
 use crate::config::VmConfig;
@@ -53,6 +56,7 @@ const EV_STOP: u64 = 1;
 const EV_RESET: u64 = 2;
 const EV_STDIN: u64 = 3;
 const EV_DRAINED: u64 = 4;
+const EV_DEBUG_EXIT: u64 = 5;
 
 /// Boots the configured guest and runs it to the end.
 pub fn run(config: &VmConfig) -> Result<StopReason, RunError> {
@@ -128,6 +132,7 @@ fn event_loop(
     add(stop_evt.as_raw_fd(), EV_STOP).map_err(io)?;
     add(devices.reset.as_raw_fd(), EV_RESET).map_err(io)?;
     add(devices.serial_drained.as_raw_fd(), EV_DRAINED).map_err(io)?;
+    add(devices.debug_exit.as_raw_fd(), EV_DEBUG_EXIT).map_err(io)?;
     // A regular file or /dev/null cannot be polled; then the guest simply gets no input.
     let mut stdin_open = add(console::stdin_fd(), EV_STDIN).is_ok();
     let mut pending: Vec<u8> = Vec::new();
@@ -149,6 +154,13 @@ fn event_loop(
                 EV_RESET => {
                     let _ = devices.reset.read();
                     return Ok(StopReason::Reset);
+                }
+                EV_DEBUG_EXIT => {
+                    let value = devices.debug_exit.read().map_err(io)?;
+                    return Ok(match DebugExit::status_from_event(value) {
+                        0 => StopReason::PowerOff,
+                        status => StopReason::Failed(format!("guest reported failure (status {status} on the debug-exit port)")),
+                    });
                 }
                 EV_STDIN => {
                     let mut buf = [0u8; 256];
@@ -187,4 +199,3 @@ fn feed_serial(devices: &DeviceManager, pending: &mut Vec<u8>) {
     pending.drain(..taken);
 }
 
-use std::os::fd::AsRawFd;

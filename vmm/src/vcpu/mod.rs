@@ -142,6 +142,7 @@ impl Vcpu {
     fn run(mut self, mailbox: Receiver<Request>, acks: Sender<Ack>) {
         KVM_RUN.with(|cell| cell.set(self.fd.get_kvm_run()));
         let mut state = State::Running;
+        let mut first_exit = true;
         loop {
             let request = match state {
                 State::Running => mailbox.try_recv().ok(),
@@ -166,7 +167,12 @@ impl Vcpu {
                 }
                 continue;
             }
-            if let Some(reason) = self.run_once() {
+            let result = self.run_once();
+            if first_exit {
+                first_exit = false;
+                log_first_exit(self.index);
+            }
+            if let Some(reason) = result {
                 self.stops.stop(reason);
                 state = State::Finished;
             }
@@ -203,6 +209,13 @@ impl Vcpu {
         let rip = self.fd.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|_| "?".into());
         format!("vCPU {}: KVM {what} (suberror {suberror}) at rip {rip}", self.index)
     }
+}
+
+/// Logs (target `fabvm::timing`) the wall-clock time of a vCPU's first exit from the guest,
+/// which the boot benchmark compares with QEMU's `kvm_run_exit` trace.
+fn log_first_exit(index: u32) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    log::info!(target: "fabvm::timing", "vcpu {index} first exit at {:.6}", now.as_secs_f64());
 }
 
 impl VcpuHandle {

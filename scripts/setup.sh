@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what fabvm's build, guest images and tests need on a fresh Debian machine, then
+# builds the guest images. Idempotent and quiet when everything is already there.
+# Sourced by scripts/boot.sh and scripts/test.sh.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+setup_log() { echo "setup: $*" >&2; }
+
+# Debian packages: compiler and binutils for the test guest; busybox-static, cpio, xz and
+# zstd for the initramfs; util-linux (unshare, setpriv) and iproute2 for the tests.
+need_pkgs=()
+for pair in gcc:gcc ld:binutils readelf:binutils busybox:busybox-static cpio:cpio \
+	xz:xz-utils zstd:zstd unshare:util-linux setpriv:util-linux ip:iproute2 dpkg-deb:dpkg; do
+	cmd="${pair%%:*}" pkg="${pair#*:}"
+	if [ "$cmd" = busybox ]; then
+		[ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || need_pkgs+=("$pkg")
+	else
+		command -v "$cmd" >/dev/null || need_pkgs+=("$pkg")
+	fi
+done
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+	if [ "$(id -u)" != 0 ]; then
+		setup_log "missing packages: ${need_pkgs[*]} (run as root, or apt-get install them)"
+		exit 1
+	fi
+	setup_log "installing ${need_pkgs[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null || { setup_log "cargo not found: install Rust (rustup)"; exit 1; }
+
+# Guest images: the test guest (built here from source) and Debian's cloud kernel with a
+# busybox initramfs (fetched from Debian's archive, version and checksum recorded).
+bash "$root/guest-images/build-test-guest.sh" >/dev/null
+bash "$root/guest-images/debian-kernel.sh" >/dev/null

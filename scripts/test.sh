@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command (CI runs exactly this): set up, check formatting and lints, run every
+# test with nextest. Ends with nextest's summary.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+source scripts/setup.sh
+if ! cargo nextest --version >/dev/null 2>&1; then
+	echo "setup: installing cargo-nextest" >&2
+	cargo install --locked --quiet cargo-nextest
+fi
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo build --workspace --all-targets --quiet
+exec cargo nextest run --workspace --no-fail-fast
