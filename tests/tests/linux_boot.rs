@@ -47,7 +47,8 @@ fn boot_linux(kernel_name: &str, timeout: Duration) {
     );
     // The e820 map has exactly our RAM: no usable range beyond --mem.
     for line in out.lines().filter(|l| l.contains("BIOS-e820:") && l.contains("usable")) {
-        let end = line.split('-').nth(1).and_then(|s| s.split(']').next()).unwrap();
+        let range = line.split("[mem ").nth(1).and_then(|s| s.split(']').next()).unwrap();
+        let end = range.split('-').nth(1).unwrap();
         let end = u64::from_str_radix(end.trim_start_matches("0x"), 16).unwrap();
         assert!(end < MEM_BYTES, "e820 usable range past --mem: {line}");
     }
