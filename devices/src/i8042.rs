@@ -66,10 +66,9 @@ impl I8042 {
 
     fn data(&mut self, byte: u8) {
         self.status &= !STATUS_LAST_WAS_COMMAND;
-        match self.pending_command.take() {
-            Some(CMD_WRITE_CTR) => self.control = byte,
-            // No keyboard or mouse behind the controller: device commands go unanswered.
-            _ => {}
+        // No keyboard or mouse behind the controller: other device commands go unanswered.
+        if let Some(CMD_WRITE_CTR) = self.pending_command.take() {
+            self.control = byte;
         }
     }
 }

@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// The `fabvm` binary: `$FABVM_BIN`, or built (once) with cargo in the test's profile.
@@ -47,13 +50,20 @@ fn build_image(script: &str, output: &Path) -> PathBuf {
         .status()
         .unwrap_or_else(|e| panic!("run guest-images/{script}: {e}"));
     assert!(status.success(), "guest-images/{script} failed");
-    assert!(output.exists(), "guest-images/{script} did not produce {}", output.display());
+    assert!(
+        output.exists(),
+        "guest-images/{script} did not produce {}",
+        output.display()
+    );
     output.to_path_buf()
 }
 
 /// The test guest ELF, built by `guest-images/build-test-guest.sh`.
 pub fn test_guest() -> PathBuf {
-    build_image("build-test-guest.sh", &workspace().join("guest-images/out/test-guest.elf"))
+    build_image(
+        "build-test-guest.sh",
+        &workspace().join("guest-images/out/test-guest.elf"),
+    )
 }
 
 /// The Debian kernel directory (vmlinuz, vmlinux, initramfs.cpio.gz), made by
@@ -76,9 +86,17 @@ pub enum Tier {
 /// Asserts that KVM is usable, and says which tier. With `FABVM_ALLOW_NO_KVM=1` a missing KVM
 /// returns `None` after a loud notice instead of failing.
 pub fn require_kvm(test: &str) -> Option<Tier> {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => {
-            let tier = if Path::new("/sys/module/kvm_pvm").exists() { Tier::Emulated } else { Tier::Hardware };
+            let tier = if Path::new("/sys/module/kvm_pvm").exists() {
+                Tier::Emulated
+            } else {
+                Tier::Hardware
+            };
             eprintln!("{test}: KVM tier: {tier:?}");
             Some(tier)
         }
@@ -86,7 +104,9 @@ pub fn require_kvm(test: &str) -> Option<Tier> {
             eprintln!("!!! {test}: SKIPPED, /dev/kvm unusable ({e}) and FABVM_ALLOW_NO_KVM=1 !!!");
             None
         }
-        Err(e) => panic!("{test} needs KVM and /dev/kvm is unusable: {e} (set FABVM_ALLOW_NO_KVM=1 to skip)"),
+        Err(e) => panic!(
+            "{test} needs KVM and /dev/kvm is unusable: {e} (set FABVM_ALLOW_NO_KVM=1 to skip)"
+        ),
     }
 }
 
@@ -120,7 +140,13 @@ impl Vm {
             pump(child.stdout.take().expect("stdout"), stdout.clone()),
             pump(child.stderr.take().expect("stderr"), stderr.clone()),
         ];
-        Vm { child, stdout, stderr, readers, started: Instant::now() }
+        Vm {
+            child,
+            stdout,
+            stderr,
+            readers,
+            started: Instant::now(),
+        }
     }
 
     /// Console output so far.
@@ -200,7 +226,9 @@ fn pump(mut from: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> JoinH
             if n == 0 {
                 break;
             }
-            into.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            into.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     })
 }
@@ -225,5 +253,8 @@ impl FileLock {
 
 /// Lines of `text` that start with `prefix`.
 pub fn lines_with<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
-    text.lines().map(|l| l.trim_end_matches('\r')).filter(|l| l.starts_with(prefix)).collect()
+    text.lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| l.starts_with(prefix))
+        .collect()
 }

@@ -11,15 +11,24 @@ use fabvm_tests::{fabvm, test_guest, Vm};
 /// Runs fabvm and checks the failure contract; returns the error line.
 fn expect_error(vm: Vm) -> String {
     let mut vm = vm;
-    let status = vm.wait_exit(Duration::from_secs(30)).expect("fabvm hung on bad input");
+    let status = vm
+        .wait_exit(Duration::from_secs(30))
+        .expect("fabvm hung on bad input");
     let stderr = vm.stderr();
-    assert!(!status.success(), "exit status {status:?} for bad input; stderr: {stderr}");
+    assert!(
+        !status.success(),
+        "exit status {status:?} for bad input; stderr: {stderr}"
+    );
     assert_ne!(status.code(), Some(101), "panicked: {stderr}");
     assert!(!stderr.contains("panicked"), "panicked: {stderr}");
     let lines: Vec<_> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "want one error line, got: {stderr:?}");
     assert!(lines[0].starts_with("fabvm: "), "error line: {}", lines[0]);
-    assert!(vm.stdout().is_empty(), "console output on bad input: {}", vm.stdout());
+    assert!(
+        vm.stdout().is_empty(),
+        "console output on bad input: {}",
+        vm.stdout()
+    );
     lines[0].to_string()
 }
 
@@ -34,7 +43,10 @@ fn guest() -> String {
 #[test]
 fn missing_kernel() {
     let line = run(&["--kernel", "/nonexistent/bzImage"]);
-    assert!(line.contains("cannot open kernel /nonexistent/bzImage"), "{line}");
+    assert!(
+        line.contains("cannot open kernel /nonexistent/bzImage"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -61,13 +73,20 @@ fn truncated_elf_kernel() {
     let whole = std::fs::read(test_guest()).unwrap();
     // Cut inside the ELF header, inside the program headers, and inside each loaded segment.
     let mut cuts = vec![16, 100];
-    cuts.extend(load_segments(&whole).into_iter().map(|(offset, size)| offset + size / 2));
+    cuts.extend(
+        load_segments(&whole)
+            .into_iter()
+            .map(|(offset, size)| offset + size / 2),
+    );
     assert!(cuts.len() >= 3, "the test guest has loadable segments");
     for cut in cuts {
         let path = dir.path().join(format!("cut{cut}.elf"));
         std::fs::write(&path, &whole[..cut]).unwrap();
         let line = run(&["--kernel", path.to_str().unwrap()]);
-        assert!(line.contains("truncated") || line.contains("malformed"), "cut at {cut}: {line}");
+        assert!(
+            line.contains("truncated") || line.contains("malformed"),
+            "cut at {cut}: {line}"
+        );
     }
 }
 
@@ -97,7 +116,10 @@ fn truncated_bzimage() {
     let path = dir.path().join("bzImage");
     std::fs::write(&path, &image).unwrap();
     let line = run(&["--kernel", path.to_str().unwrap()]);
-    assert!(line.contains("truncated") || line.contains("malformed"), "{line}");
+    assert!(
+        line.contains("truncated") || line.contains("malformed"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -129,7 +151,10 @@ fn bad_cpu_counts() {
     let g = guest();
     for cpus in ["0", "1000"] {
         let line = run(&["--kernel", &g, "--cpus", cpus]);
-        assert!(line.contains(&format!("--cpus {cpus}: must be between 1 and")), "{line}");
+        assert!(
+            line.contains(&format!("--cpus {cpus}: must be between 1 and")),
+            "{line}"
+        );
     }
     let line = run(&["--kernel", &g, "--cpus", "two"]);
     assert!(line.contains("--cpus"), "{line}");
@@ -138,15 +163,28 @@ fn bad_cpu_counts() {
 #[test]
 fn missing_initrd() {
     let line = run(&["--kernel", &guest(), "--initrd", "/nonexistent/initrd.img"]);
-    assert!(line.contains("cannot open initrd /nonexistent/initrd.img"), "{line}");
+    assert!(
+        line.contains("cannot open initrd /nonexistent/initrd.img"),
+        "{line}"
+    );
 }
 
 #[test]
 fn initrd_larger_than_memory() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("big.img");
-    std::fs::File::create(&path).unwrap().set_len(64 << 20).unwrap();
-    let line = run(&["--kernel", &guest(), "--mem", "32M", "--initrd", path.to_str().unwrap()]);
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let line = run(&[
+        "--kernel",
+        &guest(),
+        "--mem",
+        "32M",
+        "--initrd",
+        path.to_str().unwrap(),
+    ]);
     assert!(line.contains("does not fit in guest memory"), "{line}");
 }
 
@@ -167,7 +205,9 @@ fn no_dev_kvm() {
     let script = "mount -t tmpfs none /dev && exec \"$0\" \"$@\"";
     let g = guest();
     let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "sh", "-c", script]).arg(fabvm()).args(["--kernel", &g]);
+    cmd.args(["--mount", "sh", "-c", script])
+        .arg(fabvm())
+        .args(["--kernel", &g]);
     let line = expect_error(Vm::start_command(&mut cmd));
     assert!(line.contains("/dev/kvm does not exist"), "{line}");
 }

@@ -22,9 +22,18 @@ fn boot(cpus: u32, cmdline: &str) -> (String, std::process::ExitStatus) {
     ]);
     let status = vm.wait_exit(Duration::from_secs(120));
     let out = vm.stdout();
-    let status = status.unwrap_or_else(|| panic!("guest did not finish in 120 s; console:\n{out}\nstderr:\n{}", vm.stderr()));
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "guest did not finish in 120 s; console:\n{out}\nstderr:\n{}",
+            vm.stderr()
+        )
+    });
     eprintln!("console ({:?}):\n{out}", vm.elapsed());
-    assert!(vm.stderr().is_empty(), "fabvm wrote to stderr: {}", vm.stderr());
+    assert!(
+        vm.stderr().is_empty(),
+        "fabvm wrote to stderr: {}",
+        vm.stderr()
+    );
     (out, status)
 }
 
@@ -34,13 +43,24 @@ fn check_run(cpus: u32) {
     assert!(status.success(), "exit status {status:?}");
     let lines = lines_with(&out, PREFIX);
     let boot_line = format!("{PREFIX}boot cpus={cpus} ");
-    assert!(lines[0].starts_with(&boot_line), "first line: {:?}", lines.first());
-    assert!(lines[0].ends_with(&format!("cmdline={cmdline}")), "boot line: {}", lines[0]);
-    let ready = lines.iter().find(|l| l.starts_with(&format!("{PREFIX}ready "))).expect("ready line");
+    assert!(
+        lines[0].starts_with(&boot_line),
+        "first line: {:?}",
+        lines.first()
+    );
+    assert!(
+        lines[0].ends_with(&format!("cmdline={cmdline}")),
+        "boot line: {}",
+        lines[0]
+    );
+    let ready = lines
+        .iter()
+        .find(|l| l.starts_with(&format!("{PREFIX}ready ")))
+        .expect("ready line");
     let pages: u64 = field(ready, "pages").parse().unwrap();
     let fill_mib: u64 = field(ready, "fill_mib").parse().unwrap();
     // 256 MiB less the guest's own first MiBs: at least 240 MiB of seeded pages.
-    assert!(fill_mib >= 240 && fill_mib <= 256, "fill_mib={fill_mib}");
+    assert!((240..=256).contains(&fill_mib), "fill_mib={fill_mib}");
     assert_eq!(pages, fill_mib * 256, "pages vs fill_mib in {ready}");
     assert_eq!(field(ready, "cpus"), cpus.to_string());
     assert_eq!(field(ready, "seed"), "7");
@@ -82,14 +102,28 @@ fn guest_reported_failure_ends_fabvm_non_zero() {
     // The guest rejects the unknown key, prints an error line and reports failure on the
     // debug-exit port: fabvm must exit non-zero with one line saying so.
     let guest = test_guest();
-    let mut vm = Vm::start(&["--kernel", guest.to_str().unwrap(), "--mem", "64M", "--cmdline", "passes=1 bogus=1"]);
-    let status = vm.wait_exit(Duration::from_secs(60)).expect("guest did not stop");
+    let mut vm = Vm::start(&[
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--mem",
+        "64M",
+        "--cmdline",
+        "passes=1 bogus=1",
+    ]);
+    let status = vm
+        .wait_exit(Duration::from_secs(60))
+        .expect("guest did not stop");
     let out = vm.stdout();
     assert!(
-        lines_with(&out, PREFIX).iter().any(|l| l.starts_with("fabvm-guest: error")),
+        lines_with(&out, PREFIX)
+            .iter()
+            .any(|l| l.starts_with("fabvm-guest: error")),
         "no error line:\n{out}"
     );
     assert!(!out.contains("fabvm-guest: done"));
     assert_eq!(status.code(), Some(1), "stderr: {}", vm.stderr());
-    assert_eq!(vm.stderr().trim_end(), "fabvm: guest reported failure (status 1 on the debug-exit port)");
+    assert_eq!(
+        vm.stderr().trim_end(),
+        "fabvm: guest reported failure (status 1 on the debug-exit port)"
+    );
 }

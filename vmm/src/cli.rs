@@ -52,7 +52,9 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     if digits.is_empty() {
         return Err(malformed());
     }
-    let number: u64 = digits.parse().map_err(|_| SizeError::Overflow(text.to_string()))?;
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| SizeError::Overflow(text.to_string()))?;
     let shift = match suffix.to_ascii_lowercase().as_str() {
         "" | "m" | "mb" | "mib" => 20,
         "k" | "kb" | "kib" => 10,
@@ -85,9 +87,18 @@ mod tests {
     #[test]
     fn bad_sizes() {
         for bad in ["abc", "", "M", "12Q", "-1G", "1.5G"] {
-            assert!(matches!(parse_size(bad), Err(SizeError::Malformed(_))), "{bad}");
+            assert!(
+                matches!(parse_size(bad), Err(SizeError::Malformed(_))),
+                "{bad}"
+            );
         }
-        assert!(matches!(parse_size("99999999999999999999G"), Err(SizeError::Overflow(_))));
-        assert!(matches!(parse_size("17179869184G"), Err(SizeError::Overflow(_))));
+        assert!(matches!(
+            parse_size("99999999999999999999G"),
+            Err(SizeError::Overflow(_))
+        ));
+        assert!(matches!(
+            parse_size("17179869184G"),
+            Err(SizeError::Overflow(_))
+        ));
     }
 }

@@ -70,7 +70,10 @@ impl VmConfig {
         }
         check_mem(cli.mem, host_memory())?;
         if cli.cpus == 0 || cli.cpus > MAX_CPUS {
-            return Err(ConfigError::Cpus { asked: cli.cpus, max: MAX_CPUS });
+            return Err(ConfigError::Cpus {
+                asked: cli.cpus,
+                max: MAX_CPUS,
+            });
         }
         if cli.cmdline.len() >= layout::CMDLINE_MAX {
             return Err(ConfigError::CmdlineTooLong(cli.cmdline.len()));
@@ -96,7 +99,10 @@ fn check_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
     })?;
     let is_file = file.metadata().map(|m| m.is_file()).unwrap_or(false);
     if !is_file {
-        return Err(ConfigError::NotAFile { what, path: path.to_path_buf() });
+        return Err(ConfigError::NotAFile {
+            what,
+            path: path.to_path_buf(),
+        });
     }
     Ok(())
 }
@@ -106,7 +112,7 @@ pub fn check_mem(mem: u64, host: Option<u64>) -> Result<(), ConfigError> {
     if mem < layout::MIN_MEM {
         return Err(ConfigError::MemTooSmall(human(mem)));
     }
-    if mem % layout::PAGE_SIZE != 0 {
+    if !mem.is_multiple_of(layout::PAGE_SIZE) {
         return Err(ConfigError::MemUnaligned(human(mem)));
     }
     let limit = host.unwrap_or(layout::MAX_MEM).min(layout::MAX_MEM);
@@ -129,9 +135,14 @@ fn host_memory() -> Option<u64> {
 
 /// Renders a byte count the way users type it: whole units where exact, else one decimal.
 pub fn human(bytes: u64) -> String {
-    const UNITS: [(u64, &str); 4] = [(1 << 40, "T"), (1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "T"),
+        (1 << 30, "G"),
+        (1 << 20, "M"),
+        (1 << 10, "K"),
+    ];
     match UNITS.iter().find(|(size, _)| bytes >= *size) {
-        Some((size, unit)) if bytes % size == 0 => format!("{}{unit}", bytes / size),
+        Some((size, unit)) if bytes.is_multiple_of(*size) => format!("{}{unit}", bytes / size),
         Some((size, unit)) => format!("{:.1}{unit}", bytes as f64 / *size as f64),
         None => format!("{bytes}B"),
     }
@@ -143,12 +154,24 @@ mod tests {
 
     #[test]
     fn memory_limits() {
-        assert!(matches!(check_mem(0, None), Err(ConfigError::MemTooSmall(_))));
-        assert!(matches!(check_mem(1 << 20, None), Err(ConfigError::MemTooSmall(_))));
-        assert!(matches!(check_mem((64 << 20) + 1, None), Err(ConfigError::MemUnaligned(_))));
+        assert!(matches!(
+            check_mem(0, None),
+            Err(ConfigError::MemTooSmall(_))
+        ));
+        assert!(matches!(
+            check_mem(1 << 20, None),
+            Err(ConfigError::MemTooSmall(_))
+        ));
+        assert!(matches!(
+            check_mem((64 << 20) + 1, None),
+            Err(ConfigError::MemUnaligned(_))
+        ));
         assert!(check_mem(256 << 20, Some(1 << 30)).is_ok());
         let err = check_mem(2 << 30, Some(1 << 30)).unwrap_err();
-        assert_eq!(err.to_string(), "--mem 2G: more than this host's memory (1G)");
+        assert_eq!(
+            err.to_string(),
+            "--mem 2G: more than this host's memory (1G)"
+        );
     }
 
     #[test]

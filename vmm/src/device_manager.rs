@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use devices::{Bus, BusError, DebugExit, EventFdTrigger, I8042, InputDrained, SerialDevice};
+use devices::{Bus, BusError, DebugExit, EventFdTrigger, InputDrained, SerialDevice, I8042};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -52,7 +52,10 @@ impl DeviceManager {
         let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd);
         let irq = eventfd()?;
         vm.register_irqfd(&irq, COM1_IRQ)
-            .map_err(|source| DeviceError::Irqfd { gsi: COM1_IRQ, source })?;
+            .map_err(|source| DeviceError::Irqfd {
+                gsi: COM1_IRQ,
+                source,
+            })?;
         let serial_drained = eventfd()?;
         let reset = eventfd()?;
         let debug_exit = eventfd()?;
@@ -68,7 +71,16 @@ impl DeviceManager {
         pio.insert(i8042, I8042_BASE, 5)?;
         let exit_port = Arc::new(Mutex::new(DebugExit::new(clone(&debug_exit)?)));
         pio.insert(exit_port, devices::debug_exit::DEBUG_EXIT_PORT, 1)?;
-        let buses = Arc::new(Buses { pio, mmio: Bus::new() });
-        Ok(Self { buses, serial, serial_drained, reset, debug_exit })
+        let buses = Arc::new(Buses {
+            pio,
+            mmio: Bus::new(),
+        });
+        Ok(Self {
+            buses,
+            serial,
+            serial_drained,
+            reset,
+            debug_exit,
+        })
     }
 }

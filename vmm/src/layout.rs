@@ -82,12 +82,28 @@ pub fn memory_map(mem: u64) -> Vec<MapEntry> {
     let regions = ram_regions(mem);
     let low_end = regions[0].1;
     let mut map = vec![
-        MapEntry { addr: 0, size: EBDA_START, kind: MemType::Ram },
-        MapEntry { addr: EBDA_START, size: HIGH_MEMORY - EBDA_START, kind: MemType::Reserved },
-        MapEntry { addr: HIGH_MEMORY, size: low_end - HIGH_MEMORY, kind: MemType::Ram },
+        MapEntry {
+            addr: 0,
+            size: EBDA_START,
+            kind: MemType::Ram,
+        },
+        MapEntry {
+            addr: EBDA_START,
+            size: HIGH_MEMORY - EBDA_START,
+            kind: MemType::Reserved,
+        },
+        MapEntry {
+            addr: HIGH_MEMORY,
+            size: low_end - HIGH_MEMORY,
+            kind: MemType::Ram,
+        },
     ];
     if let Some(&(addr, size)) = regions.get(1) {
-        map.push(MapEntry { addr, size, kind: MemType::Ram });
+        map.push(MapEntry {
+            addr,
+            size,
+            kind: MemType::Ram,
+        });
     }
     map
 }
@@ -118,7 +134,11 @@ mod tests {
     fn memory_map_covers_ram_and_reserves_bios_area() {
         let mem = 5 << 30;
         let map = memory_map(mem);
-        let ram: u64 = map.iter().filter(|e| e.kind == MemType::Ram).map(|e| e.size).sum();
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.kind == MemType::Ram)
+            .map(|e| e.size)
+            .sum();
         // Everything but the 384 KiB legacy area below 1 MiB is usable.
         assert_eq!(ram, mem - (HIGH_MEMORY - EBDA_START));
         assert!(map.iter().any(|e| e.kind == MemType::Reserved

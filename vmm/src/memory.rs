@@ -19,7 +19,10 @@ pub enum MemoryError {
     Allocate(#[from] vm_memory::mmap::FromRangesError),
     /// KVM refused a memory slot.
     #[error("KVM refused memory slot {slot}: {source}")]
-    Slot { slot: u32, source: kvm_ioctls::Error },
+    Slot {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// Maps `mem` bytes of guest RAM, split around the device hole.
@@ -54,7 +57,8 @@ pub fn register(vm: &VmFd, memory: &GuestMemory) -> Result<(), MemoryError> {
         };
         // SAFETY: the region's mapping lives as long as `memory`, which the VM holds until
         // after the VM fd (and so every slot) is closed.
-        unsafe { vm.set_user_memory_region(entry) }.map_err(|source| MemoryError::Slot { slot, source })?;
+        unsafe { vm.set_user_memory_region(entry) }
+            .map_err(|source| MemoryError::Slot { slot, source })?;
     }
     Ok(())
 }

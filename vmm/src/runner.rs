@@ -36,10 +36,7 @@ pub enum RunError {
     Vcpu(#[from] VcpuError),
     /// Setting up a vCPU's registers.
     #[error("vCPU {index}: {source}")]
-    Regs {
-        index: u32,
-        source: regs::RegsError,
-    },
+    Regs { index: u32, source: regs::RegsError },
     /// A KVM vCPU call outside register setup.
     #[error("vCPU {index}: KVM {what} failed: {source}")]
     Kvm {
@@ -90,11 +87,24 @@ fn create_vcpus(
     let supported = vm
         .kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| RunError::Kvm { index: 0, what: "GET_SUPPORTED_CPUID", source })?;
+        .map_err(|source| RunError::Kvm {
+            index: 0,
+            what: "GET_SUPPORTED_CPUID",
+            source,
+        })?;
     let mut prepared = Vec::with_capacity(cpus as usize);
     for index in 0..cpus {
-        let kvm_err = |what| move |source| RunError::Kvm { index, what, source };
-        let fd = vm.fd.create_vcpu(u64::from(index)).map_err(kvm_err("CREATE_VCPU"))?;
+        let kvm_err = |what| {
+            move |source| RunError::Kvm {
+                index,
+                what,
+                source,
+            }
+        };
+        let fd = vm
+            .fd
+            .create_vcpu(u64::from(index))
+            .map_err(kvm_err("CREATE_VCPU"))?;
         let tsc_khz = fd.get_tsc_khz().ok().filter(|&khz| khz > 0);
         let mut entries = supported.as_slice().to_vec();
         cpuid::normalize(&mut entries, index, cpus, tsc_khz);
@@ -102,7 +112,8 @@ fn create_vcpus(
         fd.set_cpuid2(&cpuid).map_err(kvm_err("SET_CPUID2"))?;
         regs::setup_common(&fd).map_err(|source| RunError::Regs { index, source })?;
         if index == 0 {
-            regs::setup_boot_cpu(&fd, entry.addr, entry.mode).map_err(|source| RunError::Regs { index, source })?;
+            regs::setup_boot_cpu(&fd, entry.addr, entry.mode)
+                .map_err(|source| RunError::Regs { index, source })?;
         }
         prepared.push(Vcpu::new(index, fd, devices.buses.clone(), sink.clone()));
     }
@@ -128,7 +139,13 @@ fn event_loop(
 ) -> Result<StopReason, RunError> {
     let io = RunError::EventLoop;
     let epoll = Epoll::new().map_err(io)?;
-    let add = |fd: i32, data: u64| epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, data));
+    let add = |fd: i32, data: u64| {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, data),
+        )
+    };
     add(stop_evt.as_raw_fd(), EV_STOP).map_err(io)?;
     add(devices.reset.as_raw_fd(), EV_RESET).map_err(io)?;
     add(devices.serial_drained.as_raw_fd(), EV_DRAINED).map_err(io)?;
@@ -159,7 +176,9 @@ fn event_loop(
                     let value = devices.debug_exit.read().map_err(io)?;
                     return Ok(match DebugExit::status_from_event(value) {
                         0 => StopReason::PowerOff,
-                        status => StopReason::Failed(format!("guest reported failure (status {status} on the debug-exit port)")),
+                        status => StopReason::Failed(format!(
+                            "guest reported failure (status {status} on the debug-exit port)"
+                        )),
                     });
                 }
                 EV_STDIN => {
@@ -167,14 +186,22 @@ fn event_loop(
                     match console::read_stdin(&mut buf) {
                         Ok(Some(len)) => pending.extend_from_slice(&buf[..len]),
                         Ok(None) | Err(_) => {
-                            let _ = epoll.ctl(ControlOperation::Delete, console::stdin_fd(), EpollEvent::default());
+                            let _ = epoll.ctl(
+                                ControlOperation::Delete,
+                                console::stdin_fd(),
+                                EpollEvent::default(),
+                            );
                             stdin_open = false;
                         }
                     }
                     feed_serial(devices, &mut pending);
                     if !pending.is_empty() && stdin_open {
                         // Hold stdin until the guest drains the FIFO.
-                        let _ = epoll.ctl(ControlOperation::Delete, console::stdin_fd(), EpollEvent::default());
+                        let _ = epoll.ctl(
+                            ControlOperation::Delete,
+                            console::stdin_fd(),
+                            EpollEvent::default(),
+                        );
                     }
                 }
                 EV_DRAINED => {
@@ -195,7 +222,10 @@ fn feed_serial(devices: &DeviceManager, pending: &mut Vec<u8>) {
     if pending.is_empty() {
         return;
     }
-    let taken = devices.serial.lock().unwrap_or_else(|e| e.into_inner()).enqueue_input(pending);
+    let taken = devices
+        .serial
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .enqueue_input(pending);
     pending.drain(..taken);
 }
-

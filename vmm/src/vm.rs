@@ -74,16 +74,32 @@ impl Vm {
         if cpus as usize > max {
             return Err(VmError::TooManyCpus { asked: cpus, max });
         }
-        let fd = kvm.create_vm().map_err(|source| VmError::Kvm { what: "CREATE_VM", source })?;
+        let fd = kvm.create_vm().map_err(|source| VmError::Kvm {
+            what: "CREATE_VM",
+            source,
+        })?;
         if let Err(e) = fd.set_tss_address(KVM_TSS_ADDRESS) {
             // Only Intel VMX needs it; other KVM flavours may not implement it.
             log::debug!("KVM_SET_TSS_ADDR: {e}");
         }
-        fd.create_irq_chip().map_err(|source| VmError::Kvm { what: "CREATE_IRQCHIP", source })?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        fd.create_pit2(pit).map_err(|source| VmError::Kvm { what: "CREATE_PIT2", source })?;
+        fd.create_irq_chip().map_err(|source| VmError::Kvm {
+            what: "CREATE_IRQCHIP",
+            source,
+        })?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(|source| VmError::Kvm {
+            what: "CREATE_PIT2",
+            source,
+        })?;
         let memory = memory::create(mem)?;
         memory::register(&fd, &memory)?;
-        Ok(Self { kvm, fd: Arc::new(fd), memory })
+        Ok(Self {
+            kvm,
+            fd: Arc::new(fd),
+            memory,
+        })
     }
 }

@@ -12,7 +12,12 @@ const HYPERVISOR_BASE: u32 = 0x4000_0000;
 const APIC_BUS_KHZ: u32 = 1_000_000;
 
 /// Rewrites KVM's supported CPUID for vCPU `index` of `count`.
-pub fn normalize(entries: &mut Vec<kvm_cpuid_entry2>, index: u32, count: u32, tsc_khz: Option<u32>) {
+pub fn normalize(
+    entries: &mut Vec<kvm_cpuid_entry2>,
+    index: u32,
+    count: u32,
+    tsc_khz: Option<u32>,
+) {
     let apic_id = index;
     let core_bits = 32 - (count.max(1) - 1).leading_zeros();
     for entry in entries.iter_mut() {
@@ -72,7 +77,10 @@ pub fn normalize(entries: &mut Vec<kvm_cpuid_entry2>, index: u32, count: u32, ts
             ..Default::default()
         });
     }
-    for entry in entries.iter_mut().filter(|e| matches!(e.function, 0xb | 0x1f)) {
+    for entry in entries
+        .iter_mut()
+        .filter(|e| matches!(e.function, 0xb | 0x1f))
+    {
         entry.flags |= SIGNIFICANT_INDEX;
     }
 }
@@ -82,7 +90,15 @@ mod tests {
     use super::*;
 
     fn leaf(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 { function, index, eax: 0xffff_ffff, ebx: 0xffff_ffff, ecx: 0, edx: 0, ..Default::default() }
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: 0xffff_ffff,
+            ebx: 0xffff_ffff,
+            ecx: 0,
+            edx: 0,
+            ..Default::default()
+        }
     }
 
     fn supported() -> Vec<kvm_cpuid_entry2> {
@@ -94,12 +110,19 @@ mod tests {
             leaf(0xb, 0),
             leaf(0xb, 1),
             leaf(0xb, 2),
-            kvm_cpuid_entry2 { function: HYPERVISOR_BASE, eax: 0x4000_0001, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: HYPERVISOR_BASE,
+                eax: 0x4000_0001,
+                ..Default::default()
+            },
         ]
     }
 
     fn find(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> kvm_cpuid_entry2 {
-        *entries.iter().find(|e| e.function == function && e.index == index).unwrap()
+        *entries
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .unwrap()
     }
 
     #[test]
@@ -124,7 +147,10 @@ mod tests {
         normalize(&mut entries, 0, 5, None);
         assert_eq!(find(&entries, 0xb, 1).eax, 3); // 5 cores need 3 bits
         assert_eq!(find(&entries, 0xb, 2).ebx, 0, "no level past core");
-        assert!(entries.iter().filter(|e| e.function == 0xb).all(|e| e.flags & SIGNIFICANT_INDEX != 0));
+        assert!(entries
+            .iter()
+            .filter(|e| e.function == 0xb)
+            .all(|e| e.flags & SIGNIFICANT_INDEX != 0));
     }
 
     #[test]
@@ -137,6 +163,9 @@ mod tests {
         assert_eq!((timing.eax, timing.ebx), (2_100_000, APIC_BUS_KHZ));
         // Normalising again does not duplicate the leaf.
         normalize(&mut entries, 0, 1, Some(2_100_000));
-        assert_eq!(entries.iter().filter(|e| e.function == TIMING_LEAF).count(), 1);
+        assert_eq!(
+            entries.iter().filter(|e| e.function == TIMING_LEAF).count(),
+            1
+        );
     }
 }

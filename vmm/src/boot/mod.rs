@@ -119,7 +119,12 @@ pub fn load(
         Some(path) => Some(load_initrd(memory, mem_size, &loaded, path)?),
         None => None,
     };
-    write(memory, layout::CMDLINE, &cmdline_bytes(cmdline), "command line")?;
+    write(
+        memory,
+        layout::CMDLINE,
+        &cmdline_bytes(cmdline),
+        "command line",
+    )?;
     write(memory, layout::MPTABLE, &mptable::build(cpus), "MP table")?;
     match loaded.entry.mode {
         EntryMode::Pvh => {
@@ -128,7 +133,12 @@ pub fn load(
         }
         EntryMode::Linux64 => {
             let params = zero_page::build(loaded.setup_header, mem_size, cmdline.len(), initrd);
-            write(memory, layout::ZERO_PAGE, zero_page::as_bytes(&params), "zero page")?;
+            write(
+                memory,
+                layout::ZERO_PAGE,
+                zero_page::as_bytes(&params),
+                "zero page",
+            )?;
             regs::write_page_tables(memory).map_err(|source| BootError::GuestWrite {
                 what: "page tables",
                 source,
@@ -142,16 +152,26 @@ pub fn load(
     Ok(loaded.entry)
 }
 
-fn load_kernel(memory: &GuestMemory, mem_size: u64, path: &Path) -> Result<LoadedKernel, BootError> {
+fn load_kernel(
+    memory: &GuestMemory,
+    mem_size: u64,
+    path: &Path,
+) -> Result<LoadedKernel, BootError> {
     let name = path.display().to_string();
-    let read_err = |source| BootError::Read { path: name.clone(), source };
+    let read_err = |source| BootError::Read {
+        path: name.clone(),
+        source,
+    };
     let mut file = File::open(path).map_err(read_err)?;
     let mut header = vec![0u8; 0x210];
     let n = read_up_to(&mut file, &mut header).map_err(read_err)?;
     header.truncate(n);
     let format = detect_format(&header).ok_or_else(|| BootError::UnknownFormat(name.clone()))?;
     file.seek(SeekFrom::Start(0)).map_err(read_err)?;
-    let load_err = |source| BootError::Load { path: name.clone(), source };
+    let load_err = |source| BootError::Load {
+        path: name.clone(),
+        source,
+    };
     let high = Some(GuestAddress(layout::HIGH_MEMORY));
     let loaded = match format {
         KernelFormat::Elf => {
@@ -165,16 +185,33 @@ fn load_kernel(memory: &GuestMemory, mem_size: u64, path: &Path) -> Result<Loade
             }
             let result = Elf::load(memory, None, &mut file, high).map_err(load_err)?;
             let entry = match result.pvh_boot_cap {
-                PvhBootCapability::PvhEntryPresent(addr) => BootEntry { addr: addr.0, mode: EntryMode::Pvh },
-                _ => BootEntry { addr: result.kernel_load.0, mode: EntryMode::Linux64 },
+                PvhBootCapability::PvhEntryPresent(addr) => BootEntry {
+                    addr: addr.0,
+                    mode: EntryMode::Pvh,
+                },
+                _ => BootEntry {
+                    addr: result.kernel_load.0,
+                    mode: EntryMode::Linux64,
+                },
             };
-            LoadedKernel { entry, kernel_end: result.kernel_end, setup_header: None }
+            LoadedKernel {
+                entry,
+                kernel_end: result.kernel_end,
+                setup_header: None,
+            }
         }
         KernelFormat::BzImage => {
             let result = BzImage::load(memory, None, &mut file, high).map_err(load_err)?;
             // The 64-bit entry (startup_64) is 0x200 past the protected-mode kernel's start.
-            let entry = BootEntry { addr: result.kernel_load.0 + 0x200, mode: EntryMode::Linux64 };
-            LoadedKernel { entry, kernel_end: result.kernel_end, setup_header: result.setup_header }
+            let entry = BootEntry {
+                addr: result.kernel_load.0 + 0x200,
+                mode: EntryMode::Linux64,
+            };
+            LoadedKernel {
+                entry,
+                kernel_end: result.kernel_end,
+                setup_header: result.setup_header,
+            }
         }
     };
     if loaded.kernel_end > layout::low_ram_end(mem_size) {
@@ -191,14 +228,22 @@ fn load_initrd(
     path: &Path,
 ) -> Result<(u64, u64), BootError> {
     let name = path.display().to_string();
-    let data = std::fs::read(path).map_err(|source| BootError::InitrdRead { path: name.clone(), source })?;
+    let data = std::fs::read(path).map_err(|source| BootError::InitrdRead {
+        path: name.clone(),
+        source,
+    })?;
     let max_addr = kernel
         .setup_header
         .filter(|h| h.version >= 0x203)
         .map(|h| u64::from(h.initrd_addr_max))
         .unwrap_or(0x7fff_ffff);
-    let addr = initrd_address(layout::low_ram_end(mem_size), max_addr, kernel.kernel_end, data.len() as u64)
-        .ok_or(BootError::InitrdTooBig(name))?;
+    let addr = initrd_address(
+        layout::low_ram_end(mem_size),
+        max_addr,
+        kernel.kernel_end,
+        data.len() as u64,
+    )
+    .ok_or(BootError::InitrdTooBig(name))?;
     write(memory, addr, &data, "initrd")?;
     Ok((addr, data.len() as u64))
 }
@@ -217,7 +262,12 @@ fn cmdline_bytes(cmdline: &str) -> Vec<u8> {
     bytes
 }
 
-fn write(memory: &GuestMemory, addr: u64, data: &[u8], what: &'static str) -> Result<(), BootError> {
+fn write(
+    memory: &GuestMemory,
+    addr: u64,
+    data: &[u8],
+    what: &'static str,
+) -> Result<(), BootError> {
     memory
         .write_slice(data, GuestAddress(addr))
         .map_err(|source| BootError::GuestWrite { what, source })
@@ -257,7 +307,10 @@ mod tests {
         let addr = initrd_address(3 << 30, 0x3fff_ffff, 0x200_0000, 4096).unwrap();
         assert_eq!(addr, 0x4000_0000 - 4096);
         // Would overlap the kernel.
-        assert_eq!(initrd_address(64 << 20, 0x7fff_ffff, 60 << 20, 8 << 20), None);
+        assert_eq!(
+            initrd_address(64 << 20, 0x7fff_ffff, 60 << 20, 8 << 20),
+            None
+        );
         assert_eq!(initrd_address(16 << 20, 0x7fff_ffff, 0, 32 << 20), None);
     }
 }

@@ -109,7 +109,11 @@ mod tests {
     fn one_processor_entry_per_cpu_bsp_first() {
         let table = build(4);
         let entries = &table[16 + HEADER_SIZE..];
-        let cpus: Vec<_> = entries.chunks(20).take(4).map(|e| (e[0], e[1], e[3])).collect();
+        let cpus: Vec<_> = entries
+            .chunks(20)
+            .take(4)
+            .map(|e| (e[0], e[1], e[3]))
+            .collect();
         assert_eq!(cpus, vec![(0, 0, 3), (0, 1, 1), (0, 2, 1), (0, 3, 1)]);
         let count = u16::from_le_bytes([table[16 + 34], table[16 + 35]]);
         assert_eq!(count, 4 + 2 + 16 + 2);

@@ -9,15 +9,19 @@ const MODLIST_OFFSET: usize = 0x40;
 const MODLIST_ENTRY_SIZE: usize = 32;
 const MEMMAP_OFFSET: usize = 0x80;
 const MEMMAP_ENTRY_SIZE: usize = 24;
-const _: () = assert!(START_INFO_SIZE <= MODLIST_OFFSET && MODLIST_OFFSET + MODLIST_ENTRY_SIZE <= MEMMAP_OFFSET);
+const _: () = assert!(
+    START_INFO_SIZE <= MODLIST_OFFSET && MODLIST_OFFSET + MODLIST_ENTRY_SIZE <= MEMMAP_OFFSET
+);
 
 /// Builds the start_info block (to be written at `layout::PVH_START_INFO`).
 pub fn build(mem_size: u64, initrd: Option<(u64, u64)>) -> Vec<u8> {
     let base = layout::PVH_START_INFO;
     let map = layout::memory_map(mem_size);
     let mut out = vec![0u8; MEMMAP_OFFSET + map.len() * MEMMAP_ENTRY_SIZE];
-    let put32 = |out: &mut Vec<u8>, at: usize, v: u32| out[at..at + 4].copy_from_slice(&v.to_le_bytes());
-    let put64 = |out: &mut Vec<u8>, at: usize, v: u64| out[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    let put32 =
+        |out: &mut Vec<u8>, at: usize, v: u32| out[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    let put64 =
+        |out: &mut Vec<u8>, at: usize, v: u64| out[at..at + 8].copy_from_slice(&v.to_le_bytes());
     put32(&mut out, 0, MAGIC);
     put32(&mut out, 4, 1); // version
     if let Some((addr, size)) = initrd {
@@ -66,7 +70,10 @@ mod tests {
             .filter(|&at| u32_at(&info, at + 16) == 1)
             .map(|at| u64_at(&info, at + 8))
             .sum();
-        assert_eq!(ram, (256 << 20) - (layout::HIGH_MEMORY - layout::EBDA_START));
+        assert_eq!(
+            ram,
+            (256 << 20) - (layout::HIGH_MEMORY - layout::EBDA_START)
+        );
     }
 
     #[test]

@@ -45,9 +45,19 @@ pub const TSS_SELECTOR: u16 = 0x18;
 fn gdt_table(mode: EntryMode) -> [(u16, u32, u32); 4] {
     match mode {
         // 32-bit flat code and data, a busy 32-bit TSS: what PVH entry requires.
-        EntryMode::Pvh => [(0, 0, 0), (0xc09b, 0, 0xfffff), (0xc093, 0, 0xfffff), (0x008b, 0, 0x67)],
+        EntryMode::Pvh => [
+            (0, 0, 0),
+            (0xc09b, 0, 0xfffff),
+            (0xc093, 0, 0xfffff),
+            (0x008b, 0, 0x67),
+        ],
         // 64-bit code, flat data, a busy TSS.
-        EntryMode::Linux64 => [(0, 0, 0), (0xa09b, 0, 0xfffff), (0xc093, 0, 0xfffff), (0x808b, 0, 0xfffff)],
+        EntryMode::Linux64 => [
+            (0, 0, 0),
+            (0xa09b, 0, 0xfffff),
+            (0xc093, 0, 0xfffff),
+            (0x808b, 0, 0xfffff),
+        ],
     }
 }
 
@@ -67,7 +77,11 @@ pub fn segment(index: u16, (flags, base, limit): (u16, u32, u32)) -> kvm_segment
     let granular = bit(15) == 1;
     kvm_segment {
         base: u64::from(base),
-        limit: if granular { (limit << 12) | 0xfff } else { limit },
+        limit: if granular {
+            (limit << 12) | 0xfff
+        } else {
+            limit
+        },
         selector: index * 8,
         type_: (flags & 0xf) as u8,
         present: bit(7),
@@ -95,7 +109,9 @@ pub fn write_gdt(memory: &GuestMemory, mode: EntryMode) -> Result<(), GuestMemor
 pub fn write_page_tables(memory: &GuestMemory) -> Result<(), GuestMemoryError> {
     memory.write_obj(layout::PDPT | 0x3, GuestAddress(layout::PML4))?;
     memory.write_obj(layout::PD | 0x3, GuestAddress(layout::PDPT))?;
-    let entries: Vec<u8> = (0..512u64).flat_map(|i| ((i << 21) | 0x83).to_le_bytes()).collect();
+    let entries: Vec<u8> = (0..512u64)
+        .flat_map(|i| ((i << 21) | 0x83).to_le_bytes())
+        .collect();
     memory.write_slice(&entries, GuestAddress(layout::PD))
 }
 
@@ -134,7 +150,11 @@ pub fn boot_sregs(mut sregs: kvm_sregs, mode: EntryMode) -> kvm_sregs {
 
 /// General registers for the entry.
 pub fn boot_regs(entry: u64, mode: EntryMode) -> kvm_regs {
-    let mut regs = kvm_regs { rflags: 0x2, rip: entry, ..Default::default() };
+    let mut regs = kvm_regs {
+        rflags: 0x2,
+        rip: entry,
+        ..Default::default()
+    };
     match mode {
         EntryMode::Pvh => regs.rbx = layout::PVH_START_INFO,
         EntryMode::Linux64 => {
@@ -175,7 +195,11 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
         (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITEBACK),
     ]
     .into_iter()
-    .map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+    .map(|(index, data)| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    })
     .collect()
 }
 
@@ -198,14 +222,23 @@ pub fn setup_common(vcpu: &VcpuFd) -> Result<(), RegsError> {
     let msrs = Msrs::from_entries(&entries).expect("boot MSR list fits a FAM struct");
     let set = vcpu.set_msrs(&msrs).map_err(kvm("SET_MSRS"))?;
     if set != entries.len() {
-        return Err(RegsError::Msrs { set, wanted: entries.len() });
+        return Err(RegsError::Msrs {
+            set,
+            wanted: entries.len(),
+        });
     }
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     vcpu.set_fpu(&fpu).map_err(kvm("SET_FPU"))?;
     let mut lapic = vcpu.get_lapic().map_err(kvm("GET_LAPIC"))?;
     // SAFETY: `regs` is a plain [c_char; 1024] array; viewing it as bytes of the same length
     // and alignment 1 is sound, and the borrow ends before `lapic` is used again.
-    let bytes = unsafe { std::slice::from_raw_parts_mut(lapic.regs.as_mut_ptr().cast::<u8>(), lapic.regs.len()) };
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(lapic.regs.as_mut_ptr().cast::<u8>(), lapic.regs.len())
+    };
     set_lint(bytes);
     vcpu.set_lapic(&lapic).map_err(kvm("SET_LAPIC"))?;
     Ok(())
@@ -214,8 +247,10 @@ pub fn setup_common(vcpu: &VcpuFd) -> Result<(), RegsError> {
 /// Puts the boot vCPU at the kernel's entry.
 pub fn setup_boot_cpu(vcpu: &VcpuFd, entry: u64, mode: EntryMode) -> Result<(), RegsError> {
     let sregs = vcpu.get_sregs().map_err(kvm("GET_SREGS"))?;
-    vcpu.set_sregs(&boot_sregs(sregs, mode)).map_err(kvm("SET_SREGS"))?;
-    vcpu.set_regs(&boot_regs(entry, mode)).map_err(kvm("SET_REGS"))?;
+    vcpu.set_sregs(&boot_sregs(sregs, mode))
+        .map_err(kvm("SET_SREGS"))?;
+    vcpu.set_regs(&boot_regs(entry, mode))
+        .map_err(kvm("SET_REGS"))?;
     Ok(())
 }
 
@@ -235,7 +270,10 @@ mod tests {
     fn pvh_segments_are_flat_32_bit() {
         let sregs = boot_sregs(kvm_sregs::default(), EntryMode::Pvh);
         assert_eq!(sregs.cs.selector, CODE_SELECTOR);
-        assert_eq!((sregs.cs.db, sregs.cs.l, sregs.cs.limit), (1, 0, 0xffff_ffff));
+        assert_eq!(
+            (sregs.cs.db, sregs.cs.l, sregs.cs.limit),
+            (1, 0, 0xffff_ffff)
+        );
         assert_eq!(sregs.ds.selector, DATA_SELECTOR);
         assert_eq!(sregs.tr.selector, TSS_SELECTOR);
         assert_eq!((sregs.tr.type_, sregs.tr.s, sregs.tr.limit), (0xb, 0, 0x67));
@@ -252,7 +290,10 @@ mod tests {
         assert_ne!(sregs.cr4 & CR4_PAE, 0);
         assert_eq!(sregs.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
         let regs = boot_regs(0x100_0200, EntryMode::Linux64);
-        assert_eq!((regs.rip, regs.rsi, regs.rflags), (0x100_0200, layout::ZERO_PAGE, 2));
+        assert_eq!(
+            (regs.rip, regs.rsi, regs.rflags),
+            (0x100_0200, layout::ZERO_PAGE, 2)
+        );
         let regs = boot_regs(0x100_0000, EntryMode::Pvh);
         assert_eq!(regs.rbx, layout::PVH_START_INFO);
     }

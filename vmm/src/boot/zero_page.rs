@@ -20,8 +20,10 @@ pub fn build(
     cmdline_len: usize,
     initrd: Option<(u64, u64)>,
 ) -> boot_params {
-    let mut params = boot_params::default();
-    params.hdr = header.unwrap_or_default();
+    let mut params = boot_params {
+        hdr: header.unwrap_or_default(),
+        ..Default::default()
+    };
     params.hdr.boot_flag = BOOT_FLAG;
     params.hdr.header = HDRS_MAGIC;
     if params.hdr.kernel_alignment == 0 {
@@ -79,9 +81,11 @@ mod tests {
 
     #[test]
     fn header_fields_for_the_kernel() {
-        let mut hdr = setup_header::default();
-        hdr.version = 0x20f;
-        hdr.kernel_alignment = 0x20_0000;
+        let hdr = setup_header {
+            version: 0x20f,
+            kernel_alignment: 0x20_0000,
+            ..Default::default()
+        };
         let params = build(Some(hdr), 256 << 20, 42, Some((0x0e00_0000, 999)));
         let h = params.hdr;
         let (magic, flag, loader) = (h.header, h.boot_flag, h.type_of_loader);

@@ -115,20 +115,32 @@ mod tests {
     }
 
     fn buses() -> (Buses, Arc<Mutex<Port>>, Arc<Mutex<Port>>) {
-        let (pio_dev, mmio_dev) = (Arc::new(Mutex::new(Port::default())), Arc::new(Mutex::new(Port::default())));
+        let (pio_dev, mmio_dev) = (
+            Arc::new(Mutex::new(Port::default())),
+            Arc::new(Mutex::new(Port::default())),
+        );
         let mut buses = Buses::default();
         buses.pio.insert(pio_dev.clone(), 0x3f8, 8).unwrap();
-        buses.mmio.insert(mmio_dev.clone(), 0xd000_0000, 0x1000).unwrap();
+        buses
+            .mmio
+            .insert(mmio_dev.clone(), 0xd000_0000, 0x1000)
+            .unwrap();
         (buses, pio_dev, mmio_dev)
     }
 
     #[test]
     fn port_io_reaches_the_device() {
         let (buses, pio, _) = buses();
-        assert_eq!(handle(VcpuExit::IoOut(0x3f8, b"A"), &buses), ExitAction::Continue);
+        assert_eq!(
+            handle(VcpuExit::IoOut(0x3f8, b"A"), &buses),
+            ExitAction::Continue
+        );
         assert_eq!(pio.lock().unwrap().0, b"A");
         let mut data = [0u8; 1];
-        assert_eq!(handle(VcpuExit::IoIn(0x3fd, &mut data), &buses), ExitAction::Continue);
+        assert_eq!(
+            handle(VcpuExit::IoIn(0x3fd, &mut data), &buses),
+            ExitAction::Continue
+        );
         assert_eq!(data, [0x45]);
     }
 
@@ -136,9 +148,15 @@ mod tests {
     fn unmapped_io_reads_ones_and_continues() {
         let (buses, _, _) = buses();
         let mut data = [0u8; 4];
-        assert_eq!(handle(VcpuExit::IoIn(0xcfc, &mut data), &buses), ExitAction::Continue);
+        assert_eq!(
+            handle(VcpuExit::IoIn(0xcfc, &mut data), &buses),
+            ExitAction::Continue
+        );
         assert_eq!(data, [0xff; 4]);
-        assert_eq!(handle(VcpuExit::MmioWrite(0x1234, &[1]), &buses), ExitAction::Continue);
+        assert_eq!(
+            handle(VcpuExit::MmioWrite(0x1234, &[1]), &buses),
+            ExitAction::Continue
+        );
     }
 
     #[test]
@@ -154,9 +172,15 @@ mod tests {
     #[test]
     fn guest_stops_map_to_reasons() {
         let (buses, _, _) = buses();
-        assert_eq!(handle(VcpuExit::Shutdown, &buses), ExitAction::Stop(StopReason::Reset));
         assert_eq!(
-            handle(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, &[]), &buses),
+            handle(VcpuExit::Shutdown, &buses),
+            ExitAction::Stop(StopReason::Reset)
+        );
+        assert_eq!(
+            handle(
+                VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, &[]),
+                &buses
+            ),
             ExitAction::Stop(StopReason::PowerOff)
         );
         assert_eq!(
@@ -167,9 +191,18 @@ mod tests {
             handle(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_CRASH, &[]), &buses),
             ExitAction::Stop(StopReason::Failed(_))
         ));
-        assert_eq!(handle(VcpuExit::InternalError, &buses), ExitAction::InternalError);
-        assert!(matches!(handle(VcpuExit::FailEntry(7, 0), &buses), ExitAction::Stop(StopReason::Failed(_))));
-        assert!(matches!(handle(VcpuExit::Unknown, &buses), ExitAction::Stop(StopReason::Failed(_))));
+        assert_eq!(
+            handle(VcpuExit::InternalError, &buses),
+            ExitAction::InternalError
+        );
+        assert!(matches!(
+            handle(VcpuExit::FailEntry(7, 0), &buses),
+            ExitAction::Stop(StopReason::Failed(_))
+        ));
+        assert!(matches!(
+            handle(VcpuExit::Unknown, &buses),
+            ExitAction::Stop(StopReason::Failed(_))
+        ));
         assert_eq!(handle(VcpuExit::Intr, &buses), ExitAction::Continue);
     }
 

@@ -102,9 +102,13 @@ thread_local! {
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     let run = KVM_RUN.with(Cell::get);
     if !run.is_null() {
-        // SAFETY: the pointer is this thread's own kvm_run mapping, set before the thread first
-        // enters KVM_RUN and valid until the thread ends; a byte store is async-signal-safe.
-        unsafe { std::ptr::write_volatile(&raw mut (*run).immediate_exit, 1) };
+        let flag = run
+            .cast::<u8>()
+            .wrapping_add(std::mem::offset_of!(kvm_run, immediate_exit));
+        // SAFETY: `run` is this thread's own kvm_run mapping, set before the thread first enters
+        // KVM_RUN and cleared before it ends, so `flag` points at its immediate_exit byte; a
+        // byte store is async-signal-safe.
+        unsafe { std::ptr::write_volatile(flag, 1) };
     }
 }
 
@@ -116,14 +120,21 @@ fn kick_signal() -> i32 {
 pub fn install_kick_handler() -> Result<(), VcpuError> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
-    ONCE.call_once(|| result = register_signal_handler(kick_signal(), kick_handler).map_err(VcpuError::Signal));
+    ONCE.call_once(|| {
+        result = register_signal_handler(kick_signal(), kick_handler).map_err(VcpuError::Signal)
+    });
     result
 }
 
 impl Vcpu {
     /// A vCPU that dispatches I/O to `buses` and reports stops to `stops`.
     pub fn new(index: u32, fd: VcpuFd, buses: Arc<Buses>, stops: StopSink) -> Self {
-        Self { index, fd, buses, stops }
+        Self {
+            index,
+            fd,
+            buses,
+            stops,
+        }
     }
 
     /// Starts the vCPU's thread; it enters the guest at once.
@@ -136,7 +147,12 @@ impl Vcpu {
             .name(format!("vcpu{index}"))
             .spawn(move || self.run(mailbox, ack_tx))
             .map_err(|source| VcpuError::Spawn { index, source })?;
-        Ok(VcpuHandle { index, requests, acks, thread })
+        Ok(VcpuHandle {
+            index,
+            requests,
+            acks,
+            thread,
+        })
     }
 
     fn run(mut self, mailbox: Receiver<Request>, acks: Sender<Ack>) {
@@ -192,7 +208,10 @@ impl Vcpu {
                 self.fd.set_kvm_immediate_exit(0);
                 None
             }
-            Err(e) => Some(StopReason::Failed(format!("vCPU {}: KVM_RUN failed: {e}", self.index))),
+            Err(e) => Some(StopReason::Failed(format!(
+                "vCPU {}: KVM_RUN failed: {e}",
+                self.index
+            ))),
         }
     }
 
@@ -206,15 +225,24 @@ impl Vcpu {
             kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "event delivery failed",
             _ => "internal error",
         };
-        let rip = self.fd.get_regs().map(|r| format!("{:#x}", r.rip)).unwrap_or_else(|_| "?".into());
-        format!("vCPU {}: KVM {what} (suberror {suberror}) at rip {rip}", self.index)
+        let rip = self
+            .fd
+            .get_regs()
+            .map(|r| format!("{:#x}", r.rip))
+            .unwrap_or_else(|_| "?".into());
+        format!(
+            "vCPU {}: KVM {what} (suberror {suberror}) at rip {rip}",
+            self.index
+        )
     }
 }
 
 /// Logs (target `fabvm::timing`) the wall-clock time of a vCPU's first exit from the guest,
 /// which the boot benchmark compares with QEMU's `kvm_run_exit` trace.
 fn log_first_exit(index: u32) {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     log::info!(target: "fabvm::timing", "vcpu {index} first exit at {:.6}", now.as_secs_f64());
 }
 
@@ -226,7 +254,9 @@ impl VcpuHandle {
 
     /// Posts a request and kicks the vCPU out of the guest so it sees it.
     pub fn request(&self, request: Request) -> Result<(), VcpuError> {
-        self.requests.send(request).map_err(|_| VcpuError::Gone(self.index))?;
+        self.requests
+            .send(request)
+            .map_err(|_| VcpuError::Gone(self.index))?;
         // The thread may already have ended; then there is nothing to kick.
         let _ = self.thread.kill(kick_signal());
         Ok(())
