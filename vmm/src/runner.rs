@@ -57,7 +57,39 @@ const EV_DEBUG_EXIT: u64 = 5;
 
 /// Boots the configured guest and runs it to the end.
 pub fn run(config: &VmConfig) -> Result<StopReason, RunError> {
+    let started = std::time::Instant::now();
+    let stage =
+        |name: &str| log::debug!(target: "fabvm::timing", "{name} after {:?}", started.elapsed());
     let vm = Vm::new(config.mem, config.cpus)?;
+    stage("vm created");
+    let stop_evt = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(RunError::EventLoop)?);
+    let (stop_tx, stop_rx) = channel();
+    let sink = StopSink::new(stop_tx, stop_evt.clone());
+    // Memory slots go in on a second thread while the kernel loads and the vCPUs are made.
+    let (devices, prepared) = std::thread::scope(|scope| {
+        let slots = scope.spawn(|| vm.register_memory());
+        let setup = setup_guest(&vm, config, &sink);
+        let slots = slots
+            .join()
+            .unwrap_or_else(|_| panic!("memory slot thread panicked"));
+        slots?;
+        setup
+    })?;
+    stage("guest set up");
+    let vcpus = start_vcpus(prepared)?;
+    stage("vcpus started");
+    let _raw = RawStdin::new();
+    let result = event_loop(&devices, &stop_evt, &stop_rx);
+    vcpus.stop();
+    result
+}
+
+/// Loads the kernel, builds the devices and creates the vCPUs (not yet running).
+fn setup_guest(
+    vm: &Vm,
+    config: &VmConfig,
+    sink: &StopSink,
+) -> Result<(DeviceManager, Vec<Vcpu>), RunError> {
     let entry = boot::load(
         &vm.memory,
         config.mem,
@@ -67,14 +99,8 @@ pub fn run(config: &VmConfig) -> Result<StopReason, RunError> {
         &config.cmdline,
     )?;
     let devices = DeviceManager::new(&vm.fd, Box::new(std::io::stdout()))?;
-    let stop_evt = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(RunError::EventLoop)?);
-    let (stop_tx, stop_rx) = channel();
-    let sink = StopSink::new(stop_tx, stop_evt.clone());
-    let vcpus = create_vcpus(&vm, config.cpus, entry, &devices, &sink)?;
-    let _raw = RawStdin::new();
-    let result = event_loop(&devices, &stop_evt, &stop_rx);
-    vcpus.stop();
-    result
+    let vcpus = create_vcpus(vm, config.cpus, entry, &devices, sink)?;
+    Ok((devices, vcpus))
 }
 
 fn create_vcpus(
@@ -83,7 +109,7 @@ fn create_vcpus(
     entry: BootEntry,
     devices: &DeviceManager,
     sink: &StopSink,
-) -> Result<Vcpus, RunError> {
+) -> Result<Vec<Vcpu>, RunError> {
     let supported = vm
         .kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -117,7 +143,11 @@ fn create_vcpus(
         }
         prepared.push(Vcpu::new(index, fd, devices.buses.clone(), sink.clone()));
     }
-    // APs start in wait-for-SIPI; the guest wakes them through its local APIC.
+    Ok(prepared)
+}
+
+/// Starts every vCPU thread. APs wait for INIT/SIPI; the guest wakes them through its LAPIC.
+fn start_vcpus(prepared: Vec<Vcpu>) -> Result<Vcpus, RunError> {
     let mut handles = Vec::with_capacity(prepared.len());
     for vcpu in prepared {
         match vcpu.start() {

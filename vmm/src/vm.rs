@@ -52,7 +52,8 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Opens KVM, creates the VM with irqchip and PIT, and maps `mem` bytes of RAM.
+    /// Opens KVM, creates the VM with irqchip and PIT, and maps `mem` bytes of RAM. The RAM is
+    /// not yet a KVM memory slot: call [`Vm::register_memory`] before any vCPU runs.
     pub fn new(mem: u64, cpus: u32) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(|e| match e.errno() {
             libc::ENOENT => VmError::NoKvm,
@@ -95,11 +96,17 @@ impl Vm {
             source,
         })?;
         let memory = memory::create(mem)?;
-        memory::register(&fd, &memory)?;
         Ok(Self {
             kvm,
             fd: Arc::new(fd),
             memory,
         })
+    }
+
+    /// Registers guest RAM as KVM memory slots. The first slot costs milliseconds on some KVM
+    /// flavours (kvm_pvm sets up its MMU then), so the runner does this on a second thread
+    /// while it loads the kernel and creates vCPUs.
+    pub fn register_memory(&self) -> Result<(), VmError> {
+        Ok(memory::register(&self.fd, &self.memory)?)
     }
 }
