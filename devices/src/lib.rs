@@ -8,5 +8,5 @@ pub mod serial;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use debug_exit::DebugExit;
-pub use i8042::I8042;
-pub use serial::{EventFdTrigger, InputDrained, SerialDevice};
+pub use i8042::{I8042State, I8042};
+pub use serial::{EventFdTrigger, InputDrained, SerialDevice, SerialDeviceState};

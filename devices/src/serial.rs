@@ -3,7 +3,8 @@
 
 use std::io::Write;
 
-use vm_superio::serial::SerialEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -35,6 +36,39 @@ impl SerialEvents for InputDrained {
     }
 }
 
+/// The UART's registers and receive FIFO, for snapshots and migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialDeviceState {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Bytes received and not yet read by the guest (at most the FIFO size, 64).
+    pub in_buffer: Vec<u8>,
+}
+
+/// Errors from restoring the UART.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    /// The saved receive FIFO is larger than the UART's.
+    #[error("serial state holds {0} bytes of input, more than the FIFO")]
+    FifoOverflow(usize),
+}
+
 /// The console UART.
 pub struct SerialDevice {
     uart: Serial<EventFdTrigger, InputDrained, Box<dyn Write + Send>>,
@@ -52,6 +86,47 @@ impl SerialDevice {
     pub fn new(irq: EventFdTrigger, drained: InputDrained, out: Box<dyn Write + Send>) -> Self {
         Self {
             uart: Serial::with_events(irq, drained, out),
+        }
+    }
+
+    /// A UART restored from `state`.
+    pub fn from_state(
+        state: &SerialDeviceState,
+        irq: EventFdTrigger,
+        drained: InputDrained,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, SerialError> {
+        let raw = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&raw, irq, drained, out)
+            .map_err(|_| SerialError::FifoOverflow(state.in_buffer.len()))?;
+        Ok(Self { uart })
+    }
+
+    /// The UART's state.
+    pub fn state(&self) -> SerialDeviceState {
+        let raw = self.uart.state();
+        SerialDeviceState {
+            baud_divisor_low: raw.baud_divisor_low,
+            baud_divisor_high: raw.baud_divisor_high,
+            interrupt_enable: raw.interrupt_enable,
+            interrupt_identification: raw.interrupt_identification,
+            line_control: raw.line_control,
+            line_status: raw.line_status,
+            modem_control: raw.modem_control,
+            modem_status: raw.modem_status,
+            scratch: raw.scratch,
+            in_buffer: raw.in_buffer,
         }
     }
 
@@ -148,6 +223,58 @@ mod tests {
         let n = dev.enqueue_input(&big);
         assert!(n < big.len());
         assert_eq!(dev.enqueue_input(&big), 0);
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let (mut dev, _, _) = device();
+        dev.write(3, &[0x80]); // DLAB on
+        dev.write(0, &[0x0c]); // divisor low
+        dev.write(3, &[0x03]); // 8N1, DLAB off
+        dev.write(7, &[0x5a]); // scratch
+        dev.enqueue_input(b"xyz");
+        let state = dev.state();
+        let json = serde_json::to_string(&state).unwrap();
+        let back: SerialDeviceState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, state);
+        let sink = Sink::default();
+        let mut restored = SerialDevice::from_state(
+            &back,
+            EventFdTrigger(EventFd::new(libc_nonblock()).unwrap()),
+            InputDrained(EventFd::new(libc_nonblock()).unwrap()),
+            Box::new(sink),
+        )
+        .unwrap();
+        assert_eq!(restored.state(), state);
+        let mut scratch = [0u8];
+        restored.read(7, &mut scratch);
+        assert_eq!(scratch, [0x5a]);
+        let mut byte = [0u8];
+        restored.read(0, &mut byte);
+        assert_eq!(byte, *b"x");
+    }
+
+    #[test]
+    fn oversized_fifo_state_is_rejected() {
+        let state = SerialDeviceState {
+            baud_divisor_low: 12,
+            baud_divisor_high: 0,
+            interrupt_enable: 0,
+            interrupt_identification: 1,
+            line_control: 3,
+            line_status: 0x60,
+            modem_control: 8,
+            modem_status: 0xb0,
+            scratch: 0,
+            in_buffer: vec![0; 65],
+        };
+        let result = SerialDevice::from_state(
+            &state,
+            EventFdTrigger(EventFd::new(libc_nonblock()).unwrap()),
+            InputDrained(EventFd::new(libc_nonblock()).unwrap()),
+            Box::new(Sink::default()),
+        );
+        assert!(matches!(result, Err(SerialError::FifoOverflow(65))));
     }
 
     #[test]

@@ -11,3 +11,4 @@ pub mod memory;
 pub mod runner;
 pub mod vcpu;
 pub mod vm;
+pub mod vm_state;

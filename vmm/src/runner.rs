@@ -16,7 +16,7 @@ use crate::config::VmConfig;
 use crate::console::{self, RawStdin};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::vcpu::exit::StopReason;
-use crate::vcpu::{StopSink, Vcpu, VcpuError, Vcpus};
+use crate::vcpu::{state, SaveContext, StopSink, Vcpu, VcpuError, Vcpus};
 use crate::vm::{Vm, VmError};
 
 /// Errors from building or running a VM.
@@ -119,6 +119,11 @@ fn create_vcpus(
             source,
         })?;
     let mut prepared = Vec::with_capacity(cpus as usize);
+    let mut save = SaveContext {
+        msrs: Arc::default(),
+        xsave2_size: usize::try_from(vm.fd.check_extension_int(kvm_ioctls::Cap::Xsave2))
+            .unwrap_or(0),
+    };
     for index in 0..cpus {
         let kvm_err = |what| {
             move |source| RunError::Kvm {
@@ -141,7 +146,21 @@ fn create_vcpus(
             regs::setup_boot_cpu(&fd, entry.addr, entry.mode)
                 .map_err(|source| RunError::Regs { index, source })?;
         }
-        prepared.push(Vcpu::new(index, fd, devices.buses.clone(), sink.clone()));
+        if index == 0 {
+            // Which MSRs can be saved depends on the CPUID just set; ask once.
+            let list = vm
+                .kvm
+                .get_msr_index_list()
+                .map_err(kvm_err("GET_MSR_INDEX_LIST"))?;
+            save.msrs = Arc::new(state::saveable_msrs(&fd, list.as_slice()));
+        }
+        prepared.push(Vcpu::new(
+            index,
+            fd,
+            devices.buses.clone(),
+            sink.clone(),
+            save.clone(),
+        ));
     }
     Ok(prepared)
 }

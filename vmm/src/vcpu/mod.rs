@@ -2,6 +2,7 @@
 //! requests in a mailbox; a real-time signal kicks a vCPU out of KVM_RUN via immediate_exit.
 
 pub mod exit;
+pub mod state;
 
 use std::cell::Cell;
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -14,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use exit::{Buses, ExitAction, StopReason};
+use state::VcpuState;
 
 /// Errors from managing vCPU threads.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +29,9 @@ pub enum VcpuError {
     /// The thread is gone (it ended or panicked).
     #[error("vCPU {0} is not running")]
     Gone(u32),
+    /// Saving a vCPU's state failed.
+    #[error("{0}")]
+    Save(String),
 }
 
 /// What the VMM asks of a vCPU.
@@ -36,17 +41,21 @@ pub enum Request {
     Pause,
     /// Re-enter the guest; acknowledged with [`Ack::Resumed`].
     Resume,
+    /// Save the vCPU's state (only while paused); answered with [`Ack::State`].
+    SaveState,
     /// End the thread.
     Stop,
 }
 
 /// A vCPU's answer to a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Ack {
     /// Out of the guest; its state may be read.
     Paused,
     /// Back in the guest.
     Resumed,
+    /// The saved state, or why it could not be saved.
+    State(Box<Result<VcpuState, String>>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +85,15 @@ impl StopSink {
     }
 }
 
+/// What every vCPU needs to know to save its state on this host.
+#[derive(Debug, Clone, Default)]
+pub struct SaveContext {
+    /// MSRs to save (KVM's list, filtered to those it lets us read).
+    pub msrs: Arc<Vec<u32>>,
+    /// KVM_CAP_XSAVE2: the XSAVE area size in bytes (0 without the capability).
+    pub xsave2_size: usize,
+}
+
 /// A vCPU, before its thread starts.
 #[derive(Debug)]
 pub struct Vcpu {
@@ -83,6 +101,7 @@ pub struct Vcpu {
     fd: VcpuFd,
     buses: Arc<Buses>,
     stops: StopSink,
+    save: SaveContext,
 }
 
 /// The VMM's handle on a running vCPU thread.
@@ -128,13 +147,25 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
 
 impl Vcpu {
     /// A vCPU that dispatches I/O to `buses` and reports stops to `stops`.
-    pub fn new(index: u32, fd: VcpuFd, buses: Arc<Buses>, stops: StopSink) -> Self {
+    pub fn new(
+        index: u32,
+        fd: VcpuFd,
+        buses: Arc<Buses>,
+        stops: StopSink,
+        save: SaveContext,
+    ) -> Self {
         Self {
             index,
             fd,
             buses,
             stops,
+            save,
         }
+    }
+
+    /// The vCPU's KVM fd, for setup before the thread starts.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
     }
 
     /// Starts the vCPU's thread; it enters the guest at once.
@@ -169,9 +200,19 @@ impl Vcpu {
                 match request {
                     Request::Pause => {
                         if state == State::Running {
+                            self.complete_pending_io();
                             state = State::Paused;
                         }
                         let _ = acks.send(Ack::Paused);
+                    }
+                    Request::SaveState => {
+                        let result = if state == State::Running {
+                            Err(format!("vCPU {} is running; pause it first", self.index))
+                        } else {
+                            VcpuState::save(&self.fd, &self.save.msrs, self.save.xsave2_size)
+                                .map_err(|e| format!("vCPU {}: {e}", self.index))
+                        };
+                        let _ = acks.send(Ack::State(Box::new(result)));
                     }
                     Request::Resume => {
                         if state == State::Paused {
@@ -194,6 +235,15 @@ impl Vcpu {
             }
         }
         KVM_RUN.with(|cell| cell.set(std::ptr::null_mut()));
+    }
+
+    /// Lets KVM finish an exit we already handled (the data of a port or MMIO read lands in
+    /// the registers only on the next KVM_RUN) without running guest code, so that saved
+    /// registers are complete.
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     /// Enters the guest once; returns a reason if the VM must stop.
@@ -298,12 +348,28 @@ impl Vcpus {
         self.all(Request::Resume, Ack::Resumed)
     }
 
+    /// Saves every (paused) vCPU's state, in vCPU order.
+    pub fn save_state(&self) -> Result<Vec<VcpuState>, VcpuError> {
+        for handle in &self.handles {
+            handle.request(Request::SaveState)?;
+        }
+        let mut states = Vec::with_capacity(self.handles.len());
+        for handle in &self.handles {
+            match handle.wait_ack()? {
+                Ack::State(result) => states.push((*result).map_err(VcpuError::Save)?),
+                _ => return Err(VcpuError::Gone(handle.index)),
+            }
+        }
+        Ok(states)
+    }
+
     fn all(&self, request: Request, expect: Ack) -> Result<(), VcpuError> {
         for handle in &self.handles {
             handle.request(request)?;
         }
         for handle in &self.handles {
-            if handle.wait_ack()? != expect {
+            let ack = handle.wait_ack()?;
+            if std::mem::discriminant(&ack) != std::mem::discriminant(&expect) {
                 return Err(VcpuError::Gone(handle.index));
             }
         }
