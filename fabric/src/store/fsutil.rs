@@ -5,6 +5,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::StoreError;
 
@@ -39,7 +40,13 @@ pub(crate) fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) ->
     move |source| StoreError::Io { op, path, source }
 }
 
-/// Takes the store's exclusive lock (`LOCK` in `dir`), without waiting.
+/// How long `lock` retries a held lock before giving up.
+///
+/// Not zero because a lock can be held for a moment by someone else's child: a process
+/// that forks while holding the store shares the lock's open file until the child execs.
+const LOCK_WAIT: Duration = Duration::from_millis(500);
+
+/// Takes the store's exclusive lock (`LOCK` in `dir`), retrying for up to half a second.
 pub(crate) fn lock(dir: &Path) -> Result<File, StoreError> {
     let path = dir.join("LOCK");
     let file = OpenOptions::new()
@@ -48,17 +55,23 @@ pub(crate) fn lock(dir: &Path) -> Result<File, StoreError> {
         .write(true)
         .open(&path)
         .map_err(io_err("create", &path))?;
-    // SAFETY: flock only reads the descriptor number, which `file` keeps open for the
-    // duration of the call; the lock is released when `file` is closed.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        // SAFETY: flock only reads the descriptor number, which `file` keeps open for the
+        // duration of the call; the lock is released when `file` is closed.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(file);
+        }
         let err = io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(io_err("lock", &path)(err));
+        }
+        if Instant::now() >= deadline {
             return Err(StoreError::Busy(dir.to_path_buf()));
         }
-        return Err(io_err("lock", &path)(err));
+        std::thread::sleep(Duration::from_millis(10));
     }
-    Ok(file)
 }
 
 /// Makes the entries of `dir` (created, renamed or removed files) durable.

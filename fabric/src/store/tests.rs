@@ -304,19 +304,15 @@ fn corrupted_index_is_detected() {
     // A bit flipped in the checkpoint.
     let index_len = fs::metadata(dir.path().join(INDEX)).unwrap().len() as usize;
     flip(INDEX, index_len / 2);
-    assert!(matches!(
-        Store::open(dir.path()),
-        Err(StoreError::Corrupt(_))
-    ));
+    let opened = Store::open(dir.path());
+    assert!(matches!(opened, Err(StoreError::Corrupt(_))), "{opened:?}");
     flip(INDEX, index_len / 2);
     Store::open(dir.path()).unwrap();
 
     // A bit flipped in the first of two journal batches: not a torn tail.
     flip(JOURNAL, journal::HEADER_LEN + 100);
-    assert!(matches!(
-        Store::open(dir.path()),
-        Err(StoreError::Corrupt(_))
-    ));
+    let opened = Store::open(dir.path());
+    assert!(matches!(opened, Err(StoreError::Corrupt(_))), "{opened:?}");
     flip(JOURNAL, journal::HEADER_LEN + 100);
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(store.stats().pages, 50);
