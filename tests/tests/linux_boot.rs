@@ -1,14 +1,20 @@
 //! Debian's cloud kernel, as an ELF vmlinux (PVH entry) and as a bzImage: its own early output
-//! shows the banner, exactly our command line, an e820 map matching --mem, and the initrd.
+//! shows the banner, exactly our command line, an e820 map matching --mem, the initrd, our ACPI
+//! tables (RSDP, XSDT, FACP, DSDT, APIC with our OEM id) and both vCPUs, which this kernel
+//! (no MP-table parsing) finds only through the MADT.
 //! On kvm_pvm (guest ring 0 emulated) Linux never reaches /init, so that is the whole check
 //! there; where KVM is hardware-backed the busybox init line is required too.
+//! ACPI power-off (what Linux's `poweroff` ends in) is checked with a tiny guest of our own.
 
 use std::time::Duration;
 
-use fabvm_tests::{debian_kernel, require_kvm, Tier, Vm};
+use fabvm_tests::{debian_kernel, fabvm, require_kvm, Tier, Vm};
 
 const MEM: &str = "512M";
 const MEM_BYTES: u64 = 512 << 20;
+const CPUS: &str = "2";
+/// The ACPI tables Linux must list, each with our OEM id.
+const ACPI_TABLES: [&str; 5] = ["RSDP", "XSDT", "FACP", "DSDT", "APIC"];
 
 fn boot_linux(kernel_name: &str, timeout: Duration) {
     let test = format!("linux_{kernel_name}");
@@ -26,6 +32,8 @@ fn boot_linux(kernel_name: &str, timeout: Duration) {
         initrd.to_str().unwrap(),
         "--mem",
         MEM,
+        "--cpus",
+        CPUS,
         "--cmdline",
         &cmdline,
     ]);
@@ -35,7 +43,18 @@ fn boot_linux(kernel_name: &str, timeout: Duration) {
         "BIOS-e820: [mem 0x0000000000100000-",
         ram_end.as_str(),
         "RAMDISK: [mem ",
+        // The RSDP where we put it (also found through PVH start_info / the zero page).
+        "ACPI: RSDP 0x00000000000E0000 000024 (v02 FABVM )",
+        "ACPI: Using ACPI (MADT) for SMP configuration information",
+        // The IOAPIC's id follows the vCPUs' APIC ids.
+        "IOAPIC[0]: apic_id 2, version 17, address 0xfec00000, GSI 0-23",
+        "smpboot: Allowing 2 CPUs, 0 hotplug CPUs",
     ];
+    let table_lines: Vec<String> = ACPI_TABLES
+        .iter()
+        .map(|sig| format!("ACPI: {sig} 0x"))
+        .collect();
+    wanted.extend(table_lines.iter().map(String::as_str));
     let command_line = format!("Command line: {cmdline}");
     wanted.push(&command_line);
     if tier == Tier::Hardware {
@@ -79,6 +98,20 @@ fn boot_linux(kernel_name: &str, timeout: Duration) {
         let end = u64::from_str_radix(end.trim_start_matches("0x"), 16).unwrap();
         assert!(end < MEM_BYTES, "e820 usable range past --mem: {line}");
     }
+    // Every table carries our OEM id, and ACPICA found nothing to complain about.
+    for sig in ACPI_TABLES {
+        let prefix = format!("ACPI: {sig} 0x");
+        let line = out.lines().find(|l| l.contains(&prefix)).unwrap();
+        assert!(line.contains("FABVM"), "table without our OEM id: {line}");
+    }
+    for line in out.lines() {
+        assert!(
+            !line.contains("ACPI BIOS Error")
+                && !line.contains("ACPI Error")
+                && !line.contains("[Firmware Bug]"),
+            "ACPI complaint: {line}\n{out}"
+        );
+    }
     if tier == Tier::Emulated {
         eprintln!("{test}: kvm_pvm tier: asserted the kernel's early output only (Linux does not reach /init here)");
     }
@@ -93,4 +126,77 @@ fn linux_vmlinux_pvh_early_boot() {
 fn linux_bzimage_early_boot() {
     // The bzImage decompresses itself in emulated ring 0 first: minutes on kvm_pvm.
     boot_linux("vmlinuz", Duration::from_secs(900));
+}
+
+/// A 64-bit ELF whose code does what ACPICA does to enter S5 on a hardware-reduced platform:
+/// clear WAK_STS in the sleep status register, then write SLP_TYP = 5 with SLP_EN to the sleep
+/// control register (ports from the FADT: 0x601 and 0x600). Then it halts for good: only the
+/// power-off can end the VM.
+fn s5_guest() -> Vec<u8> {
+    const LOAD: u64 = 0x10_0000;
+    #[rustfmt::skip]
+    let code: &[u8] = &[
+        0x66, 0xba, 0x01, 0x06, // mov dx, 0x601
+        0xb0, 0x80,             // mov al, 0x80 (WAK_STS)
+        0xee,                   // out dx, al
+        0x66, 0xba, 0x00, 0x06, // mov dx, 0x600
+        0xb0, 0x34,             // mov al, SLP_EN | 5 << 2
+        0xee,                   // out dx, al
+        0xf4,                   // hlt
+        0xeb, 0xfd,             // jmp hlt
+    ];
+    let (ehdr, phdr) = (64u16, 56u16);
+    let offset = u64::from(ehdr + phdr);
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01");
+    elf.resize(16, 0);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&62u16.to_le_bytes()); // x86_64
+    elf.extend_from_slice(&1u32.to_le_bytes()); // version
+    elf.extend_from_slice(&LOAD.to_le_bytes()); // entry
+    elf.extend_from_slice(&u64::from(ehdr).to_le_bytes()); // program headers
+    elf.extend_from_slice(&0u64.to_le_bytes()); // no section headers
+    elf.extend_from_slice(&0u32.to_le_bytes()); // flags
+    for half in [ehdr, phdr, 1, 64, 0, 0] {
+        elf.extend_from_slice(&half.to_le_bytes());
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for word in [
+        offset,
+        LOAD,
+        LOAD,
+        code.len() as u64,
+        code.len() as u64,
+        0x1000,
+    ] {
+        elf.extend_from_slice(&word.to_le_bytes());
+    }
+    elf.extend_from_slice(code);
+    elf
+}
+
+#[test]
+fn acpi_s5_powers_off_with_exit_0() {
+    if require_kvm("acpi_s5_powers_off_with_exit_0").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("s5.elf");
+    std::fs::write(&kernel, s5_guest()).unwrap();
+    // A reset or triple fault would exit 0 too: fabvm's info log names the stop reason.
+    let mut vm = Vm::start_command(
+        std::process::Command::new(fabvm())
+            .args(["--kernel", kernel.to_str().unwrap(), "--mem", "64M"])
+            .env("RUST_LOG", "info"),
+    );
+    let status = vm.wait_exit(Duration::from_secs(60));
+    let stderr = vm.stderr();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "fabvm did not power off: stdout {:?} stderr {stderr:?}",
+        vm.stdout()
+    );
+    assert!(stderr.contains("PowerOff"), "stopped otherwise: {stderr}");
 }

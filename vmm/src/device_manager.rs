@@ -1,13 +1,16 @@
-//! Builds the devices and puts them on the buses: COM1 (irqfd on GSI 4), the i8042 and the
-//! debug-exit port.
+//! Builds the devices and puts them on the buses: COM1 (irqfd on GSI 4), the i8042, the
+//! debug-exit port and the ACPI power-management registers.
 //! Owns the eventfds the event loop watches for console input and guest reset.
 
 use std::sync::{Arc, Mutex};
 
-use devices::{Bus, BusError, DebugExit, EventFdTrigger, InputDrained, SerialDevice, I8042};
+use devices::{
+    AcpiPm, Bus, BusError, DebugExit, EventFdTrigger, InputDrained, SerialDevice, I8042,
+};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::layout;
 use crate::vcpu::exit::Buses;
 
 /// COM1 ports.
@@ -71,6 +74,11 @@ impl DeviceManager {
         pio.insert(i8042, I8042_BASE, 5)?;
         let exit_port = Arc::new(Mutex::new(DebugExit::new(clone(&debug_exit)?)));
         pio.insert(exit_port, devices::debug_exit::DEBUG_EXIT_PORT, 1)?;
+        // ACPI S5 is a power-off like status 0 on the debug-exit port: it signals 1 (= status 0)
+        // on the same eventfd, so the event loop handles both in one place. ACPI reset signals
+        // the i8042's reset eventfd.
+        let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(clone(&debug_exit)?, clone(&reset)?)));
+        pio.insert(acpi_pm, layout::ACPI_PM_PORT, devices::acpi_pm::PORTS)?;
         let buses = Arc::new(Buses {
             pio,
             mmio: Bus::new(),

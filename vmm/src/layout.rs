@@ -28,6 +28,11 @@ pub const CMDLINE: u64 = 0x20000;
 pub const CMDLINE_MAX: usize = 2048;
 /// End of conventional RAM (640 KiB); the EBDA and legacy hole follow.
 pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables, in the reserved BIOS area: the RSDP first (16-byte aligned, so a legacy scan of
+/// 0xe0000–0xfffff finds it too), then XSDT, FADT, MADT and DSDT, up to the MP table.
+pub const ACPI_TABLES: u64 = 0xe0000;
+/// Room for the ACPI tables.
+pub const ACPI_TABLES_SIZE: u64 = MPTABLE - ACPI_TABLES;
 /// The MP table lives in the BIOS area, where Linux scans for its floating pointer.
 pub const MPTABLE: u64 = 0xf0000;
 /// End of the BIOS area and start of high memory (1 MiB).
@@ -41,6 +46,24 @@ pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 pub const IOAPIC: u64 = 0xfec0_0000;
 /// Local APIC MMIO base.
 pub const LAPIC: u64 = 0xfee0_0000;
+/// Pins of KVM's in-kernel IOAPIC (GSIs 0–23; KVM routes GSI n to pin n).
+pub const IOAPIC_PINS: u32 = 24;
+
+/// virtio-mmio devices: slot `i` has its registers at `VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_SIZE`
+/// and interrupt `VIRTIO_MMIO_IRQS.start() + i` (see [`virtio_mmio_slot`]).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Size of one virtio-mmio device's register window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// Interrupts (GSIs = IOAPIC pins) for virtio-mmio devices, one each: ISA IRQs 5–15, which the
+/// MP table also lists, so kernels that find devices on the command line can route them too.
+/// IRQ 4 is COM1's.
+pub const VIRTIO_MMIO_IRQS: std::ops::RangeInclusive<u32> = 5..=15;
+/// How many virtio-mmio devices fit: one per interrupt.
+pub const VIRTIO_MMIO_MAX_DEVICES: usize =
+    (*VIRTIO_MMIO_IRQS.end() - *VIRTIO_MMIO_IRQS.start() + 1) as usize;
+
+/// ACPI power management ports (sleep control, sleep status, reset; see `devices::acpi_pm`).
+pub const ACPI_PM_PORT: u64 = 0x600;
 
 /// Smallest guest we boot: room for boot structures, a kernel at 1 MiB and its working memory.
 pub const MIN_MEM: u64 = 16 << 20;
@@ -113,6 +136,16 @@ pub fn low_ram_end(mem: u64) -> u64 {
     mem.min(MMIO_HOLE_START)
 }
 
+/// Register window base and interrupt of virtio-mmio slot `index`, if there is such a slot.
+pub fn virtio_mmio_slot(index: usize) -> Option<(u64, u32)> {
+    (index < VIRTIO_MMIO_MAX_DEVICES).then(|| {
+        (
+            VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE,
+            VIRTIO_MMIO_IRQS.start() + index as u32,
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +205,36 @@ mod tests {
             assert!(pair[0].0 + pair[0].1 <= pair[1].0, "{pair:x?}");
         }
         assert!(CMDLINE + CMDLINE_MAX as u64 <= EBDA_START);
+    }
+
+    #[test]
+    fn acpi_tables_sit_in_reserved_memory_below_the_mp_table() {
+        // The legacy RSDP scan covers 0xe0000-0xfffff at 16-byte boundaries.
+        const {
+            assert!(ACPI_TABLES >= 0xe0000 && ACPI_TABLES.is_multiple_of(16));
+            assert!(ACPI_TABLES + ACPI_TABLES_SIZE <= MPTABLE);
+            assert!(ACPI_TABLES >= AP_TRAMPOLINE + PAGE_SIZE);
+        }
+        for mem in [MIN_MEM, 5 << 30] {
+            assert!(memory_map(mem).iter().any(|e| e.kind == MemType::Reserved
+                && e.addr <= ACPI_TABLES
+                && e.addr + e.size >= MPTABLE));
+        }
+    }
+
+    #[test]
+    fn virtio_mmio_slots_are_in_the_hole_and_distinct() {
+        let slots: Vec<_> = (0..VIRTIO_MMIO_MAX_DEVICES)
+            .map(|i| virtio_mmio_slot(i).unwrap())
+            .collect();
+        assert_eq!(slots.len(), 11);
+        assert_eq!(slots[0], (0xd000_0000, 5));
+        assert_eq!(virtio_mmio_slot(VIRTIO_MMIO_MAX_DEVICES), None);
+        let end = slots.last().unwrap().0 + VIRTIO_MMIO_SIZE;
+        assert!(VIRTIO_MMIO_BASE >= MMIO_HOLE_START && end <= IOAPIC);
+        for (base, irq) in slots {
+            assert!(base + VIRTIO_MMIO_SIZE <= u64::from(u32::MAX));
+            assert!(irq != 4 && irq < IOAPIC_PINS);
+        }
     }
 }

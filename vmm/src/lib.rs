@@ -1,6 +1,7 @@
 //! fabvm: a minimal KVM microVM monitor with a memory fabric. This library holds everything
 //! the `fabvm` binary does: configuration, the VM, x86_64 boot, vCPUs, devices, the run loop.
 
+pub mod acpi;
 pub mod boot;
 pub mod cli;
 pub mod config;

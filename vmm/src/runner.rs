@@ -97,6 +97,7 @@ fn setup_guest(
         &config.kernel,
         config.initrd.as_deref(),
         &config.cmdline,
+        &[], // virtio-mmio devices: none yet
     )?;
     let devices = DeviceManager::new(&vm.fd, Box::new(std::io::stdout()))?;
     let vcpus = create_vcpus(vm, config.cpus, entry, &devices, sink)?;

@@ -1,5 +1,6 @@
 //! x86_64 boot: load a kernel (bzImage or ELF vmlinux), its initrd and command line, and
-//! write the structures the kernel's entry expects (PVH start_info or the Linux zero page).
+//! write the structures the kernel's entry expects (PVH start_info or the Linux zero page), the
+//! MP table and the ACPI tables.
 
 pub mod cpuid;
 pub mod mptable;
@@ -15,6 +16,7 @@ use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{bzimage::BzImage, elf::Elf, elf::PvhBootCapability, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::acpi::{self, AcpiError, VirtioMmioDevice};
 use crate::layout;
 use crate::memory::GuestMemory;
 
@@ -54,6 +56,9 @@ pub enum BootError {
     /// The initrd does not fit between the kernel and the top of low memory.
     #[error("initrd {0} does not fit in guest memory (try a larger --mem)")]
     InitrdTooBig(String),
+    /// The ACPI tables cannot describe this machine.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
     /// Writing boot data into guest memory failed.
     #[error("cannot write {what} into guest memory: {source}")]
     GuestWrite {
@@ -105,7 +110,8 @@ pub fn detect_format(header: &[u8]) -> Option<KernelFormat> {
     (header.get(0x202..0x206) == Some(b"HdrS")).then_some(KernelFormat::BzImage)
 }
 
-/// Loads the kernel, initrd, command line, and boot tables for `cpus` vCPUs; returns the entry.
+/// Loads the kernel, initrd, command line, and boot tables for `cpus` vCPUs and the `virtio`
+/// devices (listed in the ACPI DSDT); returns the entry.
 pub fn load(
     memory: &GuestMemory,
     mem_size: u64,
@@ -113,6 +119,7 @@ pub fn load(
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
+    virtio: &[VirtioMmioDevice],
 ) -> Result<BootEntry, BootError> {
     let loaded = load_kernel(memory, mem_size, kernel)?;
     let initrd = match initrd {
@@ -126,13 +133,18 @@ pub fn load(
         "command line",
     )?;
     write(memory, layout::MPTABLE, &mptable::build(cpus), "MP table")?;
+    for (addr, table) in acpi::build(cpus, virtio)? {
+        write(memory, addr, &table, "ACPI tables")?;
+    }
+    let rsdp = acpi::RSDP_ADDR;
     match loaded.entry.mode {
         EntryMode::Pvh => {
-            let info = pvh::build(mem_size, initrd);
+            let info = pvh::build(mem_size, initrd, rsdp);
             write(memory, layout::PVH_START_INFO, &info, "PVH start_info")?;
         }
         EntryMode::Linux64 => {
-            let params = zero_page::build(loaded.setup_header, mem_size, cmdline.len(), initrd);
+            let params =
+                zero_page::build(loaded.setup_header, mem_size, cmdline.len(), initrd, rsdp);
             write(
                 memory,
                 layout::ZERO_PAGE,

@@ -1,4 +1,5 @@
-//! The PVH `hvm_start_info` block: command line, modules (the initrd) and the memory map.
+//! The PVH `hvm_start_info` block: command line, modules (the initrd), the ACPI RSDP and the
+//! memory map.
 //! Laid out at `layout::PVH_START_INFO`: the struct, then the module list, then the memmap.
 
 use crate::layout;
@@ -13,8 +14,9 @@ const _: () = assert!(
     START_INFO_SIZE <= MODLIST_OFFSET && MODLIST_OFFSET + MODLIST_ENTRY_SIZE <= MEMMAP_OFFSET
 );
 
-/// Builds the start_info block (to be written at `layout::PVH_START_INFO`).
-pub fn build(mem_size: u64, initrd: Option<(u64, u64)>) -> Vec<u8> {
+/// Builds the start_info block (to be written at `layout::PVH_START_INFO`), pointing the kernel
+/// at the RSDP at `rsdp`.
+pub fn build(mem_size: u64, initrd: Option<(u64, u64)>, rsdp: u64) -> Vec<u8> {
     let base = layout::PVH_START_INFO;
     let map = layout::memory_map(mem_size);
     let mut out = vec![0u8; MEMMAP_OFFSET + map.len() * MEMMAP_ENTRY_SIZE];
@@ -31,6 +33,7 @@ pub fn build(mem_size: u64, initrd: Option<(u64, u64)>) -> Vec<u8> {
         put64(&mut out, MODLIST_OFFSET + 8, size);
     }
     put64(&mut out, 24, layout::CMDLINE);
+    put64(&mut out, 32, rsdp);
     put64(&mut out, 40, base + MEMMAP_OFFSET as u64);
     put32(&mut out, 48, map.len() as u32);
     for (i, entry) in map.iter().enumerate() {
@@ -55,11 +58,12 @@ mod tests {
 
     #[test]
     fn start_info_fields() {
-        let info = build(256 << 20, Some((0x0f00_0000, 0x1234)));
+        let info = build(256 << 20, Some((0x0f00_0000, 0x1234)), 0xe0000);
         assert_eq!(u32_at(&info, 0), MAGIC);
         assert_eq!(u32_at(&info, 4), 1);
         assert_eq!(u32_at(&info, 12), 1);
         assert_eq!(u64_at(&info, 24), layout::CMDLINE);
+        assert_eq!(u64_at(&info, 32), 0xe0000, "rsdp_paddr");
         let modlist = u64_at(&info, 16) - layout::PVH_START_INFO;
         assert_eq!(u64_at(&info, modlist as usize), 0x0f00_0000);
         assert_eq!(u64_at(&info, modlist as usize + 8), 0x1234);
@@ -78,7 +82,7 @@ mod tests {
 
     #[test]
     fn no_initrd_means_no_modules() {
-        let info = build(64 << 20, None);
+        let info = build(64 << 20, None, 0xe0000);
         assert_eq!(u32_at(&info, 12), 0);
         assert_eq!(u64_at(&info, 16), 0);
     }

@@ -1,5 +1,5 @@
 //! The Linux zero page (`boot_params`) for the 64-bit boot protocol: setup header, command
-//! line pointer, initrd and the e820 map.
+//! line pointer, initrd, the ACPI RSDP and the e820 map.
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use vm_memory::ByteValued;
@@ -13,15 +13,18 @@ const DEFAULT_KERNEL_ALIGNMENT: u32 = 0x0100_0000;
 /// The zero page holds at most this many e820 entries.
 const E820_MAX: usize = 128;
 
-/// Builds boot_params from the kernel's setup header (bzImage) or a default one (ELF).
+/// Builds boot_params from the kernel's setup header (bzImage) or a default one (ELF), with the
+/// RSDP at `rsdp` (`acpi_rsdp_addr`, read by kernels since boot protocol 2.14).
 pub fn build(
     header: Option<setup_header>,
     mem_size: u64,
     cmdline_len: usize,
     initrd: Option<(u64, u64)>,
+    rsdp: u64,
 ) -> boot_params {
     let mut params = boot_params {
         hdr: header.unwrap_or_default(),
+        acpi_rsdp_addr: rsdp,
         ..Default::default()
     };
     params.hdr.boot_flag = BOOT_FLAG;
@@ -59,7 +62,7 @@ mod tests {
 
     #[test]
     fn e820_matches_memory_size() {
-        let params = build(None, 2 << 30, 20, None);
+        let params = build(None, 2 << 30, 20, None, 0xe0000);
         let n = params.e820_entries as usize;
         let ram: u64 = params.e820_table[..n]
             .iter()
@@ -73,7 +76,7 @@ mod tests {
 
     #[test]
     fn e820_splits_around_hole() {
-        let params = build(None, 6 << 30, 0, None);
+        let params = build(None, 6 << 30, 0, None, 0xe0000);
         let n = params.e820_entries as usize;
         let last = params.e820_table[n - 1];
         assert_eq!((last.addr, last.size), (4 << 30, 3 << 30));
@@ -86,7 +89,7 @@ mod tests {
             kernel_alignment: 0x20_0000,
             ..Default::default()
         };
-        let params = build(Some(hdr), 256 << 20, 42, Some((0x0e00_0000, 999)));
+        let params = build(Some(hdr), 256 << 20, 42, Some((0x0e00_0000, 999)), 0xe0000);
         let h = params.hdr;
         let (magic, flag, loader) = (h.header, h.boot_flag, h.type_of_loader);
         assert_eq!((magic, flag, loader), (HDRS_MAGIC, BOOT_FLAG, 0xff));
@@ -94,6 +97,10 @@ mod tests {
         assert_eq!((ptr, size), (layout::CMDLINE as u32, 42));
         let (image, rsize, align) = (h.ramdisk_image, h.ramdisk_size, h.kernel_alignment);
         assert_eq!((image, rsize, align), (0x0e00_0000, 999, 0x20_0000));
+        let rsdp = params.acpi_rsdp_addr;
+        assert_eq!(rsdp, 0xe0000);
+        // boot_params.acpi_rsdp_addr sits at 0x70.
+        assert_eq!(as_bytes(&params)[0x70..0x78], 0xe0000u64.to_le_bytes());
         assert_eq!(as_bytes(&params).len(), 4096);
     }
 }
