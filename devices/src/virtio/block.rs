@@ -408,6 +408,34 @@ mod tests {
     }
 
     #[test]
+    fn device_writes_are_in_the_dirty_bitmap() {
+        use vm_memory::bitmap::Bitmap;
+        use vm_memory::GuestMemoryBackend;
+
+        let m = mem();
+        let (block, _file) = device(false);
+        let (mut t, _irq) = transport(block, &m);
+        let mut d = Driver::new(&m, 16);
+        activate(&mut t, &[&d]);
+        header(&m, VIRTIO_BLK_T_IN, 1);
+        d.add(&[
+            Desc::r(HDR, 16),
+            Desc::w(DATA + 0x3000, 512),
+            Desc::w(STATUS, 1),
+        ]);
+        // Forget the test's own writes, so only the device's are left.
+        let region = m.iter().next().unwrap();
+        region.bitmap().reset();
+        notify(&mut t, 0);
+        let dirty = |addr: u64| region.bitmap().dirty_at(addr as usize);
+        assert!(dirty(DATA + 0x3000), "data");
+        assert!(dirty(STATUS), "status");
+        assert!(dirty(d.used_ring()), "used ring");
+        assert!(!dirty(HDR), "the header is only read");
+        assert!(!dirty(DATA), "untouched page");
+    }
+
+    #[test]
     fn flush_and_get_id() {
         let m = mem();
         let (block, _file) = device(false);

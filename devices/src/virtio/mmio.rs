@@ -76,6 +76,12 @@ const LADDER: [u32; 4] = [
 /// `VIRTIO_F_VERSION_1` as a feature mask.
 pub const F_VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
 
+/// The kernel command-line entry announcing a device at `base` on interrupt `irq` to Linux
+/// kernels built with `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`.
+pub fn cmdline_entry(base: u64, irq: u32) -> String {
+    format!("virtio_mmio.device={MMIO_LEN}@{base:#x}:{irq}")
+}
+
 /// Errors from building a transport or restoring one from saved state.
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {
@@ -714,6 +720,14 @@ mod tests {
 
     fn dummy(m: &GuestMemoryMmap) -> (MmioTransport<Dummy>, Arc<CountingInterrupt>) {
         transport(Dummy::default(), m)
+    }
+
+    #[test]
+    fn cmdline_entry_format() {
+        assert_eq!(
+            cmdline_entry(0xd000_0000, 5),
+            "virtio_mmio.device=512@0xd0000000:5"
+        );
     }
 
     #[test]

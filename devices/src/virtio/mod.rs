@@ -58,7 +58,7 @@ mod testutil;
 pub use block::{Block, BlockError, BlockState};
 pub use device::{DeviceError, Queues, VirtioDevice};
 pub use interrupt::{EventFdInterrupt, Interrupt};
-pub use mmio::{MmioError, MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
+pub use mmio::{cmdline_entry, MmioError, MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
 pub use net::{net_subscriber, MacAddr, Net, NetError, NetState};
 pub use rng::{Rng, RngState};
 pub use state::{QueueSnapshot, TransportState};

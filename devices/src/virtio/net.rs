@@ -164,6 +164,8 @@ impl Net {
             let len = match self.rx_len {
                 Some(len) => len,
                 None => match self.tap.read_frame(&mut self.rx_frame) {
+                    // End of file (a closed socket in tests): nothing more to read.
+                    Ok(0) => return Ok(()),
                     Ok(len) if len < VNET_HDR_LEN => {
                         log::debug!("virtio-net: {len}-byte read from the tap, dropped");
                         continue;
