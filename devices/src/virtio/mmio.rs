@@ -358,11 +358,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
         features & F_VERSION_1 != 0 && features & !self.offered_features() == 0
     }
 
-    /// The first ready queue whose rings are not inside guest memory.
+    /// The first ready queue whose rings are not inside guest memory (or whose available ring
+    /// sits at address 0, which virtio-queue takes for an unconfigured queue).
     fn invalid_queue(&self) -> Option<usize> {
         self.queues
             .iter()
-            .position(|q| q.ready() && !q.is_valid(&self.mem))
+            .position(|q| q.ready() && (q.avail_ring() == 0 || !q.is_valid(&self.mem)))
     }
 
     fn raise(&mut self, bit: u32) {
@@ -475,7 +476,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return;
         }
         if let Some(index) = self.invalid_queue() {
-            self.needs_reset(&format!("queue {index} rings outside guest memory"));
+            self.needs_reset(&format!(
+                "queue {index} rings outside guest memory or available ring at 0"
+            ));
             return;
         }
         let features = self.driver_features;
@@ -926,6 +929,18 @@ mod tests {
         assert_eq!(r32(&mut t, 0x60), 2);
         notify(&mut t, 0);
         assert_eq!(t.device().processed.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn available_ring_at_zero_fails_activation() {
+        let m = mem();
+        let (mut t, _) = dummy(&m);
+        negotiate(&mut t, F_VERSION_1);
+        setup_queue(&mut t, 0, &Driver::at(&m, 0x1000, 8));
+        w32(&mut t, 0x90, 0);
+        w32(&mut t, 0x70, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+        assert!(!t.is_activated());
+        assert_eq!(r32(&mut t, 0x70) & NEEDS_RESET, NEEDS_RESET);
     }
 
     #[test]
