@@ -8,16 +8,21 @@ use crate::bus::BusDevice;
 /// The port QEMU's `isa-debug-exit` uses by default in test setups.
 pub const DEBUG_EXIT_PORT: u64 = 0xf4;
 
-/// Signals `status + 1` on an eventfd (an eventfd cannot carry 0).
+/// Signals `status + 1` on an eventfd (an eventfd cannot carry 0). Only the first status
+/// counts: eventfd writes add up, and a guest may write more than once on its way out.
 #[derive(Debug)]
 pub struct DebugExit {
     evt: EventFd,
+    reported: bool,
 }
 
 impl DebugExit {
     /// A device that reports the guest's status on `evt`.
     pub fn new(evt: EventFd) -> Self {
-        Self { evt }
+        Self {
+            evt,
+            reported: false,
+        }
     }
 
     /// Decodes what the event loop read from the eventfd back into the guest's status byte.
@@ -32,7 +37,8 @@ impl BusDevice for DebugExit {
     }
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
-        if let Some(&status) = data.first() {
+        if let Some(&status) = data.first().filter(|_| !self.reported) {
+            self.reported = true;
             if let Err(e) = self.evt.write(u64::from(status) + 1) {
                 log::error!("debug-exit: cannot signal: {e}");
             }
@@ -52,6 +58,16 @@ mod tests {
             dev.write(0, &[status, 9, 9, 9]);
             assert_eq!(DebugExit::status_from_event(evt.read().unwrap()), status);
         }
+    }
+
+    #[test]
+    fn only_the_first_status_counts() {
+        let evt = EventFd::new(0o4000).unwrap();
+        let mut dev = DebugExit::new(evt.try_clone().unwrap());
+        dev.write(0, &[1]);
+        dev.write(0, &[1]);
+        dev.write(0, &[0]);
+        assert_eq!(DebugExit::status_from_event(evt.read().unwrap()), 1);
     }
 
     #[test]

@@ -178,6 +178,19 @@ impl Vm {
         }
     }
 
+    /// Waits until the console holds `needle` at least `n` times (true), or `timeout` passes or
+    /// the process ends (false).
+    pub fn wait_for_count(&mut self, needle: &str, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while count(&self.stdout(), needle) < n {
+            if Instant::now() > deadline || matches!(self.child.try_wait(), Ok(Some(_))) {
+                return count(&self.stdout(), needle) >= n;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
     /// Waits for the process to exit; kills it and returns `None` after `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
@@ -257,4 +270,39 @@ pub fn lines_with<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
         .map(|l| l.trim_end_matches('\r'))
         .filter(|l| l.starts_with(prefix))
         .collect()
+}
+
+/// Runs `fabvm ctl --api-sock SOCK --json ARGS...`; returns (exit success, stdout, stderr).
+pub fn ctl(sock: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(fabvm())
+        .arg("ctl")
+        .arg("--api-sock")
+        .arg(sock)
+        .arg("--json")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run fabvm ctl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Waits until a Unix socket accepts connections.
+pub fn wait_for_socket(path: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// How many times `needle` occurs in `haystack`.
+pub fn count(haystack: &str, needle: &str) -> usize {
+    haystack.matches(needle).count()
 }

@@ -3,31 +3,140 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 
 /// fabvm: a minimal KVM microVM monitor with a memory fabric.
 #[derive(Debug, Parser)]
-#[command(name = "fabvm", version, about, disable_help_subcommand = true)]
+#[command(
+    name = "fabvm",
+    version,
+    about,
+    disable_help_subcommand = true,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 pub struct Cli {
+    /// A subcommand; without one, fabvm boots (`--kernel`) or restores (`--restore`) a VM.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Boot or restore options.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Options for running a VM.
+#[derive(Debug, Args)]
+pub struct RunArgs {
     /// Guest kernel: a bzImage (64-bit boot protocol) or an uncompressed ELF vmlinux (PVH or 64-bit entry).
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "restore",
+        conflicts_with = "restore"
+    )]
+    pub kernel: Option<PathBuf>,
 
-    /// Guest memory size, e.g. 512M or 2G (K/M/G/T suffixes; a bare number is MiB).
-    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
-    pub mem: u64,
+    /// Start from a snapshot directory (made by `fabvm ctl snapshot DIR`) instead of a kernel.
+    #[arg(long, value_name = "SNAPSHOT")]
+    pub restore: Option<PathBuf>,
 
-    /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub cpus: u32,
+    /// Guest memory size, e.g. 512M or 2G (K/M/G/T suffixes; a bare number is MiB) [default: 512M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, conflicts_with = "restore")]
+    pub mem: Option<u64>,
 
-    /// Kernel command line.
-    #[arg(long, value_name = "STR", default_value = crate::config::DEFAULT_CMDLINE)]
-    pub cmdline: String,
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N", conflicts_with = "restore")]
+    pub cpus: Option<u32>,
+
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=1"].
+    #[arg(long, value_name = "STR", conflicts_with = "restore")]
+    pub cmdline: Option<String>,
 
     /// Initial ramdisk.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "restore")]
     pub initrd: Option<PathBuf>,
+
+    /// Back guest memory with small pages only (no transparent huge pages): slower first touch,
+    /// exact dirty logging on nested KVM (see README).
+    #[arg(long, conflicts_with = "restore")]
+    pub no_hugepages: bool,
+
+    /// Serve the API (JSON lines) on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+
+    /// Host page store [default: $XDG_DATA_HOME/fabvm/store, or /var/lib/fabvm/store as root].
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Control a running VM through its API socket.
+    Ctl(CtlArgs),
+    /// Inspect or maintain a host page store.
+    Store(StoreArgs),
+}
+
+/// `fabvm ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The VM's API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: PathBuf,
+    /// Print the result as one line of JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub op: CtlOp,
+}
+
+/// Operations of `fabvm ctl`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum CtlOp {
+    /// Pause every vCPU.
+    Pause,
+    /// Resume the vCPUs.
+    Resume,
+    /// Run state, vCPUs, memory, uptime.
+    Status,
+    /// Figures about the VM and its memory.
+    Stats,
+    /// Snapshot the VM into DIR (pages go into the host store).
+    Snapshot {
+        /// Directory to create.
+        dir: PathBuf,
+    },
+    /// Stop the VM (fabvm exits 0).
+    Shutdown,
+}
+
+/// `fabvm store`.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// The store [default: as for --store above].
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Print the report as one line of JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub op: StoreOp,
+}
+
+/// Operations of `fabvm store`.
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum StoreOp {
+    /// Pages, bytes on disk, snapshots (roots) and how much is shared.
+    Stats,
+    /// Re-hash every page and check the index.
+    Verify,
+    /// Reclaim pages no snapshot references.
+    Gc,
 }
 
 /// Errors from parsing a size argument.

@@ -4,11 +4,14 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use crate::cli::Cli;
+use crate::cli::RunArgs;
 use crate::layout;
 
 /// Command line used when the user gives none.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+/// Guest memory when the user gives no --mem.
+pub const DEFAULT_MEM: u64 = 512 << 20;
 
 /// Most vCPUs we start: APIC ids are 8 bits in the MP table and one id goes to the IOAPIC.
 pub const MAX_CPUS: u32 = 254;
@@ -41,6 +44,12 @@ pub enum ConfigError {
     /// Command line too long for the boot protocol.
     #[error("--cmdline is {0} bytes; the limit is 2047")]
     CmdlineTooLong(usize),
+    /// Neither a kernel nor a snapshot.
+    #[error("give --kernel PATH or --restore SNAPSHOT")]
+    NoKernel,
+    /// --restore names something that is not a directory.
+    #[error("--restore {0}: not a snapshot directory")]
+    NotASnapshot(PathBuf),
     /// Command line with a NUL byte.
     #[error("--cmdline must not contain NUL bytes")]
     CmdlineNul,
@@ -59,35 +68,106 @@ pub struct VmConfig {
     pub cpus: u32,
     /// Kernel command line.
     pub cmdline: String,
+    /// Back memory with transparent huge pages.
+    pub hugepages: bool,
+}
+
+/// What the fabvm process runs, and the services around it.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// Boot a kernel, or restore a snapshot.
+    pub source: Source,
+    /// API socket path.
+    pub api_sock: Option<PathBuf>,
+    /// Host page store directory given with --store (else the default, or a snapshot's own).
+    pub store: Option<PathBuf>,
+}
+
+/// Where the VM comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A fresh boot.
+    Boot(VmConfig),
+    /// A snapshot directory.
+    Restore(PathBuf),
+}
+
+impl Launch {
+    /// Validates the run options against the host: files readable, sizes sane.
+    pub fn from_args(args: RunArgs) -> Result<Self, ConfigError> {
+        let source = match (args.kernel, args.restore) {
+            (_, Some(dir)) => {
+                if !dir.is_dir() {
+                    return Err(ConfigError::NotASnapshot(dir));
+                }
+                Source::Restore(dir)
+            }
+            (Some(kernel), None) => Source::Boot(
+                VmConfig::new(
+                    kernel,
+                    args.initrd,
+                    args.mem.unwrap_or(DEFAULT_MEM),
+                    args.cpus.unwrap_or(1),
+                    args.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+                )?
+                .with_hugepages(!args.no_hugepages),
+            ),
+            (None, None) => return Err(ConfigError::NoKernel),
+        };
+        Ok(Self {
+            source,
+            api_sock: args.api_sock,
+            store: args.store,
+        })
+    }
+}
+
+impl Launch {
+    /// The store snapshots of this VM go to: --store, else the default.
+    pub fn store_dir(&self) -> PathBuf {
+        self.store.clone().unwrap_or_else(fabric::default_dir)
+    }
 }
 
 impl VmConfig {
-    /// Validates the command line against the host: files readable, sizes sane.
-    pub fn from_cli(cli: Cli) -> Result<Self, ConfigError> {
-        check_file("kernel", &cli.kernel)?;
-        if let Some(initrd) = &cli.initrd {
+    /// Validates a boot configuration.
+    pub fn new(
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        mem: u64,
+        cpus: u32,
+        cmdline: String,
+    ) -> Result<Self, ConfigError> {
+        check_file("kernel", &kernel)?;
+        if let Some(initrd) = &initrd {
             check_file("initrd", initrd)?;
         }
-        check_mem(cli.mem, host_memory())?;
-        if cli.cpus == 0 || cli.cpus > MAX_CPUS {
+        check_mem(mem, host_memory())?;
+        if cpus == 0 || cpus > MAX_CPUS {
             return Err(ConfigError::Cpus {
-                asked: cli.cpus,
+                asked: cpus,
                 max: MAX_CPUS,
             });
         }
-        if cli.cmdline.len() >= layout::CMDLINE_MAX {
-            return Err(ConfigError::CmdlineTooLong(cli.cmdline.len()));
+        if cmdline.len() >= layout::CMDLINE_MAX {
+            return Err(ConfigError::CmdlineTooLong(cmdline.len()));
         }
-        if cli.cmdline.contains('\0') {
+        if cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
         }
         Ok(Self {
-            kernel: cli.kernel,
-            initrd: cli.initrd,
-            mem: cli.mem,
-            cpus: cli.cpus,
-            cmdline: cli.cmdline,
+            kernel,
+            initrd,
+            mem,
+            cpus,
+            cmdline,
+            hugepages: true,
         })
+    }
+
+    /// Chooses whether guest memory uses transparent huge pages.
+    pub fn with_hugepages(self, hugepages: bool) -> Self {
+        Self { hugepages, ..self }
     }
 }
 

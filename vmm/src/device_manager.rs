@@ -5,7 +5,8 @@
 use std::sync::{Arc, Mutex};
 
 use devices::{
-    AcpiPm, Bus, BusError, DebugExit, EventFdTrigger, InputDrained, SerialDevice, I8042,
+    AcpiPm, Bus, BusError, DebugExit, EventFdTrigger, I8042State, InputDrained, SerialDevice,
+    SerialDeviceState, I8042,
 };
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -29,6 +30,9 @@ pub enum DeviceError {
     /// KVM refused an irqfd.
     #[error("KVM refused irqfd for GSI {gsi}: {source}")]
     Irqfd { gsi: u32, source: kvm_ioctls::Error },
+    /// Saved serial state that cannot be restored.
+    #[error(transparent)]
+    Serial(#[from] devices::serial::SerialError),
     /// Two devices claim the same range.
     #[error(transparent)]
     Bus(#[from] BusError),
@@ -47,11 +51,28 @@ pub struct DeviceManager {
     pub reset: EventFd,
     /// Signalled (status + 1) when the guest writes its exit status to the debug-exit port.
     pub debug_exit: EventFd,
+    /// Signalled when the guest enters ACPI S5 (power off).
+    pub power_off: EventFd,
+    /// The keyboard controller, for its state.
+    pub i8042: Arc<Mutex<I8042>>,
+}
+
+/// Saved device state to start from, instead of power-on state.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceStates<'a> {
+    /// COM1.
+    pub serial: &'a SerialDeviceState,
+    /// The i8042.
+    pub i8042: &'a I8042State,
 }
 
 impl DeviceManager {
     /// Creates the devices, wires their interrupts into `vm` and writes console output to `out`.
-    pub fn new(vm: &VmFd, out: Box<dyn std::io::Write + Send>) -> Result<Self, DeviceError> {
+    pub fn new(
+        vm: &VmFd,
+        out: Box<dyn std::io::Write + Send>,
+        saved: Option<DeviceStates<'_>>,
+    ) -> Result<Self, DeviceError> {
         let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd);
         let irq = eventfd()?;
         vm.register_irqfd(&irq, COM1_IRQ)
@@ -63,21 +84,27 @@ impl DeviceManager {
         let reset = eventfd()?;
         let debug_exit = eventfd()?;
         let clone = |evt: &EventFd| evt.try_clone().map_err(DeviceError::EventFd);
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            EventFdTrigger(irq),
-            InputDrained(clone(&serial_drained)?),
-            out,
-        )));
-        let i8042 = Arc::new(Mutex::new(I8042::new(clone(&reset)?)));
+        let (trigger, drained) = (EventFdTrigger(irq), InputDrained(clone(&serial_drained)?));
+        let serial = match saved {
+            Some(saved) => SerialDevice::from_state(saved.serial, trigger, drained, out)?,
+            None => SerialDevice::new(trigger, drained, out),
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        let i8042 = match saved {
+            Some(saved) => I8042::from_state(saved.i8042, clone(&reset)?),
+            None => I8042::new(clone(&reset)?),
+        };
+        let i8042 = Arc::new(Mutex::new(i8042));
         let mut pio = Bus::new();
         pio.insert(serial.clone(), COM1_BASE, 8)?;
-        pio.insert(i8042, I8042_BASE, 5)?;
+        pio.insert(i8042.clone(), I8042_BASE, 5)?;
         let exit_port = Arc::new(Mutex::new(DebugExit::new(clone(&debug_exit)?)));
         pio.insert(exit_port, devices::debug_exit::DEBUG_EXIT_PORT, 1)?;
         // ACPI S5 is a power-off like status 0 on the debug-exit port: it signals 1 (= status 0)
         // on the same eventfd, so the event loop handles both in one place. ACPI reset signals
         // the i8042's reset eventfd.
-        let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(clone(&debug_exit)?, clone(&reset)?)));
+        let power_off = eventfd()?;
+        let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(clone(&power_off)?, clone(&reset)?)));
         pio.insert(acpi_pm, layout::ACPI_PM_PORT, devices::acpi_pm::PORTS)?;
         let buses = Arc::new(Buses {
             pio,
@@ -89,6 +116,19 @@ impl DeviceManager {
             serial_drained,
             reset,
             debug_exit,
+            power_off,
+            i8042,
         })
+    }
+
+    /// The devices' state, for a snapshot (vCPUs paused).
+    pub fn state(&self) -> (SerialDeviceState, I8042State) {
+        let serial = self
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state();
+        let i8042 = self.i8042.lock().unwrap_or_else(|e| e.into_inner()).state();
+        (serial, i8042)
     }
 }

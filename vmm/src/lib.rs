@@ -2,14 +2,17 @@
 //! the `fabvm` binary does: configuration, the VM, x86_64 boot, vCPUs, devices, the run loop.
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod console;
 pub mod device_manager;
+pub mod event_loop;
 pub mod layout;
 pub mod memory;
 pub mod runner;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 pub mod vm_state;

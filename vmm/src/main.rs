@@ -1,11 +1,17 @@
-//! The `fabvm` binary: parse the command line, run the VM, turn every failure into one line
-//! on stderr and a non-zero exit.
+//! The `fabvm` binary: parse the command line, run the VM (or a `ctl` / `store` subcommand),
+//! turn every failure into one line on stderr and a non-zero exit.
+
+use std::time::Duration;
 
 use clap::error::ErrorKind;
 use clap::Parser;
-use vmm::cli::Cli;
-use vmm::config::VmConfig;
+use vmm::api::{client, Request};
+use vmm::cli::{Cli, Command, CtlArgs, CtlOp, StoreArgs, StoreOp};
+use vmm::config::Launch;
 use vmm::vcpu::exit::StopReason;
+
+/// How long `fabvm ctl` waits for an answer (a snapshot of a large VM takes a while).
+const CTL_TIMEOUT: Duration = Duration::from_secs(600);
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
@@ -24,11 +30,19 @@ fn main() {
             fail(first.trim_start_matches("error: "), 2);
         }
     };
-    let config = match VmConfig::from_cli(cli) {
-        Ok(config) => config,
+    match cli.command {
+        Some(Command::Ctl(args)) => ctl(args),
+        Some(Command::Store(args)) => store(args),
+        None => run(cli.run),
+    }
+}
+
+fn run(args: vmm::cli::RunArgs) {
+    let launch = match Launch::from_args(args) {
+        Ok(launch) => launch,
         Err(e) => fail(&e.to_string(), 2),
     };
-    match vmm::runner::run(&config) {
+    match vmm::runner::run(&launch) {
         Ok(StopReason::Failed(message)) => fail(&message, 1),
         Ok(reason) => {
             log::info!("guest stopped: {reason:?}");
@@ -36,6 +50,72 @@ fn main() {
         }
         Err(e) => fail(&e.to_string(), 1),
     }
+}
+
+fn ctl(args: CtlArgs) {
+    let request = match args.op {
+        CtlOp::Pause => Request::Pause,
+        CtlOp::Resume => Request::Resume,
+        CtlOp::Status => Request::Status,
+        CtlOp::Stats => Request::Stats,
+        CtlOp::Shutdown => Request::Shutdown,
+        CtlOp::Snapshot { dir } => {
+            // The VMM resolves relative paths against its own directory: send an absolute one.
+            let dir = std::path::absolute(&dir).unwrap_or(dir);
+            Request::Snapshot {
+                dir: dir.display().to_string(),
+            }
+        }
+    };
+    let response = match client::call(&args.api_sock, &request, CTL_TIMEOUT) {
+        Ok(response) => response,
+        Err(e) => fail(&e.to_string(), 1),
+    };
+    if !response.ok {
+        fail(response.error.as_deref().unwrap_or("request failed"), 1);
+    }
+    print_value(&response.result.unwrap_or_default(), args.json);
+}
+
+fn store(args: StoreArgs) {
+    let dir = args.store.unwrap_or_else(fabric::default_dir);
+    let mut store = match vmm::snapshot::open_store(&dir) {
+        Ok(store) => store,
+        Err(e) => fail(&format!("store {}: {e}", dir.display()), 1),
+    };
+    let value = match args.op {
+        StoreOp::Stats => serde_json::json!({
+            "store": dir,
+            "stats": store.stats(),
+            "roots": store.roots(),
+        }),
+        StoreOp::Verify => match store.verify() {
+            Ok(report) if report.is_clean() => serde_json::to_value(report).unwrap_or_default(),
+            Ok(report) => {
+                print_value(
+                    &serde_json::to_value(&report).unwrap_or_default(),
+                    args.json,
+                );
+                fail(&format!("store {} failed verification", dir.display()), 1);
+            }
+            Err(e) => fail(&format!("store {}: {e}", dir.display()), 1),
+        },
+        StoreOp::Gc => match store.gc() {
+            Ok(report) => serde_json::to_value(report).unwrap_or_default(),
+            Err(e) => fail(&format!("store {}: {e}", dir.display()), 1),
+        },
+    };
+    print_value(&value, args.json);
+}
+
+/// Prints a result: one line of JSON with `--json`, else indented JSON for people.
+fn print_value(value: &serde_json::Value, json: bool) {
+    let text = if json {
+        serde_json::to_string(value)
+    } else {
+        serde_json::to_string_pretty(value)
+    };
+    println!("{}", text.unwrap_or_default());
 }
 
 fn fail(message: &str, code: i32) -> ! {

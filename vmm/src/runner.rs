@@ -1,23 +1,22 @@
-//! Builds a VM from a [`VmConfig`], boots it and runs the event loop until it stops: console
-//! input, guest reset, vCPU stop reports. Returns why the VM stopped.
+//! Builds a VM, by booting a kernel or restoring a snapshot, and hands it to the event loop.
+//! Returns why the VM stopped.
 
-use std::os::fd::AsRawFd;
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::channel;
 use std::sync::Arc;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use devices::DebugExit;
-
 use crate::boot::{self, cpuid, regs, BootEntry, BootError};
-use crate::config::VmConfig;
-use crate::console::{self, RawStdin};
-use crate::device_manager::{DeviceError, DeviceManager};
+use crate::config::{Launch, Source, VmConfig};
+use crate::device_manager::{DeviceError, DeviceManager, DeviceStates};
+use crate::event_loop::{self, Machine};
+use crate::snapshot::restore::{self, RestoreError};
+use crate::snapshot::save::VmMeta;
 use crate::vcpu::exit::StopReason;
-use crate::vcpu::{state, SaveContext, StopSink, Vcpu, VcpuError, Vcpus};
+use crate::vcpu::{SaveContext, StopSink, Vcpu, VcpuError, Vcpus};
 use crate::vm::{Vm, VmError};
+use crate::vm_state::VmStateError;
 
 /// Errors from building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +27,12 @@ pub enum RunError {
     /// Loading the kernel and boot data.
     #[error(transparent)]
     Boot(#[from] BootError),
+    /// Reading a snapshot.
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    /// Restoring VM state.
+    #[error("restoring VM state: {0}")]
+    VmState(#[from] VmStateError),
     /// Building devices.
     #[error(transparent)]
     Devices(#[from] DeviceError),
@@ -37,6 +42,12 @@ pub enum RunError {
     /// Setting up a vCPU's registers.
     #[error("vCPU {index}: {source}")]
     Regs { index: u32, source: regs::RegsError },
+    /// Restoring a vCPU's state.
+    #[error("restoring vCPU {index}: {source}")]
+    VcpuState {
+        index: u32,
+        source: crate::vcpu::state::StateError,
+    },
     /// A KVM vCPU call outside register setup.
     #[error("vCPU {index}: KVM {what} failed: {source}")]
     Kvm {
@@ -44,44 +55,56 @@ pub enum RunError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
-    /// epoll or eventfd failure in the event loop.
-    #[error("event loop: {0}")]
-    EventLoop(std::io::Error),
+    /// The event loop or the API socket.
+    #[error(transparent)]
+    EventLoop(#[from] event_loop::LoopError),
 }
 
-const EV_STOP: u64 = 1;
-const EV_RESET: u64 = 2;
-const EV_STDIN: u64 = 3;
-const EV_DRAINED: u64 = 4;
-const EV_DEBUG_EXIT: u64 = 5;
-
-/// Boots the configured guest and runs it to the end.
-pub fn run(config: &VmConfig) -> Result<StopReason, RunError> {
+/// Builds the VM `launch` asks for and runs it to the end.
+pub fn run(launch: &Launch) -> Result<StopReason, RunError> {
     let started = std::time::Instant::now();
-    let stage =
-        |name: &str| log::debug!(target: "fabvm::timing", "{name} after {:?}", started.elapsed());
-    let vm = Vm::new(config.mem, config.cpus)?;
-    stage("vm created");
-    let stop_evt = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(RunError::EventLoop)?);
+    let stop_evt = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(event_loop::LoopError::Io)?);
     let (stop_tx, stop_rx) = channel();
     let sink = StopSink::new(stop_tx, stop_evt.clone());
-    // Memory slots go in on a second thread while the kernel loads and the vCPUs are made.
+    let (vm, devices, prepared, meta) = match &launch.source {
+        Source::Boot(config) => boot(config, &sink)?,
+        Source::Restore(dir) => restore_snapshot(dir, launch, &sink)?,
+    };
+    log::debug!(target: "fabvm::timing", "guest set up after {:?}", started.elapsed());
+    let vcpus = start_vcpus(prepared)?;
+    log::debug!(target: "fabvm::timing", "vcpus started after {:?}", started.elapsed());
+    let machine = Machine {
+        vm,
+        devices,
+        vcpus,
+        meta,
+        started,
+    };
+    Ok(event_loop::run(machine, launch, &stop_evt, &stop_rx)?)
+}
+
+type Built = (Vm, DeviceManager, Vec<Vcpu>, VmMeta);
+
+fn boot(config: &VmConfig, sink: &StopSink) -> Result<Built, RunError> {
+    let vm = Vm::new(config.mem, config.cpus, config.hugepages)?;
+    // Memory slots go in on a second thread while the kernel loads and the vCPUs are made:
+    // the first slot costs milliseconds on some KVM flavours.
     let (devices, prepared) = std::thread::scope(|scope| {
         let slots = scope.spawn(|| vm.register_memory());
-        let setup = setup_guest(&vm, config, &sink);
+        let setup = setup_guest(&vm, config, sink);
         let slots = slots
             .join()
             .unwrap_or_else(|_| panic!("memory slot thread panicked"));
         slots?;
         setup
     })?;
-    stage("guest set up");
-    let vcpus = start_vcpus(prepared)?;
-    stage("vcpus started");
-    let _raw = RawStdin::new();
-    let result = event_loop(&devices, &stop_evt, &stop_rx);
-    vcpus.stop();
-    result
+    let meta = VmMeta {
+        mem: config.mem,
+        cpus: config.cpus,
+        cmdline: config.cmdline.clone(),
+        kernel: config.kernel.display().to_string(),
+    };
+    Ok((vm, devices, prepared, meta))
 }
 
 /// Loads the kernel, builds the devices and creates the vCPUs (not yet running).
@@ -99,9 +122,25 @@ fn setup_guest(
         &config.cmdline,
         &[], // virtio-mmio devices: none yet
     )?;
-    let devices = DeviceManager::new(&vm.fd, Box::new(std::io::stdout()))?;
+    let devices = DeviceManager::new(&vm.fd, Box::new(std::io::stdout()), None)?;
     let vcpus = create_vcpus(vm, config.cpus, entry, &devices, sink)?;
     Ok((devices, vcpus))
+}
+
+fn save_context(vm: &Vm) -> Result<SaveContext, RunError> {
+    let msr_list = vm
+        .kvm
+        .get_msr_index_list()
+        .map_err(|source| RunError::Kvm {
+            index: 0,
+            what: "GET_MSR_INDEX_LIST",
+            source,
+        })?;
+    Ok(SaveContext {
+        msr_candidates: Arc::new(msr_list.as_slice().to_vec()),
+        xsave2_size: usize::try_from(vm.fd.check_extension_int(kvm_ioctls::Cap::Xsave2))
+            .unwrap_or(0),
+    })
 }
 
 fn create_vcpus(
@@ -119,12 +158,8 @@ fn create_vcpus(
             what: "GET_SUPPORTED_CPUID",
             source,
         })?;
+    let save = save_context(vm)?;
     let mut prepared = Vec::with_capacity(cpus as usize);
-    let mut save = SaveContext {
-        msrs: Arc::default(),
-        xsave2_size: usize::try_from(vm.fd.check_extension_int(kvm_ioctls::Cap::Xsave2))
-            .unwrap_or(0),
-    };
     for index in 0..cpus {
         let kvm_err = |what| {
             move |source| RunError::Kvm {
@@ -147,14 +182,6 @@ fn create_vcpus(
             regs::setup_boot_cpu(&fd, entry.addr, entry.mode)
                 .map_err(|source| RunError::Regs { index, source })?;
         }
-        if index == 0 {
-            // Which MSRs can be saved depends on the CPUID just set; ask once.
-            let list = vm
-                .kvm
-                .get_msr_index_list()
-                .map_err(kvm_err("GET_MSR_INDEX_LIST"))?;
-            save.msrs = Arc::new(state::saveable_msrs(&fd, list.as_slice()));
-        }
         prepared.push(Vcpu::new(
             index,
             fd,
@@ -164,6 +191,59 @@ fn create_vcpus(
         ));
     }
     Ok(prepared)
+}
+
+/// Restores a snapshot: memory mapped copy-on-write from its image, then VM state, devices
+/// and vCPUs in the order KVM needs (irqchip and PIT exist before their state is set; vCPU
+/// state last, see [`crate::vcpu::state::VcpuState::restore`]).
+fn restore_snapshot(
+    dir: &std::path::Path,
+    launch: &Launch,
+    sink: &StopSink,
+) -> Result<Built, RunError> {
+    let loaded = restore::load(dir)?;
+    let state = &loaded.state;
+    let store = launch.store.clone().unwrap_or_else(|| state.store.clone());
+    let image = restore::memory_image(&loaded, &store)?;
+    let memory = restore::map_image(&image, state)?;
+    let vm = Vm::with_memory(memory, state.cpus)?;
+    vm.register_memory()?;
+    state.vm.restore(&vm.fd)?;
+    let saved = DeviceStates {
+        serial: &state.serial,
+        i8042: &state.i8042,
+    };
+    let devices = DeviceManager::new(&vm.fd, Box::new(std::io::stdout()), Some(saved))?;
+    let save = save_context(&vm)?;
+    let mut prepared = Vec::with_capacity(state.vcpus.len());
+    for (index, vcpu_state) in state.vcpus.iter().enumerate() {
+        let index = index as u32;
+        let fd = vm
+            .fd
+            .create_vcpu(u64::from(index))
+            .map_err(|source| RunError::Kvm {
+                index,
+                what: "CREATE_VCPU",
+                source,
+            })?;
+        vcpu_state
+            .restore(&fd, save.xsave2_size)
+            .map_err(|source| RunError::VcpuState { index, source })?;
+        prepared.push(Vcpu::new(
+            index,
+            fd,
+            devices.buses.clone(),
+            sink.clone(),
+            save.clone(),
+        ));
+    }
+    let meta = VmMeta {
+        mem: state.mem,
+        cpus: state.cpus,
+        cmdline: state.cmdline.clone(),
+        kernel: state.kernel.clone(),
+    };
+    Ok((vm, devices, prepared, meta))
 }
 
 /// Starts every vCPU thread. APs wait for INIT/SIPI; the guest wakes them through its LAPIC.
@@ -179,103 +259,4 @@ fn start_vcpus(prepared: Vec<Vcpu>) -> Result<Vcpus, RunError> {
         }
     }
     Ok(Vcpus::new(handles))
-}
-
-/// Waits for the VM to stop, moving console input into the UART meanwhile.
-fn event_loop(
-    devices: &DeviceManager,
-    stop_evt: &EventFd,
-    stops: &Receiver<StopReason>,
-) -> Result<StopReason, RunError> {
-    let io = RunError::EventLoop;
-    let epoll = Epoll::new().map_err(io)?;
-    let add = |fd: i32, data: u64| {
-        epoll.ctl(
-            ControlOperation::Add,
-            fd,
-            EpollEvent::new(EventSet::IN, data),
-        )
-    };
-    add(stop_evt.as_raw_fd(), EV_STOP).map_err(io)?;
-    add(devices.reset.as_raw_fd(), EV_RESET).map_err(io)?;
-    add(devices.serial_drained.as_raw_fd(), EV_DRAINED).map_err(io)?;
-    add(devices.debug_exit.as_raw_fd(), EV_DEBUG_EXIT).map_err(io)?;
-    // A regular file or /dev/null cannot be polled; then the guest simply gets no input.
-    let mut stdin_open = add(console::stdin_fd(), EV_STDIN).is_ok();
-    let mut pending: Vec<u8> = Vec::new();
-    let mut events = vec![EpollEvent::default(); 8];
-    loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io(e)),
-        };
-        for event in &events[..n] {
-            match event.data() {
-                EV_STOP => {
-                    let _ = stop_evt.read();
-                    if let Ok(reason) = stops.try_recv() {
-                        return Ok(reason);
-                    }
-                }
-                EV_RESET => {
-                    let _ = devices.reset.read();
-                    return Ok(StopReason::Reset);
-                }
-                EV_DEBUG_EXIT => {
-                    let value = devices.debug_exit.read().map_err(io)?;
-                    return Ok(match DebugExit::status_from_event(value) {
-                        0 => StopReason::PowerOff,
-                        status => StopReason::Failed(format!(
-                            "guest reported failure (status {status} on the debug-exit port)"
-                        )),
-                    });
-                }
-                EV_STDIN => {
-                    let mut buf = [0u8; 256];
-                    match console::read_stdin(&mut buf) {
-                        Ok(Some(len)) => pending.extend_from_slice(&buf[..len]),
-                        Ok(None) | Err(_) => {
-                            let _ = epoll.ctl(
-                                ControlOperation::Delete,
-                                console::stdin_fd(),
-                                EpollEvent::default(),
-                            );
-                            stdin_open = false;
-                        }
-                    }
-                    feed_serial(devices, &mut pending);
-                    if !pending.is_empty() && stdin_open {
-                        // Hold stdin until the guest drains the FIFO.
-                        let _ = epoll.ctl(
-                            ControlOperation::Delete,
-                            console::stdin_fd(),
-                            EpollEvent::default(),
-                        );
-                    }
-                }
-                EV_DRAINED => {
-                    let _ = devices.serial_drained.read();
-                    let was_pending = !pending.is_empty();
-                    feed_serial(devices, &mut pending);
-                    if was_pending && pending.is_empty() && stdin_open {
-                        add(console::stdin_fd(), EV_STDIN).map_err(io)?;
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-}
-
-fn feed_serial(devices: &DeviceManager, pending: &mut Vec<u8>) {
-    if pending.is_empty() {
-        return;
-    }
-    let taken = devices
-        .serial
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .enqueue_input(pending);
-    pending.drain(..taken);
 }

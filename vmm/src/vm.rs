@@ -54,7 +54,12 @@ pub struct Vm {
 impl Vm {
     /// Opens KVM, creates the VM with irqchip and PIT, and maps `mem` bytes of RAM. The RAM is
     /// not yet a KVM memory slot: call [`Vm::register_memory`] before any vCPU runs.
-    pub fn new(mem: u64, cpus: u32) -> Result<Self, VmError> {
+    pub fn new(mem: u64, cpus: u32, hugepages: bool) -> Result<Self, VmError> {
+        Self::with_memory(memory::create(mem, hugepages)?, cpus)
+    }
+
+    /// [`Vm::new`] with guest memory mapped by the caller (a restored snapshot's image).
+    pub fn with_memory(memory: GuestMemory, cpus: u32) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(|e| match e.errno() {
             libc::ENOENT => VmError::NoKvm,
             libc::EACCES | libc::EPERM => VmError::KvmPermission,
@@ -95,7 +100,6 @@ impl Vm {
             what: "CREATE_PIT2",
             source,
         })?;
-        let memory = memory::create(mem)?;
         Ok(Self {
             kvm,
             fd: Arc::new(fd),

@@ -88,8 +88,8 @@ impl StopSink {
 /// What every vCPU needs to know to save its state on this host.
 #[derive(Debug, Clone, Default)]
 pub struct SaveContext {
-    /// MSRs to save (KVM's list, filtered to those it lets us read).
-    pub msrs: Arc<Vec<u32>>,
+    /// KVM's MSR index list; each vCPU keeps those it can read, found at its first save.
+    pub msr_candidates: Arc<Vec<u32>>,
     /// KVM_CAP_XSAVE2: the XSAVE area size in bytes (0 without the capability).
     pub xsave2_size: usize,
 }
@@ -102,6 +102,7 @@ pub struct Vcpu {
     buses: Arc<Buses>,
     stops: StopSink,
     save: SaveContext,
+    saveable_msrs: Option<Vec<u32>>,
 }
 
 /// The VMM's handle on a running vCPU thread.
@@ -160,6 +161,7 @@ impl Vcpu {
             buses,
             stops,
             save,
+            saveable_msrs: None,
         }
     }
 
@@ -209,7 +211,10 @@ impl Vcpu {
                         let result = if state == State::Running {
                             Err(format!("vCPU {} is running; pause it first", self.index))
                         } else {
-                            VcpuState::save(&self.fd, &self.save.msrs, self.save.xsave2_size)
+                            let msrs = self.saveable_msrs.get_or_insert_with(|| {
+                                state::saveable_msrs(&self.fd, &self.save.msr_candidates)
+                            });
+                            VcpuState::save(&self.fd, msrs, self.save.xsave2_size)
                                 .map_err(|e| format!("vCPU {}: {e}", self.index))
                         };
                         let _ = acks.send(Ack::State(Box::new(result)));

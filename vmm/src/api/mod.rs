@@ -1,0 +1,123 @@
+//! The API socket protocol: JSON lines over a Unix stream socket. A client writes one request
+//! object per line and reads one response object per line, in order, on the same connection.
+//!
+//! ```text
+//! -> {"op":"status"}
+//! <- {"ok":true,"result":{"state":"running","vcpus":2,"mem_bytes":268435456,"uptime_ms":5120}}
+//! -> {"op":"snapshot","dir":"/var/tmp/snap1"}
+//! <- {"ok":true,"result":{"dir":"/var/tmp/snap1","pages":65536,"new_pages":64512,...}}
+//! -> {"op":"frobnicate"}
+//! <- {"ok":false,"error":"bad request: unknown variant `frobnicate`, expected one of ..."}
+//! ```
+//!
+//! Operations: `pause`, `resume`, `status`, `stats`, `snapshot` (`dir`), `shutdown`. Requests
+//! longer than [`MAX_REQUEST`] bytes are refused and the connection closed. `fabvm ctl` speaks
+//! this protocol; so can `socat - UNIX-CONNECT:PATH`.
+
+pub mod client;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest request line accepted.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// A request to the VMM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Take every vCPU out of the guest.
+    Pause,
+    /// Let the vCPUs run again.
+    Resume,
+    /// Run state, vCPUs, memory, uptime.
+    Status,
+    /// Figures: VMM memory, guest memory, snapshot counts (JSON).
+    Stats,
+    /// Snapshot the VM into a directory (its pages go into the host store).
+    Snapshot {
+        /// Directory to create (must not exist, or be empty).
+        dir: String,
+    },
+    /// Stop the VM; the fabvm process exits 0.
+    Shutdown,
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The result, on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// What went wrong, on failure: one line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    /// A success carrying `result`.
+    pub fn ok(result: serde_json::Value) -> Self {
+        Self {
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    /// A failure with a one-line message.
+    pub fn error(message: impl Into<String>) -> Self {
+        let message: String = message.into();
+        Self {
+            ok: false,
+            result: None,
+            error: Some(message.replace('\n', " ")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_from_json_lines() {
+        let req: Request = serde_json::from_str(r#"{"op":"pause"}"#).unwrap();
+        assert_eq!(req, Request::Pause);
+        let req: Request = serde_json::from_str(r#"{"op":"snapshot","dir":"/tmp/s"}"#).unwrap();
+        assert_eq!(
+            req,
+            Request::Snapshot {
+                dir: "/tmp/s".into()
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Shutdown).unwrap(),
+            r#"{"op":"shutdown"}"#
+        );
+    }
+
+    #[test]
+    fn bad_requests_are_errors_not_panics() {
+        for bad in [
+            r#"{"op":"frobnicate"}"#,
+            r#"{"op":"snapshot"}"#,
+            "[]",
+            "",
+            "{",
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn error_messages_stay_on_one_line() {
+        let r = Response::error("a\nb");
+        assert_eq!(r.error.as_deref(), Some("a b"));
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"ok":false,"error":"a b"}"#
+        );
+    }
+}

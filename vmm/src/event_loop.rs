@@ -1,0 +1,295 @@
+//! The VMM's main loop: owns the running VM and waits on epoll for console input, guest
+//! reset and exit requests, vCPU stop reports and API calls, until the VM stops.
+
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::{channel, Receiver};
+use std::time::Instant;
+
+use devices::DebugExit;
+use serde_json::json;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::api::server::{ApiServer, Call, ServerError};
+use crate::api::{Request, Response};
+use crate::config::Launch;
+use crate::console::{self, RawStdin};
+use crate::device_manager::DeviceManager;
+use crate::snapshot::save::{self, VmMeta};
+use crate::vcpu::exit::StopReason;
+use crate::vcpu::Vcpus;
+use crate::vm::Vm;
+
+/// Errors of the event loop itself.
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    /// epoll or eventfd failure.
+    #[error("event loop: {0}")]
+    Io(#[from] std::io::Error),
+    /// The API socket could not be served.
+    #[error(transparent)]
+    Api(#[from] ServerError),
+}
+
+/// A running VM and what the loop needs to serve it.
+#[derive(Debug)]
+pub struct Machine {
+    /// The VM.
+    pub vm: Vm,
+    /// Its devices.
+    pub devices: DeviceManager,
+    /// Its running vCPUs.
+    pub vcpus: Vcpus,
+    /// How it was started.
+    pub meta: VmMeta,
+    /// When fabvm started building it.
+    pub started: Instant,
+}
+
+const EV_STOP: u64 = 1;
+const EV_RESET: u64 = 2;
+const EV_STDIN: u64 = 3;
+const EV_DRAINED: u64 = 4;
+const EV_DEBUG_EXIT: u64 = 5;
+const EV_API: u64 = 6;
+const EV_POWER_OFF: u64 = 7;
+
+/// Runs until the VM stops; then stops and joins the vCPU threads.
+pub fn run(
+    machine: Machine,
+    launch: &Launch,
+    stop_evt: &EventFd,
+    stops: &Receiver<StopReason>,
+) -> Result<StopReason, LoopError> {
+    let mut state = LoopState {
+        machine,
+        paused: false,
+        store: launch.store_dir(),
+        manifest: None,
+    };
+    let api_wake = std::sync::Arc::new(EventFd::new(EFD_NONBLOCK)?);
+    let (calls_tx, calls) = channel();
+    let _server = match &launch.api_sock {
+        Some(path) => Some(ApiServer::start(path, calls_tx, api_wake.clone())?),
+        None => None,
+    };
+    let _raw = RawStdin::new();
+    let result = state.serve(stop_evt, stops, &api_wake, &calls);
+    state.machine.vcpus.stop();
+    result
+}
+
+struct LoopState {
+    machine: Machine,
+    paused: bool,
+    store: std::path::PathBuf,
+    /// The memory manifest, kept current from the dirty log after the first snapshot.
+    manifest: Option<fabric::Manifest>,
+}
+
+impl LoopState {
+    fn serve(
+        &mut self,
+        stop_evt: &EventFd,
+        stops: &Receiver<StopReason>,
+        api_wake: &EventFd,
+        calls: &Receiver<Call>,
+    ) -> Result<StopReason, LoopError> {
+        let devices = &self.machine.devices;
+        let epoll = Epoll::new()?;
+        let add = |fd: i32, data: u64| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, data),
+            )
+        };
+        add(stop_evt.as_raw_fd(), EV_STOP)?;
+        add(devices.reset.as_raw_fd(), EV_RESET)?;
+        add(devices.serial_drained.as_raw_fd(), EV_DRAINED)?;
+        add(devices.debug_exit.as_raw_fd(), EV_DEBUG_EXIT)?;
+        add(api_wake.as_raw_fd(), EV_API)?;
+        add(devices.power_off.as_raw_fd(), EV_POWER_OFF)?;
+        // A regular file or /dev/null cannot be polled; then the guest simply gets no input.
+        let mut stdin_open = add(console::stdin_fd(), EV_STDIN).is_ok();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut events = vec![EpollEvent::default(); 8];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for event in &events[..n] {
+                let devices = &self.machine.devices;
+                match event.data() {
+                    EV_STOP => {
+                        let _ = stop_evt.read();
+                        if let Ok(reason) = stops.try_recv() {
+                            return Ok(reason);
+                        }
+                    }
+                    EV_RESET => {
+                        let _ = devices.reset.read();
+                        return Ok(StopReason::Reset);
+                    }
+                    EV_POWER_OFF => {
+                        let _ = devices.power_off.read();
+                        return Ok(StopReason::PowerOff);
+                    }
+                    EV_DEBUG_EXIT => {
+                        let value = devices.debug_exit.read()?;
+                        return Ok(match DebugExit::status_from_event(value) {
+                            0 => StopReason::PowerOff,
+                            status => StopReason::Failed(format!(
+                                "guest reported failure (status {status} on the debug-exit port)"
+                            )),
+                        });
+                    }
+                    EV_STDIN => {
+                        let mut buf = [0u8; 256];
+                        match console::read_stdin(&mut buf) {
+                            Ok(Some(len)) => pending.extend_from_slice(&buf[..len]),
+                            Ok(None) | Err(_) => {
+                                let _ = epoll.ctl(
+                                    ControlOperation::Delete,
+                                    console::stdin_fd(),
+                                    EpollEvent::default(),
+                                );
+                                stdin_open = false;
+                            }
+                        }
+                        feed_serial(devices, &mut pending);
+                        if !pending.is_empty() && stdin_open {
+                            // Hold stdin until the guest drains the FIFO.
+                            let _ = epoll.ctl(
+                                ControlOperation::Delete,
+                                console::stdin_fd(),
+                                EpollEvent::default(),
+                            );
+                        }
+                    }
+                    EV_DRAINED => {
+                        let _ = devices.serial_drained.read();
+                        let was_pending = !pending.is_empty();
+                        feed_serial(devices, &mut pending);
+                        if was_pending && pending.is_empty() && stdin_open {
+                            add(console::stdin_fd(), EV_STDIN)?;
+                        }
+                    }
+                    EV_API => {
+                        let _ = api_wake.read();
+                        while let Ok(call) = calls.try_recv() {
+                            let stop = call.request == Request::Shutdown;
+                            let response = self.handle(call.request);
+                            let _ = call.reply.send(response);
+                            if stop {
+                                return Ok(StopReason::Requested);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Answers one API request.
+    fn handle(&mut self, request: Request) -> Response {
+        match request {
+            Request::Pause => match self.machine.vcpus.pause() {
+                Ok(()) => {
+                    self.paused = true;
+                    Response::ok(json!({ "state": "paused" }))
+                }
+                Err(e) => Response::error(e.to_string()),
+            },
+            Request::Resume => match self.machine.vcpus.resume() {
+                Ok(()) => {
+                    self.paused = false;
+                    Response::ok(json!({ "state": "running" }))
+                }
+                Err(e) => Response::error(e.to_string()),
+            },
+            Request::Status => Response::ok(self.status()),
+            Request::Stats => Response::ok(self.stats()),
+            Request::Snapshot { dir } => self.snapshot(std::path::Path::new(&dir)),
+            Request::Shutdown => Response::ok(json!({ "state": "stopping" })),
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let meta = &self.machine.meta;
+        json!({
+            "state": if self.paused { "paused" } else { "running" },
+            "vcpus": meta.cpus,
+            "mem_bytes": meta.mem,
+            "kernel": meta.kernel,
+            "cmdline": meta.cmdline,
+            "uptime_ms": self.machine.started.elapsed().as_millis() as u64,
+            "pid": std::process::id(),
+        })
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let mut stats = self.status();
+        let rollup = smaps_rollup();
+        stats["process"] = json!({
+            "rss_bytes": rollup.get("Rss").copied().unwrap_or(0),
+            "pss_bytes": rollup.get("Pss").copied().unwrap_or(0),
+            "anonymous_bytes": rollup.get("Anonymous").copied().unwrap_or(0),
+        });
+        stats
+    }
+
+    /// Pauses (if running), snapshots, and resumes (if it was running), whatever happened.
+    fn snapshot(&mut self, dir: &std::path::Path) -> Response {
+        let was_running = !self.paused;
+        if was_running {
+            if let Err(e) = self.machine.vcpus.pause() {
+                return Response::error(e.to_string());
+            }
+        }
+        let source = save::Source {
+            vm: &self.machine.vm.fd,
+            memory: &self.machine.vm.memory,
+            vcpus: &self.machine.vcpus,
+            devices: &self.machine.devices,
+            meta: &self.machine.meta,
+        };
+        let result = save::save(&source, dir, &self.store, &mut self.manifest);
+        if was_running {
+            if let Err(e) = self.machine.vcpus.resume() {
+                log::error!("resume after snapshot: {e}");
+            }
+        }
+        match result {
+            Ok(report) => Response::ok(serde_json::to_value(report).unwrap_or_default()),
+            Err(e) => Response::error(e.to_string()),
+        }
+    }
+}
+
+/// Sizes from /proc/self/smaps_rollup, in bytes.
+fn smaps_rollup() -> std::collections::HashMap<String, u64> {
+    let text = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let (key, rest) = line.split_once(':')?;
+            let kib: u64 = rest.split_whitespace().next()?.parse().ok()?;
+            Some((key.to_string(), kib * 1024))
+        })
+        .collect()
+}
+
+fn feed_serial(devices: &DeviceManager, pending: &mut Vec<u8>) {
+    if pending.is_empty() {
+        return;
+    }
+    let taken = devices
+        .serial
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .enqueue_input(pending);
+    pending.drain(..taken);
+}

@@ -1,0 +1,238 @@
+//! Starting from a snapshot: the state file and manifest are read and checked as untrusted
+//! input, guest memory is mapped copy-on-write (`MAP_PRIVATE`) from an image file built once
+//! per snapshot from the store, so VMs restored from one snapshot share its untouched pages.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use fabric::{DecodeLimits, Manifest, PAGE_SIZE};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::{MmapRegionBuilder, NewBitmap};
+use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
+
+use super::format::{self, FormatError, SnapshotState};
+use super::{open_store, MANIFEST_FILE, STATE_FILE};
+use crate::config::MAX_CPUS;
+use crate::layout;
+use crate::memory::GuestMemory;
+
+/// Errors from loading a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// A snapshot file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A file is larger than any valid one.
+    #[error("{0} is too large to be a snapshot file")]
+    TooLarge(PathBuf),
+    /// The state file is invalid.
+    #[error("{path}: {source}")]
+    Format { path: PathBuf, source: FormatError },
+    /// The manifest is invalid.
+    #[error("{path}: {source}")]
+    Manifest {
+        path: PathBuf,
+        source: fabric::ManifestError,
+    },
+    /// The manifest is not the one the state file was written with.
+    #[error("{0}: does not belong to this snapshot (checksum differs from the state file's)")]
+    ManifestMismatch(PathBuf),
+    /// The state is self-inconsistent or not something this fabvm can run.
+    #[error("snapshot {dir}: {reason}")]
+    Inconsistent { dir: PathBuf, reason: String },
+    /// The store lacks a page or failed.
+    #[error("page store {store}: {source}")]
+    Store {
+        store: PathBuf,
+        source: fabric::StoreError,
+    },
+    /// Building or mapping the memory image failed.
+    #[error("memory image {path}: {source}")]
+    Image {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A snapshot read from disk and checked.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The state file.
+    pub state: SnapshotState,
+    /// The memory manifest.
+    pub manifest: Manifest,
+    /// The manifest file's bytes' blake3 (names the memory image).
+    pub manifest_blake3: String,
+}
+
+/// Reads and checks a snapshot directory.
+pub fn load(dir: &Path) -> Result<Loaded, RestoreError> {
+    let state_path = dir.join(STATE_FILE);
+    let bytes = read_limited(&state_path, format::MAX_BODY + 64)?;
+    let state = format::decode(&bytes).map_err(|source| RestoreError::Format {
+        path: state_path,
+        source,
+    })?;
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let limits = DecodeLimits::default();
+    let manifest_bytes = read_limited(&manifest_path, limits.max_pages * 40 + (1 << 20))?;
+    let manifest_blake3 = blake3::hash(&manifest_bytes).to_hex().to_string();
+    if manifest_blake3 != state.manifest_blake3 {
+        return Err(RestoreError::ManifestMismatch(manifest_path));
+    }
+    let manifest =
+        Manifest::decode(&manifest_bytes, &limits).map_err(|source| RestoreError::Manifest {
+            path: manifest_path,
+            source,
+        })?;
+    check(dir, &state, &manifest)?;
+    Ok(Loaded {
+        state,
+        manifest,
+        manifest_blake3,
+    })
+}
+
+fn check(dir: &Path, state: &SnapshotState, manifest: &Manifest) -> Result<(), RestoreError> {
+    let bad = |reason: String| RestoreError::Inconsistent {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    if state.cpus == 0 || state.cpus > MAX_CPUS || state.vcpus.len() != state.cpus as usize {
+        return Err(bad(format!(
+            "{} vCPUs with {} vCPU states",
+            state.cpus,
+            state.vcpus.len()
+        )));
+    }
+    if state.mem < layout::MIN_MEM
+        || state.mem > layout::MAX_MEM
+        || !state.mem.is_multiple_of(layout::PAGE_SIZE)
+    {
+        return Err(bad(format!("memory size {} is out of range", state.mem)));
+    }
+    let expected: Vec<(u64, u64)> = layout::ram_regions(state.mem);
+    let regions: Vec<(u64, u64)> = state
+        .regions
+        .iter()
+        .map(|r| (r.guest_addr, r.bytes()))
+        .collect();
+    let in_manifest: Vec<(u64, u64)> = manifest
+        .regions()
+        .map(|r| (r.guest_addr, r.bytes()))
+        .collect();
+    if regions != expected || in_manifest != expected {
+        return Err(bad("memory regions do not match its memory size".into()));
+    }
+    Ok(())
+}
+
+/// Reads a file of at most `limit` bytes.
+fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, RestoreError> {
+    let err = |source| RestoreError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(err)?;
+    let len = file.metadata().map_err(err)?.len();
+    if len > limit {
+        return Err(RestoreError::TooLarge(path.to_path_buf()));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(limit + 1).read_to_end(&mut bytes).map_err(err)?;
+    Ok(bytes)
+}
+
+/// The memory image of a snapshot in `store`: built from the store's pages on first use,
+/// reused afterwards. Zero pages are holes in a sparse file.
+pub fn memory_image(loaded: &Loaded, store: &Path) -> Result<PathBuf, RestoreError> {
+    let images = store.join("images");
+    let path = images.join(format!("{}.img", loaded.manifest_blake3));
+    if path.exists() {
+        return Ok(path);
+    }
+    let img_err = |source| RestoreError::Image {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&images).map_err(img_err)?;
+    let tmp = images.join(format!(
+        ".{}.{}.tmp",
+        loaded.manifest_blake3,
+        std::process::id()
+    ));
+    let result = build_image(loaded, store, &tmp).and_then(|()| {
+        std::fs::rename(&tmp, &path).map_err(|source| RestoreError::Image {
+            path: path.clone(),
+            source,
+        })
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map(|()| path)
+}
+
+fn build_image(loaded: &Loaded, store_dir: &Path, tmp: &Path) -> Result<(), RestoreError> {
+    let img_err = |source| RestoreError::Image {
+        path: tmp.to_path_buf(),
+        source,
+    };
+    let store_err = |source| RestoreError::Store {
+        store: store_dir.to_path_buf(),
+        source,
+    };
+    let store = open_store(store_dir).map_err(store_err)?;
+    let file = File::create(tmp).map_err(img_err)?;
+    file.set_len(loaded.state.mem).map_err(img_err)?;
+    let mut page = vec![0u8; PAGE_SIZE];
+    let mut offset = 0u64;
+    for (index, region) in loaded.manifest.regions().enumerate() {
+        let ids = loaded.manifest.region_ids(index).expect("region exists");
+        for (i, id) in ids.iter().enumerate() {
+            if let Some(id) = id {
+                store.get(id, &mut page).map_err(store_err)?;
+                file.write_all_at(&page, offset + (i * PAGE_SIZE) as u64)
+                    .map_err(img_err)?;
+            }
+        }
+        offset += region.bytes();
+    }
+    file.sync_all().map_err(img_err)
+}
+
+/// Maps the image copy-on-write as guest memory, region after region.
+pub fn map_image(image: &Path, state: &SnapshotState) -> Result<GuestMemory, RestoreError> {
+    let img_err = |source| RestoreError::Image {
+        path: image.to_path_buf(),
+        source,
+    };
+    let file = File::open(image).map_err(img_err)?;
+    if file.metadata().map_err(img_err)?.len() != state.mem {
+        return Err(img_err(std::io::Error::other(
+            "size differs from the snapshot's memory",
+        )));
+    }
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for region in &state.regions {
+        let size = region.bytes() as usize;
+        let file = file.try_clone().map_err(img_err)?;
+        let mapping = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+            .with_file_offset(FileOffset::new(file, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| img_err(std::io::Error::other(e.to_string())))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(region.guest_addr))
+            .ok_or_else(|| img_err(std::io::Error::other("region wraps the address space")))?;
+        regions.push(region);
+        offset += size as u64;
+    }
+    GuestMemory::from_regions(regions).map_err(|e| img_err(std::io::Error::other(e.to_string())))
+}
