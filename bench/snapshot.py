@@ -10,6 +10,8 @@ memory with unique pages and keeps verifying (heartbeat every 1 ms). Then, RUNS 
                        image built from the store first
          restore_warm_ms  the same with the image already built (the common case: many VMs
                        from one snapshot)
+         restore_lazy_ms  `--restore --lazy`: no image, pages fetched from the store on first
+                       touch (userfaultfd) and the rest prefetched behind
          store_bytes   bytes on disk of the store vs raw guest memory
   QEMU   snapshot_ms   QMP `migrate` to `file:` (QEMU >= 8) or `exec:cat>` (paused first, so
                        the file is a consistent snapshot, as fabvm's), multifd off, zero-page
@@ -85,9 +87,9 @@ def fabvm_run(mem, work):
     proc.wait(30)
     result = {"snapshot_ms": first["total_ms"], "snapshot_again_ms": second["total_ms"],
               "store_bytes": du(store)}
-    for kind in ("cold", "warm"):
+    for kind, extra in (("cold", []), ("warm", []), ("lazy", ["--lazy"])):
         start = time.time()
-        r = subprocess.Popen([FABVM, "--restore", os.path.join(work, "snap"), "--api-sock", sock],
+        r = subprocess.Popen([FABVM, "--restore", os.path.join(work, "snap"), "--api-sock", sock, *extra],
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         result[f"restore_{kind}_ms"] = (Console(r).wait("heartbeat") - start) * 1000
         r.kill()
@@ -192,6 +194,7 @@ def main():
                 ("second snapshot of the same VM (ms)", f["snapshot_again_ms"], None),
                 ("restore to next heartbeat, image built (ms)", f["restore_cold_ms"], q["restore_ms"]),
                 ("restore to next heartbeat, image cached (ms)", f["restore_warm_ms"], q["restore_ms"]),
+                ("restore to next heartbeat, lazy (ms)", f["restore_lazy_ms"], q["restore_ms"]),
                 ("bytes on disk (MiB)", f["store_bytes"] / 2**20, q["file_bytes"] / 2**20)]
         for label, a, b in rows:
             ratio = f"{a / b:.2f}" if b else "-"

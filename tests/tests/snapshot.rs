@@ -349,3 +349,67 @@ fn ctl_without_a_vm_fails_with_one_line() {
         "{err}"
     );
 }
+
+#[test]
+fn lazy_restore_fetches_pages_on_touch_and_keeps_verifying() {
+    if require_kvm("lazy_restore").is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let (mut vm, sock) = boot(
+        tmp.path(),
+        "l",
+        "256M",
+        "passes=0 hb=100 seed=21 share=40",
+        &store,
+    );
+    snapshot(&sock, &tmp.path().join("snap"));
+    let _ = ctl(&sock, &["shutdown"]);
+    vm.wait_exit(Duration::from_secs(30));
+
+    let sock2 = tmp.path().join("lazy.sock");
+    let mut lazy = Vm::start_command(
+        std::process::Command::new(fabvm_tests::fabvm())
+            .env("RUST_LOG", "fabvm::timing=info")
+            .args([
+                "--restore",
+                tmp.path().join("snap").to_str().unwrap(),
+                "--lazy",
+            ])
+            .args(["--api-sock", sock2.to_str().unwrap()]),
+    );
+    assert!(
+        lazy.wait_for_all(&["verify ok pass="], READY),
+        "{}\n{}",
+        lazy.stdout(),
+        lazy.stderr()
+    );
+    let before = count(&lazy.stdout(), "verify ok");
+    assert!(
+        lazy.wait_for_count("verify ok", before + 2, READY),
+        "{}",
+        lazy.stdout()
+    );
+    assert!(!lazy.stdout().contains("FAILED") && !lazy.stdout().contains("fabvm-guest: boot"));
+    // The loader finished: every page came from the store, and it released the store.
+    let deadline = std::time::Instant::now() + READY;
+    while !lazy.stderr().contains("lazy restore complete") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = lazy.stderr();
+    assert!(log.contains("lazy restore complete"), "{log}");
+    let stats = store_stats(&store);
+    assert_eq!(
+        number(&stats["stats"], "roots"),
+        1,
+        "store usable while the lazy VM runs: {stats}"
+    );
+    let (ok, _, err) = ctl(&sock2, &["shutdown"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        lazy.wait_exit(Duration::from_secs(30))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+}

@@ -41,6 +41,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "SNAPSHOT")]
     pub restore: Option<PathBuf>,
 
+    /// With --restore: fetch pages from the store on first touch (userfaultfd) instead of
+    /// mapping a memory image built up front.
+    #[arg(long, requires = "restore")]
+    pub lazy: bool,
+
     /// Guest memory size, e.g. 512M or 2G (K/M/G/T suffixes; a bare number is MiB) [default: 512M].
     #[arg(long, value_name = "SIZE", value_parser = parse_size, conflicts_with = "restore")]
     pub mem: Option<u64>,

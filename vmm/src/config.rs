@@ -88,8 +88,13 @@ pub struct Launch {
 pub enum Source {
     /// A fresh boot.
     Boot(VmConfig),
-    /// A snapshot directory.
-    Restore(PathBuf),
+    /// A snapshot directory; `lazy` fetches pages on first touch.
+    Restore {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// Lazy (userfaultfd) rather than eager (memory image) restore.
+        lazy: bool,
+    },
 }
 
 impl Launch {
@@ -100,7 +105,10 @@ impl Launch {
                 if !dir.is_dir() {
                     return Err(ConfigError::NotASnapshot(dir));
                 }
-                Source::Restore(dir)
+                Source::Restore {
+                    dir,
+                    lazy: args.lazy,
+                }
             }
             (Some(kernel), None) => Source::Boot(
                 VmConfig::new(

@@ -68,7 +68,7 @@ pub fn run(launch: &Launch) -> Result<StopReason, RunError> {
     let sink = StopSink::new(stop_tx, stop_evt.clone());
     let (vm, devices, prepared, meta) = match &launch.source {
         Source::Boot(config) => boot(config, &sink)?,
-        Source::Restore(dir) => restore_snapshot(dir, launch, &sink)?,
+        Source::Restore { dir, lazy } => restore_snapshot(dir, *lazy, launch, &sink)?,
     };
     log::debug!(target: "fabvm::timing", "guest set up after {:?}", started.elapsed());
     let vcpus = start_vcpus(prepared)?;
@@ -198,14 +198,21 @@ fn create_vcpus(
 /// state last, see [`crate::vcpu::state::VcpuState::restore`]).
 fn restore_snapshot(
     dir: &std::path::Path,
+    lazy: bool,
     launch: &Launch,
     sink: &StopSink,
 ) -> Result<Built, RunError> {
     let loaded = restore::load(dir)?;
     let state = &loaded.state;
     let store = launch.store.clone().unwrap_or_else(|| state.store.clone());
-    let image = restore::memory_image(&loaded, &store)?;
-    let memory = restore::map_image(&image, state)?;
+    let memory = if lazy {
+        // The loader thread runs on its own until every page is in, then ends.
+        let (memory, _loader) = crate::snapshot::lazy::start(&loaded, &store)?;
+        memory
+    } else {
+        let image = restore::memory_image(&loaded, &store)?;
+        restore::map_image(&image, state)?
+    };
     let vm = Vm::with_memory(memory, state.cpus)?;
     vm.register_memory()?;
     state.vm.restore(&vm.fd)?;

@@ -7,8 +7,10 @@
 //! keeps the snapshot's pages alive through `fabvm store gc`.
 
 pub mod format;
+pub mod lazy;
 pub mod restore;
 pub mod save;
+pub mod uffd;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
