@@ -413,3 +413,85 @@ fn lazy_restore_fetches_pages_on_touch_and_keeps_verifying() {
         Some(0)
     );
 }
+
+/// Re-encodes a state file after `edit` changes its JSON body (magic, version, flags and
+/// length header, body, blake3 of the body), as a snapshot from another host would look.
+fn reencode(state: &[u8], edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+    let len = u64::from_le_bytes(state[16..24].try_into().unwrap()) as usize;
+    let mut body: serde_json::Value = serde_json::from_slice(&state[24..24 + len]).unwrap();
+    edit(&mut body);
+    let body = serde_json::to_vec(&body).unwrap();
+    let mut out = state[..16].to_vec();
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&body);
+    out.extend_from_slice(blake3::hash(&body).as_bytes());
+    out
+}
+
+#[test]
+fn restore_on_a_host_lacking_what_the_snapshot_needs_fails_with_one_line() {
+    if require_kvm("incompatible_host").is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let (mut vm, sock) = boot(tmp.path(), "c", "64M", "passes=0 hb=1000", &store);
+    let good = tmp.path().join("good");
+    snapshot(&sock, &good);
+    let _ = ctl(&sock, &["shutdown"]);
+    vm.wait_exit(Duration::from_secs(30));
+    let state = std::fs::read(good.join("state")).unwrap();
+    let manifest = std::fs::read(good.join("memory.manifest")).unwrap();
+
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "an MSR this host's KVM does not have",
+            Box::new(|b| {
+                // kvm_msr_entry as saved: index (u32 LE), reserved, data (u64 LE), as bytes.
+                let msrs = b["vcpus"][0]["msrs"].as_array_mut().unwrap();
+                let mut bogus = msrs[0].clone();
+                for (i, byte) in 0x4fff_fff0u32.to_le_bytes().into_iter().enumerate() {
+                    bogus[i] = serde_json::json!(byte);
+                }
+                msrs.push(bogus);
+            }),
+            "(first refused: 0x4ffffff0)",
+        ),
+        (
+            "an XSAVE area larger than this host's",
+            Box::new(|b| {
+                let xsave = b["vcpus"][0]["xsave"].as_array_mut().unwrap();
+                xsave.extend(std::iter::repeat_n(serde_json::json!(0), 1 << 16));
+            }),
+            "does not fit this host",
+        ),
+        (
+            "more vCPUs than states",
+            Box::new(|b| b["cpus"] = serde_json::json!(2)),
+            "2 vCPUs with 1 vCPU states",
+        ),
+    ];
+    for (what, edit, expect) in cases {
+        let dir = tmp.path().join(what.replace(' ', "-").replace('\'', ""));
+        std::fs::create_dir(&dir).unwrap();
+        let edited = reencode(&state, edit);
+        std::fs::write(dir.join("state"), &edited).unwrap();
+        std::fs::write(dir.join("memory.manifest"), &manifest).unwrap();
+        let mut vm = Vm::start(&["--restore", dir.to_str().unwrap()]);
+        let status = vm.wait_exit(Duration::from_secs(30)).expect("hung");
+        let err = vm.stderr();
+        assert!(!status.success(), "{what}: accepted");
+        assert_eq!(err.lines().count(), 1, "{what}: {err}");
+        assert!(
+            err.starts_with("fabvm: ") && err.contains(expect),
+            "{what}: {err}"
+        );
+        assert_eq!(
+            std::fs::read(dir.join("state")).unwrap(),
+            edited,
+            "{what}: state overwritten"
+        );
+        assert!(vm.stdout().is_empty(), "{what}: the guest ran");
+    }
+}
