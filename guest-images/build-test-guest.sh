@@ -30,8 +30,9 @@ cflags=(-std=gnu11 -O2 -mgeneral-regs-only -mno-red-zone -nostdlib
 
 "$CC" "${common[@]}" -c "$src/boot.S" -o "$tmp/boot.o"
 "$CC" "${common[@]}" "${cflags[@]}" -c "$src/main.c" -o "$tmp/main.o"
+"$CC" "${common[@]}" "${cflags[@]}" -c "$src/virtio.c" -o "$tmp/virtio.o"
 "$LD" -nostdlib -static -no-pie -z max-page-size=4096 -z noexecstack \
-	-T "$src/link.ld" -o "$tmp/test-guest.elf" "$tmp/boot.o" "$tmp/main.o"
+	-T "$src/link.ld" -o "$tmp/test-guest.elf" "$tmp/boot.o" "$tmp/main.o" "$tmp/virtio.o"
 
 # Sanity checks: the PVH entry note must be there and point at pvh_start32,
 # and the image must stay clear of the SSE/x87 instructions ring 3 cannot use.

@@ -5,6 +5,7 @@
  * through KVM's instruction emulator (~1M instructions/s), so this file only:
  *   - loads a GDT, finds the top of RAM in the PVH memory map,
  *   - builds identity page tables with 2 MiB pages (user bit at every level),
+ *     plus the pages holding the local APIC and the virtio-mmio windows,
  *   - enters long mode, loads a per-CPU TSS whose I/O bitmap allows all ports,
  *   - and irets into ring 3 (IOPL=3, IF=0), where main.c does everything else.
  * Application processors arrive through the real-mode trampoline below
@@ -126,6 +127,12 @@ pvh_start32:
 	/* The 2 MiB page holding the local APIC: identity, uncached. */
 	movl $(APIC_BASE | PDE_2M | PTE_PWT | PTE_PCD), pd_tables + (APIC_BASE >> 21) * 8
 	movl $0, pd_tables + (APIC_BASE >> 21) * 8 + 4
+
+	/* The 2 MiB pages holding the virtio-mmio windows: identity, uncached. */
+	movl $((VIRTIO_FABVM_BASE & 0xFFE00000) | PDE_2M | PTE_PWT | PTE_PCD), pd_tables + (VIRTIO_FABVM_BASE >> 21) * 8
+	movl $0, pd_tables + (VIRTIO_FABVM_BASE >> 21) * 8 + 4
+	movl $((VIRTIO_QEMU_BASE & 0xFFE00000) | PDE_2M | PTE_PWT | PTE_PCD), pd_tables + (VIRTIO_QEMU_BASE >> 21) * 8
+	movl $0, pd_tables + (VIRTIO_QEMU_BASE >> 21) * 8 + 4
 
 	/* PDPT: one entry per 1 GiB page directory in use, at least 4
 	   (the fourth holds the APIC). Unused PD entries are zero (bss). */

@@ -42,4 +42,17 @@
 /* Local APIC (xAPIC MMIO). */
 #define APIC_BASE 0xFEE00000
 
+/*
+ * virtio-mmio register windows, scanned in this order for devices: fabvm's
+ * slots (vmm/src/layout.rs: 4 KiB apart from 0xd0000000) and QEMU microvm's
+ * transports (512 bytes apart from 0xfeb00000). boot.S maps the 2 MiB page
+ * holding each window, uncached.
+ */
+#define VIRTIO_FABVM_BASE 0xD0000000
+#define VIRTIO_FABVM_STRIDE 0x1000
+#define VIRTIO_FABVM_SLOTS 11
+#define VIRTIO_QEMU_BASE 0xFEB00000
+#define VIRTIO_QEMU_STRIDE 0x200
+#define VIRTIO_QEMU_SLOTS 24
+
 #endif

@@ -11,15 +11,8 @@
  * every page. Change both together or not at all.
  */
 #include <stdarg.h>
-#include <stddef.h>
-#include <stdint.h>
 
-#include "config.h"
-
-typedef uint8_t u8;
-typedef uint16_t u16;
-typedef uint32_t u32;
-typedef uint64_t u64;
+#include "guest.h"
 
 #define PAGE_SHIFT 12
 #define PAGE_SIZE 4096ULL
@@ -67,40 +60,12 @@ void *memcpy(void *d, const void *s, size_t n)
 	return d;
 }
 
-#define barrier() __asm__ volatile("" ::: "memory")
-
-static inline void outb(u16 port, u8 v)
-{
-	__asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
-}
-
-static inline u8 inb(u16 port)
-{
-	u8 v;
-	__asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
-	return v;
-}
-
-static inline u64 rdtsc(void)
-{
-	u32 lo, hi;
-	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-	return ((u64)hi << 32) | lo;
-}
-
 static inline void cpuid(u32 leaf, u32 *a, u32 *b, u32 *c, u32 *d)
 {
 	__asm__ volatile("cpuid"
 			 : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d)
 			 : "a"(leaf), "c"(0));
 }
-
-static inline void cpu_relax(void)
-{
-	__asm__ volatile("pause" ::: "memory");
-}
-
-static inline u64 min_u64(u64 a, u64 b) { return a < b ? a : b; }
 
 /* ------------------------------------------------------------------ */
 /* page content                                                       */
@@ -240,7 +205,7 @@ static void vsay(int keep_lock, const char *fmt, va_list ap)
 		con_release();
 }
 
-static void say(const char *fmt, ...)
+void say(const char *fmt, ...)
 {
 	va_list ap;
 	va_start(ap, fmt);
@@ -267,7 +232,7 @@ static void __attribute__((noreturn)) poweroff(u8 status)
 
 /* Print a final line and power off, keeping the console lock so that no
    other CPU prints after it. */
-static void __attribute__((noreturn)) say_and_stop(u8 status, const char *fmt, ...)
+void say_and_stop(u8 status, const char *fmt, ...)
 {
 	va_list ap;
 	va_start(ap, fmt);
@@ -313,6 +278,10 @@ static u64 passes;     /* 0 = forever */
 static u64 dirty_rate; /* pages/s across the guest */
 static u64 hb_ms = 100;
 static u64 ncpus = 1;
+static struct virtio_args vargs = {
+	.net_ip = 0x0a000002,   /* 10.0.0.2 */
+	.net_peer = 0x0a000001, /* 10.0.0.1 */
+};
 
 static const char *arg_error;
 static char arg_error_buf[96];
@@ -362,6 +331,34 @@ static int streq(const char *a, const char *b)
 	return *a == *b;
 }
 
+static int has_dot(const char *s)
+{
+	while (*s && *s != '.')
+		s++;
+	return *s == '.';
+}
+
+/* Dotted-quad IPv4 address, into host order. */
+static int parse_ipv4(const char *s, u64 *out)
+{
+	u64 ip = 0;
+	for (int part = 0; part < 4; part++) {
+		u64 v = 0;
+		int digits = 0;
+		while (*s >= '0' && *s <= '9' && digits < 4) {
+			v = v * 10 + (u64)(*s++ - '0');
+			digits++;
+		}
+		if (!digits || v > 255 || *s != (part < 3 ? '.' : 0))
+			return 0;
+		if (part < 3)
+			s++;
+		ip = ip << 8 | v;
+	}
+	*out = ip;
+	return 1;
+}
+
 /* Parse "key=value key=value ..." in place (cmdline is kept intact for
    the boot line by parsing a copy). The first problem is kept in
    arg_error. */
@@ -390,6 +387,17 @@ static void parse_cmdline(void)
 		*eq = 0;
 		const char *key = tok, *val = eq + 1;
 		u64 v;
+		/* module.param=... belongs to someone else (fabvm adds
+		   virtio_mmio.device= for Linux kernels): skip it. */
+		if (has_dot(key))
+			continue;
+		if (streq(key, "netip") || streq(key, "netpeer")) {
+			if (!parse_ipv4(val, streq(key, "netip") ? &vargs.net_ip : &vargs.net_peer)) {
+				*eq = '=';
+				set_arg_error("bad IPv4 address: ", tok);
+			}
+			continue;
+		}
 		if (!parse_u64(val, &v)) {
 			*eq = '=';
 			set_arg_error("bad number: ", tok);
@@ -421,6 +429,24 @@ static void parse_cmdline(void)
 			if (v < 1 || v > MAX_CPUS)
 				arg_error = "cpus must be 1..64";
 			ncpus = v;
+		} else if (streq(key, "blk"))
+			vargs.blk = v;
+		else if (streq(key, "blkwait")) {
+			if (v > 3600000ULL)
+				arg_error = "blkwait must be <= 3600000 (ms)";
+			vargs.blkwait = v;
+		} else if (streq(key, "blkbench")) {
+			if (v > 3600000ULL)
+				arg_error = "blkbench must be <= 3600000 (ms)";
+			vargs.blkbench = v;
+		} else if (streq(key, "net")) {
+			if (v > 1)
+				arg_error = "net must be 0 or 1";
+			vargs.net = v;
+		} else if (streq(key, "netbench")) {
+			if (v > 3600000ULL)
+				arg_error = "netbench must be <= 3600000 (ms)";
+			vargs.netbench = v;
 		} else {
 			*eq = '=';
 			set_arg_error("unknown argument: ", tok);
@@ -522,7 +548,7 @@ static void layout_memory(void)
 /* ------------------------------------------------------------------ */
 /* time                                                               */
 /* ------------------------------------------------------------------ */
-static u64 tsc_khz;
+u64 tsc_khz;
 static const char *tsc_src = "guess";
 
 static u32 pit_read0(void)
@@ -823,6 +849,8 @@ static void __attribute__((noreturn)) bsp_main(void)
 	calibrate_tsc();
 	say("info tsc_khz=%u tsc=%s fill_start=%x fill_end=%x gen_table=%x", tsc_khz, tsc_src,
 	    fill_start, fill_end, (u64)(uintptr_t)gen_tab);
+	/* virtio work first (blk, blkbench, net, netbench), then the workload. */
+	virtio_run(&vargs);
 	memset(gen_tab, 0, gen_count * sizeof(u16));
 
 	/* Split pages evenly; give each CPU its share of the dirty rate. */

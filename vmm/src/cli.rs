@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::virtio::spec::{self, DiskArg, NetArg};
+
 /// fabvm: a minimal KVM microVM monitor with a memory fabric.
 #[derive(Debug, Parser)]
 #[command(
@@ -66,6 +68,18 @@ pub struct RunArgs {
     /// exact dirty logging on nested KVM (see README).
     #[arg(long, conflicts_with = "restore")]
     pub no_hugepages: bool,
+
+    /// A virtio-blk disk on a raw image (repeatable); `,ro` refuses guest writes.
+    #[arg(long = "disk", value_name = "PATH[,ro]", value_parser = spec::parse_disk, conflicts_with = "restore")]
+    pub disks: Vec<DiskArg>,
+
+    /// A virtio-net device on a tap interface (repeatable; the tap is created if missing).
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = spec::parse_net, conflicts_with = "restore")]
+    pub nets: Vec<NetArg>,
+
+    /// A virtio-rng device fed by the host's getrandom.
+    #[arg(long, conflicts_with = "restore")]
+    pub rng: bool,
 
     /// Serve the API (JSON lines) on this Unix socket.
     #[arg(long, value_name = "PATH")]

@@ -4,8 +4,12 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use devices::virtio::MacAddr;
+
 use crate::cli::RunArgs;
 use crate::layout;
+use crate::virtio::spec::{DiskArg, NetArg};
+use crate::virtio::{self, DeviceSpec};
 
 /// Command line used when the user gives none.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
@@ -53,6 +57,15 @@ pub enum ConfigError {
     /// Command line with a NUL byte.
     #[error("--cmdline must not contain NUL bytes")]
     CmdlineNul,
+    /// More virtio devices than there are slots.
+    #[error("{0} virtio devices (--disk, --net, --rng): at most {max} fit", max = layout::VIRTIO_MMIO_MAX_DEVICES)]
+    TooManyDevices(usize),
+    /// The same tap given twice.
+    #[error("--net tap={0} is given twice")]
+    DuplicateTap(String),
+    /// The command line with the virtio_mmio.device= entries is too long.
+    #[error("--cmdline with the virtio_mmio.device= entries is {0} bytes; the limit is 2047")]
+    CmdlineWithDevicesTooLong(usize),
 }
 
 /// Everything needed to build and boot a VM.
@@ -70,6 +83,8 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Back memory with transparent huge pages.
     pub hugepages: bool,
+    /// virtio devices, in slot order (disks, nets, rng).
+    pub devices: Vec<DeviceSpec>,
 }
 
 /// What the fabvm process runs, and the services around it.
@@ -118,7 +133,12 @@ impl Launch {
                     args.cpus.unwrap_or(1),
                     args.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
                 )?
-                .with_hugepages(!args.no_hugepages),
+                .with_hugepages(!args.no_hugepages)
+                .with_devices(devices_from_args(
+                    &args.disks,
+                    &args.nets,
+                    args.rng,
+                ))?,
             ),
             (None, None) => return Err(ConfigError::NoKernel),
         };
@@ -170,6 +190,7 @@ impl VmConfig {
             cpus,
             cmdline,
             hugepages: true,
+            devices: Vec::new(),
         })
     }
 
@@ -177,6 +198,77 @@ impl VmConfig {
     pub fn with_hugepages(self, hugepages: bool) -> Self {
         Self { hugepages, ..self }
     }
+
+    /// Adds virtio devices: disk images must be openable (read-write unless read-only), taps
+    /// are opened when the device is built; the command line must still fit with the
+    /// `virtio_mmio.device=` entries.
+    pub fn with_devices(self, devices: Vec<DeviceSpec>) -> Result<Self, ConfigError> {
+        if devices.len() > layout::VIRTIO_MMIO_MAX_DEVICES {
+            return Err(ConfigError::TooManyDevices(devices.len()));
+        }
+        let mut taps = std::collections::HashSet::new();
+        for device in &devices {
+            match device {
+                DeviceSpec::Block { path, read_only } => check_disk(path, *read_only)?,
+                DeviceSpec::Net { tap, .. } if !taps.insert(tap.as_str()) => {
+                    return Err(ConfigError::DuplicateTap(tap.clone()))
+                }
+                DeviceSpec::Net { .. } | DeviceSpec::Rng => {}
+            }
+        }
+        let full = virtio::cmdline_with_devices(&self.cmdline, devices.len());
+        if full.len() >= layout::CMDLINE_MAX {
+            return Err(ConfigError::CmdlineWithDevicesTooLong(full.len()));
+        }
+        Ok(Self { devices, ..self })
+    }
+
+    /// The command line the guest gets: the user's plus the `virtio_mmio.device=` entries.
+    pub fn guest_cmdline(&self) -> String {
+        virtio::cmdline_with_devices(&self.cmdline, self.devices.len())
+    }
+}
+
+/// The devices the command line asks for, in slot order: disks, nets, then the rng. A net
+/// without a MAC gets a random locally administered one.
+pub fn devices_from_args(disks: &[DiskArg], nets: &[NetArg], rng: bool) -> Vec<DeviceSpec> {
+    let disks = disks.iter().map(|d| DeviceSpec::Block {
+        path: d.path.clone(),
+        read_only: d.read_only,
+    });
+    let nets = nets.iter().map(|n| DeviceSpec::Net {
+        tap: n.tap.clone(),
+        mac: n.mac.unwrap_or_else(MacAddr::random_local),
+    });
+    disks
+        .chain(nets)
+        .chain(rng.then_some(DeviceSpec::Rng))
+        .collect()
+}
+
+/// A disk image: a regular file or block device we may open as asked.
+fn check_disk(path: &Path, read_only: bool) -> Result<(), ConfigError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|source| ConfigError::Open {
+            what: "disk image",
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let kind = file.metadata().map(|m| m.file_type());
+    let usable = kind.is_ok_and(|k| {
+        use std::os::unix::fs::FileTypeExt;
+        k.is_file() || k.is_block_device()
+    });
+    if !usable {
+        return Err(ConfigError::NotAFile {
+            what: "disk image",
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
 }
 
 fn check_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {

@@ -1,5 +1,6 @@
 //! Builds the devices and puts them on the buses: COM1 (irqfd on GSI 4), the i8042, the
-//! debug-exit port and the ACPI power-management registers.
+//! debug-exit port, the ACPI power-management registers and the virtio-mmio devices (built by
+//! [`crate::virtio`]).
 //! Owns the eventfds the event loop watches for console input and guest reset.
 
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::layout;
 use crate::vcpu::exit::Buses;
+use crate::virtio::VirtioDevices;
 
 /// COM1 ports.
 pub const COM1_BASE: u64 = 0x3f8;
@@ -55,6 +57,8 @@ pub struct DeviceManager {
     pub power_off: EventFd,
     /// The keyboard controller, for its state.
     pub i8042: Arc<Mutex<I8042>>,
+    /// The virtio-mmio devices and their thread.
+    pub virtio: VirtioDevices,
 }
 
 /// Saved device state to start from, instead of power-on state.
@@ -72,6 +76,16 @@ impl DeviceManager {
         vm: &VmFd,
         out: Box<dyn std::io::Write + Send>,
         saved: Option<DeviceStates<'_>>,
+    ) -> Result<Self, DeviceError> {
+        Self::with_virtio(vm, out, saved, VirtioDevices::none())
+    }
+
+    /// [`DeviceManager::new`] plus the `virtio` devices on the MMIO bus.
+    pub fn with_virtio(
+        vm: &VmFd,
+        out: Box<dyn std::io::Write + Send>,
+        saved: Option<DeviceStates<'_>>,
+        virtio: VirtioDevices,
     ) -> Result<Self, DeviceError> {
         let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd);
         let irq = eventfd()?;
@@ -106,10 +120,9 @@ impl DeviceManager {
         let power_off = eventfd()?;
         let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(clone(&power_off)?, clone(&reset)?)));
         pio.insert(acpi_pm, layout::ACPI_PM_PORT, devices::acpi_pm::PORTS)?;
-        let buses = Arc::new(Buses {
-            pio,
-            mmio: Bus::new(),
-        });
+        let mut mmio = Bus::new();
+        virtio.attach(&mut mmio)?;
+        let buses = Arc::new(Buses { pio, mmio });
         Ok(Self {
             buses,
             serial,
@@ -118,6 +131,7 @@ impl DeviceManager {
             debug_exit,
             power_off,
             i8042,
+            virtio,
         })
     }
 

@@ -14,5 +14,6 @@ pub mod memory;
 pub mod runner;
 pub mod snapshot;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 pub mod vm_state;

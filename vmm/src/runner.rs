@@ -15,6 +15,7 @@ use crate::snapshot::restore::{self, RestoreError};
 use crate::snapshot::save::VmMeta;
 use crate::vcpu::exit::StopReason;
 use crate::vcpu::{SaveContext, StopSink, Vcpu, VcpuError, Vcpus};
+use crate::virtio::{VirtioDevices, VirtioError};
 use crate::vm::{Vm, VmError};
 use crate::vm_state::VmStateError;
 
@@ -36,6 +37,9 @@ pub enum RunError {
     /// Building devices.
     #[error(transparent)]
     Devices(#[from] DeviceError),
+    /// Building or restoring the virtio devices.
+    #[error(transparent)]
+    Virtio(#[from] VirtioError),
     /// vCPU threads.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -107,22 +111,24 @@ fn boot(config: &VmConfig, sink: &StopSink) -> Result<Built, RunError> {
     Ok((vm, devices, prepared, meta))
 }
 
-/// Loads the kernel, builds the devices and creates the vCPUs (not yet running).
+/// Builds the devices, loads the kernel (the ACPI tables and command line list the virtio
+/// devices) and creates the vCPUs (not yet running).
 fn setup_guest(
     vm: &Vm,
     config: &VmConfig,
     sink: &StopSink,
 ) -> Result<(DeviceManager, Vec<Vcpu>), RunError> {
+    let virtio = VirtioDevices::build(&vm.fd, &vm.memory, &config.devices)?;
+    let devices = DeviceManager::with_virtio(&vm.fd, Box::new(std::io::stdout()), None, virtio)?;
     let entry = boot::load(
         &vm.memory,
         config.mem,
         config.cpus,
         &config.kernel,
         config.initrd.as_deref(),
-        &config.cmdline,
-        &[], // virtio-mmio devices: none yet
+        &config.guest_cmdline(),
+        &devices.virtio.acpi_devices(),
     )?;
-    let devices = DeviceManager::new(&vm.fd, Box::new(std::io::stdout()), None)?;
     let vcpus = create_vcpus(vm, config.cpus, entry, &devices, sink)?;
     Ok((devices, vcpus))
 }
@@ -220,7 +226,9 @@ fn restore_snapshot(
         serial: &state.serial,
         i8042: &state.i8042,
     };
-    let devices = DeviceManager::new(&vm.fd, Box::new(std::io::stdout()), Some(saved))?;
+    let virtio = VirtioDevices::restore(&vm.fd, &vm.memory, &state.virtio)?;
+    let devices =
+        DeviceManager::with_virtio(&vm.fd, Box::new(std::io::stdout()), Some(saved), virtio)?;
     let save = save_context(&vm)?;
     let mut prepared = Vec::with_capacity(state.vcpus.len());
     for (index, vcpu_state) in state.vcpus.iter().enumerate() {
@@ -244,6 +252,8 @@ fn restore_snapshot(
             save.clone(),
         ));
     }
+    // Requests the guest made just before the snapshot that no device had picked up yet.
+    devices.virtio.process_all_queues();
     let meta = VmMeta {
         mem: state.mem,
         cpus: state.cpus,

@@ -17,6 +17,7 @@ use fabric::Region;
 use serde::{Deserialize, Serialize};
 
 use crate::vcpu::state::VcpuState;
+use crate::virtio::VirtioDeviceState;
 use crate::vm_state::VmState;
 
 const MAGIC: &[u8; 8] = b"FABVMSNP";
@@ -74,6 +75,9 @@ pub struct SnapshotState {
     pub serial: SerialDeviceState,
     /// The i8042.
     pub i8042: I8042State,
+    /// virtio devices in slot order, with the disk paths and tap names to reopen.
+    #[serde(default)]
+    pub virtio: Vec<VirtioDeviceState>,
     /// The store holding the pages, as it was given when the snapshot was taken.
     pub store: PathBuf,
     /// The root in that store that references the snapshot's pages.
@@ -171,6 +175,7 @@ pub(crate) mod tests {
                 output: None,
                 pending_command: None,
             },
+            virtio: vec![],
             store: "/var/lib/fabvm/store".into(),
             root: "snapshot-1".into(),
             manifest_blake3: "00".into(),

@@ -120,6 +120,10 @@ pub fn save(
 ) -> Result<SaveReport, SaveError> {
     let started = Instant::now();
     prepare_dir(dir)?;
+    // Held until the snapshot is written: no virtio device touches guest memory, its queues or
+    // the interrupt lines while vCPU, VM and memory state are taken.
+    let virtio_lock = source.devices.virtio.lock();
+    let virtio = virtio_lock.state();
     let vcpus = source.vcpus.save_state()?;
     let vm = VmState::save(source.vm)?;
     let (serial, i8042) = source.devices.state();
@@ -187,11 +191,13 @@ pub fn save(
         vcpus,
         serial,
         i8042,
+        virtio,
         store: absolute(store_dir),
         root,
         manifest_blake3: blake3::hash(&manifest_bytes).to_hex().to_string(),
     };
     write_atomic(&dir.join(STATE_FILE), &format::encode(&state))?;
+    drop(virtio_lock);
     Ok(SaveReport {
         dir: absolute(dir),
         store: absolute(store_dir),
