@@ -73,6 +73,11 @@ pub fn run(
         Some(path) => Some(ApiServer::start(path, calls_tx, api_wake.clone())?),
         None => None,
     };
+    // Other fabvm processes on this host (migration destinations, the sharing report) find
+    // our pages through this registration; without it they just don't see this VM.
+    let _registration = crate::host_index::Registration::new(&state.machine.vm.memory)
+        .map_err(|e| log::warn!("{e}"))
+        .ok();
     let _raw = RawStdin::new();
     let result = state.serve(stop_evt, stops, &api_wake, &calls);
     state.machine.vcpus.stop();

@@ -9,6 +9,7 @@ pub mod config;
 pub mod console;
 pub mod device_manager;
 pub mod event_loop;
+pub mod host_index;
 pub mod layout;
 pub mod memory;
 pub mod runner;
