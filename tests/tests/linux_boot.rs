@@ -1,7 +1,9 @@
 //! Debian's cloud kernel, as an ELF vmlinux (PVH entry) and as a bzImage: its own early output
 //! shows the banner, exactly our command line, an e820 map matching --mem, the initrd, our ACPI
 //! tables (RSDP, XSDT, FACP, DSDT, APIC with our OEM id) and both vCPUs, which this kernel
-//! (no MP-table parsing) finds only through the MADT.
+//! (no MP-table parsing) finds only through the MADT. The VM has a virtio disk and an rng, so
+//! the DSDT lists two virtio-mmio devices and the command line carries their
+//! `virtio_mmio.device=` entries (this kernel does not get as far as probing them here).
 //! On kvm_pvm (guest ring 0 emulated) Linux never reaches /init, so that is the whole check
 //! there; where KVM is hardware-backed the busybox init line is required too.
 //! ACPI power-off (what Linux's `poweroff` ends in) is checked with a tiny guest of our own.
@@ -25,6 +27,12 @@ fn boot_linux(kernel_name: &str, timeout: Duration) {
     let cmdline = format!("console=ttyS0 earlyprintk=serial reboot=k panic=-1 fabvm.test=poweroff fabvm.id={kernel_name}");
     let kernel = dir.join(kernel_name);
     let initrd = dir.join("initramfs.cpio.gz");
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("disk.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
     let mut vm = Vm::start(&[
         "--kernel",
         kernel.to_str().unwrap(),
@@ -36,6 +44,9 @@ fn boot_linux(kernel_name: &str, timeout: Duration) {
         CPUS,
         "--cmdline",
         &cmdline,
+        "--disk",
+        disk.to_str().unwrap(),
+        "--rng",
     ]);
     let ram_end = format!("{:#018x}] usable", MEM_BYTES - 1);
     let mut wanted = vec![
@@ -55,7 +66,9 @@ fn boot_linux(kernel_name: &str, timeout: Duration) {
         .map(|sig| format!("ACPI: {sig} 0x"))
         .collect();
     wanted.extend(table_lines.iter().map(String::as_str));
-    let command_line = format!("Command line: {cmdline}");
+    let command_line = format!(
+        "Command line: {cmdline} virtio_mmio.device=512@0xd0000000:5 virtio_mmio.device=512@0xd0001000:6"
+    );
     wanted.push(&command_line);
     if tier == Tier::Hardware {
         wanted.push("fabvm-initramfs: init started");

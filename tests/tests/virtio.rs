@@ -1,0 +1,421 @@
+//! virtio devices end to end with the test guest's polling drivers: a virtio-blk round trip
+//! on a raw image (the image holds the guest's pattern afterwards), a read-only disk refusing
+//! the write with IOERR, a snapshot and restore of a VM with a disk that keeps doing round
+//! trips, frames crossing a tap in a network namespace both ways (ARP with the host's kernel,
+//! UDP counted at the tap), and bad `--disk` / `--net` input ending with one line.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use fabvm_tests::{ctl, fabvm, lines_with, require_kvm, test_guest, wait_for_socket, Vm};
+
+const EXIT: Duration = Duration::from_secs(60);
+const DISK_BYTES: u64 = 16 << 20;
+const SECTORS: u64 = DISK_BYTES / 512;
+
+fn guest() -> String {
+    test_guest().to_str().unwrap().to_string()
+}
+
+/// A zero-filled raw image of `DISK_BYTES`.
+fn image(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("disk.raw");
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len(DISK_BYTES).unwrap();
+    path
+}
+
+/// What the test guest writes to sector `s` in round `r` (guest-images/README.md).
+fn sector_pattern(round: u64, sector: u64) -> Vec<u8> {
+    let mut bytes: Vec<u8> = (0..512u64).map(|j| (j + sector + round) as u8).collect();
+    let text = format!("fabvm-blk round={round} sector={sector}\n");
+    bytes[..text.len()].copy_from_slice(text.as_bytes());
+    bytes
+}
+
+/// Round `r`'s 4 KiB block starts at sector `(r - 1) * 8` (on a disk this size).
+fn round_block(round: u64) -> (u64, Vec<u8>) {
+    let first = (round - 1) * 8;
+    let block = (first..first + 8)
+        .flat_map(|s| sector_pattern(round, s))
+        .collect();
+    (first, block)
+}
+
+/// Runs the guest to its end; returns its console output. Exit 0 required.
+fn run_to_end(args: &[&str]) -> String {
+    let mut vm = Vm::start(args);
+    let status = vm.wait_exit(EXIT).expect("fabvm did not exit");
+    let out = vm.stdout();
+    assert!(
+        status.success(),
+        "fabvm failed ({status:?}):\n{out}\nstderr: {}",
+        vm.stderr()
+    );
+    out
+}
+
+#[test]
+fn blk_round_trip_leaves_the_pattern_in_the_image() {
+    if require_kvm("blk_round_trip").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = image(dir.path());
+    let out = run_to_end(&[
+        "--kernel",
+        &guest(),
+        "--mem",
+        "128M",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--cmdline",
+        "blk=2 fill=4 passes=1 hb=0",
+    ]);
+    let found = lines_with(&out, "fabvm-guest: blk found ");
+    assert_eq!(found.len(), 1, "{out}");
+    assert!(
+        found[0].starts_with(&format!(
+            "fabvm-guest: blk found base=0xd0000000 sectors={SECTORS} ro=0 id="
+        )),
+        "{out}"
+    );
+    assert_eq!(
+        lines_with(&out, "fabvm-guest: blk ok "),
+        [
+            format!("fabvm-guest: blk ok sectors={SECTORS} round=1 sector=0"),
+            format!("fabvm-guest: blk ok sectors={SECTORS} round=2 sector=8"),
+        ],
+        "{out}"
+    );
+    assert!(!out.contains("FAILED"), "{out}");
+    assert!(out.contains("fabvm-guest: done"), "{out}");
+    // The guest's virtio_mmio.device= entry reached it and was ignored.
+    assert!(
+        out.contains("cmdline=blk=2 fill=4 passes=1 hb=0 virtio_mmio.device=512@0xd0000000:5"),
+        "{out}"
+    );
+
+    let bytes = std::fs::read(&disk).unwrap();
+    assert_eq!(bytes.len() as u64, DISK_BYTES);
+    for round in [1, 2] {
+        let (first, block) = round_block(round);
+        let at = (first * 512) as usize;
+        assert!(
+            bytes[at..at + block.len()] == block[..],
+            "round {round}'s block is not in the image"
+        );
+    }
+    assert!(
+        bytes[16 * 512..].iter().all(|&b| b == 0),
+        "the guest wrote outside its blocks"
+    );
+}
+
+#[test]
+fn read_only_disk_refuses_the_write_with_ioerr() {
+    if require_kvm("read_only_disk").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = image(dir.path());
+    let ro = format!("{},ro", disk.display());
+    let out = run_to_end(&[
+        "--kernel",
+        &guest(),
+        "--mem",
+        "128M",
+        "--disk",
+        &ro,
+        "--cmdline",
+        "blk=1 fill=4 passes=1 hb=0",
+    ]);
+    assert!(
+        out.contains(&format!(
+            "fabvm-guest: blk found base=0xd0000000 sectors={SECTORS} ro=1 id="
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "fabvm-guest: blk ro write=ioerr read=ok sectors={SECTORS} round=1 sector=0\n"
+        )),
+        "{out}"
+    );
+    assert!(!out.contains("FAILED"), "{out}");
+    let bytes = std::fs::read(&disk).unwrap();
+    assert!(bytes.iter().all(|&b| b == 0), "a read-only disk changed");
+}
+
+#[test]
+fn restored_vm_with_a_disk_keeps_doing_round_trips() {
+    if require_kvm("restored_vm_with_a_disk").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = image(dir.path());
+    let store = dir.path().join("store");
+    let sock = dir.path().join("vm.sock");
+    let snap = dir.path().join("snap");
+    let mut vm = Vm::start(&[
+        "--kernel",
+        &guest(),
+        "--mem",
+        "128M",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--cmdline",
+        "blk=6 blkwait=400 fill=4 passes=1 hb=0",
+    ]);
+    assert!(wait_for_socket(&sock, EXIT), "{}", vm.stderr());
+    assert!(
+        vm.wait_for_all(&["round=2 sector=8"], EXIT),
+        "no second round trip:\n{}\n{}",
+        vm.stdout(),
+        vm.stderr()
+    );
+    let (ok, report, err) = ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
+    assert!(ok, "snapshot failed: {err}");
+    // One writer at a time: the original goes away before the copy starts.
+    vm.kill();
+    let before = vm.stdout();
+    let last_before = lines_with(&before, "fabvm-guest: blk ok ").len() as u64;
+    assert!(
+        last_before < 6,
+        "the guest finished before the snapshot: {before}"
+    );
+    let state = std::fs::read(snap.join("state")).unwrap();
+    let needle = format!("\"path\":\"{}\"", disk.display());
+    assert!(
+        state.windows(needle.len()).any(|w| w == needle.as_bytes()),
+        "the snapshot does not record the disk ({report})"
+    );
+
+    let mut restored = Vm::start(&[
+        "--restore",
+        snap.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+    let status = restored.wait_exit(EXIT).expect("restored VM did not exit");
+    let out = restored.stdout();
+    assert!(
+        status.success(),
+        "restored VM failed ({status:?}):\n{out}\nstderr: {}",
+        restored.stderr()
+    );
+    // Every round after the snapshot checks its own block and the one before it (written
+    // before the snapshot for the first of them).
+    let after = lines_with(&out, "fabvm-guest: blk ok ");
+    assert!(!after.is_empty(), "no round trip after restore:\n{out}");
+    assert_eq!(
+        after.last().copied(),
+        Some(format!("fabvm-guest: blk ok sectors={SECTORS} round=6 sector=40").as_str()),
+        "{out}"
+    );
+    assert!(!out.contains("FAILED"), "{out}");
+    assert!(out.contains("fabvm-guest: done"), "{out}");
+    let bytes = std::fs::read(&disk).unwrap();
+    for round in 1..=6 {
+        let (first, block) = round_block(round);
+        let at = (first * 512) as usize;
+        assert!(
+            bytes[at..at + block.len()] == block[..],
+            "round {round}'s block is not in the image"
+        );
+    }
+}
+
+/// A network namespace with a tap `vtap0` (10.0.0.1/24, up) in it, deleted on drop.
+struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    /// None (with a SKIPPED notice) when namespaces cannot be made here.
+    fn new(test: &str) -> Option<NetNs> {
+        let name = format!("fabvm-test-{}", std::process::id());
+        if !ip(&["netns", "add", &name]) {
+            eprintln!("!!! {test}: SKIPPED, cannot create a network namespace (need root and iproute2) !!!");
+            return None;
+        }
+        let ns = NetNs { name };
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["tuntap", "add", "dev", "vtap0", "mode", "tap"],
+            &["addr", "add", "10.0.0.1/24", "dev", "vtap0"],
+            &["link", "set", "vtap0", "up"],
+        ] {
+            let mut full = vec!["-n", ns.name.as_str()];
+            full.extend_from_slice(args);
+            assert!(ip(&full), "ip {full:?} failed");
+        }
+        Some(ns)
+    }
+
+    /// A command run inside the namespace.
+    fn command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// A file under /sys/class/net/vtap0 as seen inside the namespace.
+    fn tap_attr(&self, attr: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "cat"])
+            .arg(format!("/sys/class/net/vtap0/{attr}"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "cannot read vtap0/{attr}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if !ip(&["netns", "del", &self.name]) {
+            eprintln!("could not delete network namespace {}", self.name);
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
+#[test]
+fn frames_cross_a_tap_in_a_network_namespace() {
+    if require_kvm("net_tap").is_none() {
+        return;
+    }
+    let Some(ns) = NetNs::new("frames_cross_a_tap") else {
+        return;
+    };
+    let host_mac = ns.tap_attr("address");
+    let rx_before: u64 = ns.tap_attr("statistics/rx_packets").parse().unwrap();
+    let mut cmd = ns.command(&fabvm());
+    cmd.args([
+        "--kernel",
+        &guest(),
+        "--mem",
+        "128M",
+        "--net",
+        "tap=vtap0,mac=52:54:00:fa:b0:01",
+        "--cmdline",
+        "net=1 netbench=300 fill=1 passes=1 hb=0",
+    ]);
+    let mut vm = Vm::start_command(&mut cmd);
+    let status = vm.wait_exit(EXIT).expect("fabvm did not exit");
+    let out = vm.stdout();
+    assert!(
+        status.success(),
+        "fabvm failed ({status:?}):\n{out}\nstderr: {}",
+        vm.stderr()
+    );
+    assert!(
+        out.contains("fabvm-guest: net found base=0xd0000000 mac=52:54:00:fa:b0:01\n"),
+        "{out}"
+    );
+    // Guest to host (ARP request) and host to guest (the host kernel's ARP reply).
+    assert!(
+        out.contains(&format!(
+            "fabvm-guest: net ok arp_reply_from=10.0.0.1 peer_mac={host_mac} "
+        )),
+        "{out}"
+    );
+    // Every UDP frame the guest sent arrived at the host's side of the tap.
+    let bench = lines_with(&out, "fabvm-guest: netbench udp ");
+    assert_eq!(bench.len(), 1, "{out}");
+    let frames = field(bench[0], "frames=");
+    assert!(frames > 0, "{out}");
+    let rx_after: u64 = ns.tap_attr("statistics/rx_packets").parse().unwrap();
+    assert!(
+        rx_after - rx_before >= frames + 1,
+        "the tap received {} frames, the guest sent {frames} UDP frames and an ARP request",
+        rx_after - rx_before
+    );
+}
+
+/// Runs fabvm expecting a one-line error; returns it.
+fn one_line_error(mut vm: Vm) -> String {
+    let status = vm.wait_exit(EXIT).expect("fabvm hung on bad input");
+    let stderr = vm.stderr();
+    assert!(!status.success(), "exit 0 on bad input; stderr {stderr}");
+    assert_ne!(status.code(), Some(101), "panicked: {stderr}");
+    let lines: Vec<_> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "want one line, got {stderr:?}");
+    assert!(lines[0].starts_with("fabvm: "), "{stderr}");
+    assert!(vm.stdout().is_empty(), "console output: {}", vm.stdout());
+    lines[0].to_string()
+}
+
+#[test]
+fn bad_disk_and_net_arguments_end_with_one_line() {
+    let g = guest();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--disk", "/nonexistent/disk.raw"],
+            "cannot open disk image /nonexistent/disk.raw",
+        ),
+        (&["--disk", "/"], "cannot open disk image /"),
+        (
+            &["--disk", "x.raw,readonly"],
+            "unknown disk option 'readonly'",
+        ),
+        (&["--disk", ""], "--disk needs a path"),
+        (&["--net", "vtap0"], "unknown net option 'vtap0'"),
+        (&["--net", "tap="], "invalid tap name ''"),
+        (&["--net", "tap=a/b"], "invalid tap name 'a/b'"),
+        (
+            &["--net", "tap=t0,mac=zz:00:00:00:00:00"],
+            "invalid MAC address",
+        ),
+        (
+            &["--net", "tap=t0,mac=01:00:5e:00:00:01"],
+            "invalid MAC address",
+        ),
+        (&["--net", "mac=52:54:00:00:00:01"], "--net needs tap=NAME"),
+        (
+            &["--net", "tap=t0", "--net", "tap=t0"],
+            "--net tap=t0 is given twice",
+        ),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["--kernel", g.as_str()];
+        args.extend_from_slice(extra);
+        let line = one_line_error(Vm::start(&args));
+        assert!(line.contains(want), "{extra:?}: {line}");
+    }
+}
+
+#[test]
+fn tap_without_permission_ends_with_one_line() {
+    if require_kvm("tap_without_permission").is_none() {
+        return;
+    }
+    // Root without CAP_NET_ADMIN (KVM stays usable): the kernel refuses to create the tap.
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--bounding-set=-net_admin", "--inh-caps=-net_admin"])
+        .arg(fabvm())
+        .args(["--kernel", &guest(), "--net", "tap=fabvmnoperm0"]);
+    let line = one_line_error(Vm::start_command(&mut cmd));
+    assert!(line.contains("cannot attach tap fabvmnoperm0"), "{line}");
+}
