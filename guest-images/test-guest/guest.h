@@ -59,6 +59,7 @@ struct virtio_args {
 	u64 blk;        /* round trips (0 = none) */
 	u64 blkwait;    /* ms between round trips */
 	u64 blkbench;   /* ms per benchmark phase (0 = none) */
+	u64 rng;        /* 1 = two virtio-rng requests */
 	u64 net;        /* 1 = ARP exchange with the host */
 	u64 netbench;   /* ms of UDP transmission (0 = none) */
 	u64 net_ip;     /* the guest's IPv4 address (host order) */

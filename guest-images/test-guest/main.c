@@ -439,6 +439,10 @@ static void parse_cmdline(void)
 			if (v > 3600000ULL)
 				arg_error = "blkbench must be <= 3600000 (ms)";
 			vargs.blkbench = v;
+		} else if (streq(key, "rng")) {
+			if (v > 1)
+				arg_error = "rng must be 0 or 1";
+			vargs.rng = v;
 		} else if (streq(key, "net")) {
 			if (v > 1)
 				arg_error = "net must be 0 or 1";
@@ -849,7 +853,7 @@ static void __attribute__((noreturn)) bsp_main(void)
 	calibrate_tsc();
 	say("info tsc_khz=%u tsc=%s fill_start=%x fill_end=%x gen_table=%x", tsc_khz, tsc_src,
 	    fill_start, fill_end, (u64)(uintptr_t)gen_tab);
-	/* virtio work first (blk, blkbench, net, netbench), then the workload. */
+	/* virtio work first (blk, blkbench, rng, net, netbench), then the workload. */
 	virtio_run(&vargs);
 	memset(gen_tab, 0, gen_count * sizeof(u16));
 

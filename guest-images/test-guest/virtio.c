@@ -1,14 +1,15 @@
 /*
  * fabvm test guest: polling virtio-mmio drivers (version 2, "modern" only)
- * for virtio-blk and virtio-net, run from ring 3 with interrupts off.
+ * for virtio-blk, virtio-net and virtio-rng, run from ring 3 with
+ * interrupts off.
  *
  * One request in flight per queue except in the net benchmark; each driver
  * finds its device by scanning fabvm's and QEMU microvm's register windows
  * (config.h), negotiates VERSION_1, puts its rings and buffers in the
  * image's own .bss (identity-mapped, so virtual = guest physical), and polls
  * the used ring. The device's interrupt is never acknowledged: nothing here
- * waits for it. Every failure ends the guest with a `blk FAILED` or
- * `net FAILED` line (see guest-images/README.md for every line).
+ * waits for it. Every failure ends the guest with a `blk FAILED`,
+ * `net FAILED` or `rng FAILED` line (see guest-images/README.md for every line).
  */
 #include "guest.h"
 
@@ -37,6 +38,7 @@
 #define VIRTIO_MAGIC 0x74726976 /* "virt" */
 #define ID_NET 1
 #define ID_BLK 2
+#define ID_RNG 4
 
 #define S_ACK 1
 #define S_DRIVER 2
@@ -232,6 +234,19 @@ static int vq_take(struct vq *q, u32 *id, u32 *len)
 	return 1;
 }
 
+/* Waits up to TIMEOUT_MS for the next used entry; 0 on timeout. */
+static int vq_wait(struct vq *q, u32 *id, u32 *len)
+{
+	u64 deadline = rdtsc() + ms_to_ticks(TIMEOUT_MS);
+	while (!vq_take(q, id, len)) {
+		/* Past the deadline look once more: the VM may have been paused. */
+		if (rdtsc() > deadline)
+			return vq_take(q, id, len);
+		cpu_relax();
+	}
+	return 1;
+}
+
 /* ------------------------------------------------------------------ */
 /* small helpers                                                      */
 /* ------------------------------------------------------------------ */
@@ -351,17 +366,9 @@ static u32 blk_request(u32 type, u64 sector, void *buf, u32 len)
 	desc[last] = (struct vring_desc){addr_of(&blk_status), 1, D_WRITE, 0};
 	vq_put(&blk_q, 0);
 	vq_kick(&blk, &blk_q);
-	u64 deadline = rdtsc() + ms_to_ticks(TIMEOUT_MS);
 	u32 id, used_len;
-	while (!vq_take(&blk_q, &id, &used_len)) {
-		if (rdtsc() > deadline) {
-			/* Look once more: the VM may have been paused past the deadline. */
-			if (vq_take(&blk_q, &id, &used_len))
-				break;
-			blk_fail("timeout: request type %u at sector %u not completed", (u64)type, sector);
-		}
-		cpu_relax();
-	}
+	if (!vq_wait(&blk_q, &id, &used_len))
+		blk_fail("timeout: request type %u at sector %u not completed", (u64)type, sector);
 	if (id != 0)
 		blk_fail("used ring returned descriptor %u, not 0", (u64)id);
 	barrier();
@@ -729,6 +736,57 @@ static void net_bench(u64 ms, u32 ip, u32 peer)
 }
 
 /* ------------------------------------------------------------------ */
+/* virtio-rng                                                         */
+/* ------------------------------------------------------------------ */
+#define RNG_BYTES 64
+
+static struct ring_pages rng_rings;
+static u8 rng_buf[RNG_BYTES] __attribute__((aligned(64)));
+
+#define rng_fail(...) say_and_stop(1, "rng FAILED " __VA_ARGS__)
+
+/* Asks for RNG_BYTES bytes twice; they must arrive, and differ. */
+static void rng_run(void)
+{
+	struct vdev rng;
+	struct vq q;
+	u32 legacy;
+	rng.base = find_device(ID_RNG, &legacy);
+	if (!rng.base)
+		rng_fail("%s", legacy ? "only a legacy (version 1) virtio-rng device found"
+				      : "no virtio-rng device found");
+	const char *err = dev_negotiate(&rng, 0);
+	if (!err)
+		err = vq_setup(&rng, &q, 0, &rng_rings);
+	if (!err)
+		err = dev_go(&rng);
+	if (err)
+		rng_fail("%s", err);
+	u64 first = 0, same = 1;
+	for (int round = 0; round < 2; round++) {
+		memset(rng_buf, 0, sizeof(rng_buf));
+		q.r->desc[0] = (struct vring_desc){addr_of(rng_buf), RNG_BYTES, D_WRITE, 0};
+		vq_put(&q, 0);
+		vq_kick(&rng, &q);
+		u32 id, len;
+		if (!vq_wait(&q, &id, &len))
+			rng_fail("timeout: request not completed");
+		if (len != RNG_BYTES)
+			rng_fail("asked for %u bytes, got %u", (u64)RNG_BYTES, (u64)len);
+		u64 word = 0;
+		for (int i = 0; i < 8; i++)
+			word = word << 8 | rng_buf[i];
+		if (round == 0)
+			first = word;
+		else
+			same = word == first;
+	}
+	if (same)
+		rng_fail("two requests returned the same bytes");
+	say("rng ok base=%x bytes=%u", rng.base, (u64)(2 * RNG_BYTES));
+}
+
+/* ------------------------------------------------------------------ */
 void virtio_run(const struct virtio_args *a)
 {
 	if (a->blk || a->blkbench) {
@@ -747,6 +805,8 @@ void virtio_run(const struct virtio_args *a)
 		if (a->blkbench)
 			blk_bench(a->blkbench);
 	}
+	if (a->rng)
+		rng_run();
 	if (a->net || a->netbench) {
 		net_init();
 		net_arp((u32)a->net_ip, (u32)a->net_peer);

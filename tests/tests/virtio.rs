@@ -1,7 +1,7 @@
 //! virtio devices end to end with the test guest's polling drivers: a virtio-blk round trip
 //! on a raw image (the image holds the guest's pattern afterwards), a read-only disk refusing
-//! the write with IOERR, a snapshot and restore of a VM with a disk that keeps doing round
-//! trips, frames crossing a tap in a network namespace both ways (ARP with the host's kernel,
+//! the write with IOERR, an rng next to a disk (second slot), a snapshot and restore of a VM
+//! with a disk that keeps doing round trips, frames crossing a tap in a network namespace both ways (ARP with the host's kernel,
 //! UDP counted at the tap), and bad `--disk` / `--net` input ending with one line.
 
 use std::path::Path;
@@ -146,6 +146,37 @@ fn read_only_disk_refuses_the_write_with_ioerr() {
     assert!(!out.contains("FAILED"), "{out}");
     let bytes = std::fs::read(&disk).unwrap();
     assert!(bytes.iter().all(|&b| b == 0), "a read-only disk changed");
+}
+
+#[test]
+fn rng_in_the_second_slot_serves_random_bytes() {
+    if require_kvm("rng").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = image(dir.path());
+    let out = run_to_end(&[
+        "--kernel",
+        &guest(),
+        "--mem",
+        "128M",
+        "--rng",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--cmdline",
+        "blk=1 rng=1 fill=1 passes=1 hb=0",
+    ]);
+    // Disks come first whatever the order of the options, then the rng.
+    assert!(
+        out.contains("virtio_mmio.device=512@0xd0000000:5 virtio_mmio.device=512@0xd0001000:6\n"),
+        "{out}"
+    );
+    assert!(out.contains("fabvm-guest: blk ok "), "{out}");
+    assert!(
+        out.contains("fabvm-guest: rng ok base=0xd0001000 bytes=128\n"),
+        "{out}"
+    );
+    assert!(!out.contains("FAILED"), "{out}");
 }
 
 #[test]
