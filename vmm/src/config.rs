@@ -229,11 +229,12 @@ impl VmConfig {
     }
 }
 
-/// The devices the command line asks for, in slot order: disks, nets, then the rng. A net
-/// without a MAC gets a random locally administered one.
+/// The devices the command line asks for, in slot order: disks, nets, then the rng. Disk paths
+/// are made absolute (snapshots record them); a net without a MAC gets a random locally
+/// administered one.
 pub fn devices_from_args(disks: &[DiskArg], nets: &[NetArg], rng: bool) -> Vec<DeviceSpec> {
     let disks = disks.iter().map(|d| DeviceSpec::Block {
-        path: d.path.clone(),
+        path: std::path::absolute(&d.path).unwrap_or_else(|_| d.path.clone()),
         read_only: d.read_only,
     });
     let nets = nets.iter().map(|n| DeviceSpec::Net {
