@@ -5,11 +5,13 @@
 //! - [`hashing`]: whole regions hashed on all cores; dirty pages rehashed incrementally.
 //! - [`manifest`]: a VM's memory as guest frame → identity, with a checked file format.
 //! - [`store`]: the host page store, content addressed, reference counted, crash safe.
+//! - [`migration`]: the live-migration wire protocol, sender and receiver state machines.
 
 mod codec;
 pub mod hashing;
 pub mod identity;
 pub mod manifest;
+pub mod migration;
 pub mod store;
 #[cfg(test)]
 mod testutil;

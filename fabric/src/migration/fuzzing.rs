@@ -1,0 +1,429 @@
+//! A scripted migration source for the `migration_receiver` fuzz target and the tests: it
+//! performs a genuine handshake with a [`Receiver`] (answering the receiver's fresh nonce),
+//! then feeds it bytes or frames chosen by the fuzzer, framed with valid MACs and sequence
+//! numbers when asked, so fuzzing reaches past authentication into the decoders and the
+//! receiver's state machine. Compiled for tests and with the `fuzzing` feature only.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+
+use super::channel::{encode_frame, Session};
+use super::wire::{self, Hello, MsgType, Role, HELLO_LEN, VERSION_MAX, VERSION_MIN};
+use super::{GuestSink, Limits, MigrationKey, PageSource, Receiver, VmDescription};
+use crate::identity::{Page, PageId, PAGE_SIZE};
+use crate::manifest::Region;
+
+/// What the scripted source sends.
+#[derive(Debug, Clone)]
+pub enum Script {
+    /// The whole stream, hello included, as given.
+    Raw(Vec<u8>),
+    /// A valid hello and key proof, then these bytes as they are.
+    AfterAuth(Vec<u8>),
+    /// A valid hello and key proof, then these messages `(type, payload)`, each framed
+    /// with its sequence number and a valid MAC.
+    Frames(Vec<(u8, Vec<u8>)>),
+}
+
+/// A byte stream that plays the source's side of a migration from a [`Script`].
+#[derive(Debug)]
+pub struct ScriptedSource {
+    key: MigrationKey,
+    hello: [u8; HELLO_LEN],
+    script: Option<Script>,
+    out: Vec<u8>,
+    pos: usize,
+    /// The first bytes the receiver wrote (its hello).
+    peer_hello: Vec<u8>,
+}
+
+impl ScriptedSource {
+    /// A source that will speak `script` with `key`.
+    pub fn new(key: MigrationKey, script: Script) -> ScriptedSource {
+        let hello = Hello {
+            version_min: VERSION_MIN,
+            version_max: VERSION_MAX,
+            role: Role::Source,
+            features: wire::FEATURE_LZ4,
+            max_batch: 4096,
+            max_runs: 4096,
+            max_window: 64,
+            nonce: [0x5a; 32],
+        }
+        .encode();
+        let (out, script) = match script {
+            Script::Raw(bytes) => (bytes, None),
+            other => (hello.to_vec(), Some(other)),
+        };
+        ScriptedSource {
+            key,
+            hello,
+            script,
+            out,
+            pos: 0,
+            peer_hello: Vec::new(),
+        }
+    }
+
+    /// Once the receiver's hello is known: the proof, then the scripted part.
+    fn generate(&mut self) {
+        let Some(script) = self.script.take() else {
+            return;
+        };
+        let peer: [u8; HELLO_LEN] = self.peer_hello[..HELLO_LEN].try_into().expect("64 bytes");
+        let s = Session::derive(&self.key, &self.hello, &peer);
+        let key = s.source_to_destination;
+        self.out = encode_frame(&key, MsgType::Auth as u8, 0, &s.source_proof);
+        self.pos = 0;
+        match script {
+            Script::Raw(_) => {}
+            Script::AfterAuth(bytes) => self.out.extend_from_slice(&bytes),
+            Script::Frames(frames) => {
+                for (i, (kind, payload)) in frames.iter().enumerate() {
+                    let frame = encode_frame(&key, *kind, i as u64 + 1, payload);
+                    self.out.extend_from_slice(&frame);
+                }
+            }
+        }
+    }
+}
+
+impl Read for ScriptedSource {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.out.len() && self.peer_hello.len() >= HELLO_LEN {
+            self.generate();
+        }
+        let n = buf.len().min(self.out.len() - self.pos);
+        buf[..n].copy_from_slice(&self.out[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl Write for ScriptedSource {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let keep = buf
+            .len()
+            .min(HELLO_LEN.saturating_sub(self.peer_hello.len()));
+        self.peer_hello.extend_from_slice(&buf[..keep]);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The key the fuzz target uses.
+pub fn fuzz_key() -> MigrationKey {
+    MigrationKey::new(b"fabvm fuzzing key, not a secret").expect("long enough")
+}
+
+/// Small limits, so the fuzzer explores logic rather than allocation.
+pub fn fuzz_limits() -> Limits {
+    Limits {
+        max_batch: 64,
+        max_runs: 64,
+        max_window: 4,
+        max_regions: 4,
+        max_pages: 4096,
+        max_vcpus: 8,
+        max_config: 4096,
+        max_state: 1 << 16,
+        max_rounds: 8,
+    }
+}
+
+/// The VM described when the fuzz input asks for a valid `Describe` first: 16 pages at 0
+/// and 8 pages at 256 MiB.
+pub fn fuzz_description() -> VmDescription {
+    VmDescription {
+        vcpus: 1,
+        regions: vec![
+            Region {
+                guest_addr: 0,
+                pages: 16,
+            },
+            Region {
+                guest_addr: 0x1000_0000,
+                pages: 8,
+            },
+        ],
+        config: Vec::new(),
+    }
+}
+
+/// Pages the fuzz [`PageSource`] holds: every byte `k`, for `k` in 1..=3.
+pub fn held_page(k: u8) -> Box<Page> {
+    Box::new([k; PAGE_SIZE])
+}
+
+/// Holds [`held_page`]`(1..=3)`; answers ids starting with 0xff with a page that does not
+/// match (a racing sibling VM); holds nothing else.
+#[derive(Debug)]
+pub struct FuzzSource {
+    pages: HashMap<PageId, Box<Page>>,
+}
+
+impl Default for FuzzSource {
+    fn default() -> Self {
+        let pages = (1..=3)
+            .map(|k| {
+                let p = held_page(k);
+                (PageId::of(&p), p)
+            })
+            .collect();
+        FuzzSource { pages }
+    }
+}
+
+impl PageSource for FuzzSource {
+    fn fetch(&self, id: &PageId, out: &mut Page) -> bool {
+        if let Some(p) = self.pages.get(id) {
+            out.copy_from_slice(&p[..]);
+            true
+        } else if id.0[0] == 0xff {
+            out.fill(0xee);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Guest memory as a map, which panics (a finding) if the receiver touches a frame outside
+/// the description or reads back a frame it never wrote.
+#[derive(Debug)]
+pub struct CheckedSink {
+    regions: Vec<Region>,
+    pages: HashMap<u64, Box<Page>>,
+}
+
+impl CheckedSink {
+    /// Memory for `desc`, all zero.
+    pub fn new(desc: &VmDescription) -> CheckedSink {
+        CheckedSink {
+            regions: desc.regions.clone(),
+            pages: HashMap::new(),
+        }
+    }
+
+    /// Frames holding data.
+    pub fn written(&self) -> usize {
+        self.pages.len()
+    }
+
+    fn check(&self, gfn: u64) {
+        assert!(
+            self.regions
+                .iter()
+                .any(|r| gfn >= r.first_gfn() && gfn - r.first_gfn() < r.pages),
+            "receiver touched frame {gfn:#x} outside the guest"
+        );
+    }
+}
+
+impl GuestSink for CheckedSink {
+    fn write_page(&mut self, gfn: u64, data: &Page) {
+        self.check(gfn);
+        self.pages.insert(gfn, Box::new(*data));
+    }
+
+    fn zero_page(&mut self, gfn: u64) {
+        self.check(gfn);
+        assert!(
+            self.pages.remove(&gfn).is_some(),
+            "zeroed a frame never written"
+        );
+    }
+
+    fn read_page(&self, gfn: u64, out: &mut Page) {
+        self.check(gfn);
+        let page = self
+            .pages
+            .get(&gfn)
+            .expect("read back a frame never written");
+        out.copy_from_slice(&page[..]);
+    }
+}
+
+/// Splits fuzz bytes into messages: type u8, length u16, payload (cut at the end).
+fn frames_from(mut data: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    while data.len() >= 3 {
+        let kind = data[0];
+        let len = usize::from(u16::from_le_bytes([data[1], data[2]])).min(data.len() - 3);
+        frames.push((kind, data[3..3 + len].to_vec()));
+        data = &data[3 + len..];
+    }
+    frames
+}
+
+/// The fuzz target's body: the first byte picks how the rest reaches a [`Receiver`]
+/// (0: the raw stream, hello included; 1: raw bytes after a valid handshake; 2: framed
+/// messages after a valid handshake and `Describe`; 3: framed messages after a valid
+/// handshake), which is then driven to the end. Must never panic.
+/// Returns whether the migration completed (`Ack` sent).
+pub fn run_receiver(data: &[u8]) -> bool {
+    let Some((&mode, rest)) = data.split_first() else {
+        return false;
+    };
+    let script = match mode % 4 {
+        0 => Script::Raw(rest.to_vec()),
+        1 => Script::AfterAuth(rest.to_vec()),
+        2 => {
+            let mut describe = Vec::new();
+            wire::encode_describe(&mut describe, &fuzz_description());
+            let mut frames = vec![(MsgType::Describe as u8, describe)];
+            frames.extend(frames_from(rest));
+            Script::Frames(frames)
+        }
+        _ => Script::Frames(frames_from(rest)),
+    };
+    let key = fuzz_key();
+    let stream = ScriptedSource::new(key.clone(), script);
+    let Ok((mut receiver, desc)) = Receiver::accept(stream, &key, fuzz_limits()) else {
+        return false;
+    };
+    let mut sink = CheckedSink::new(&desc);
+    if let Ok(vm) = receiver.receive(&FuzzSource::default(), &mut sink) {
+        // A completed migration covered every page, and what was installed matches the
+        // manifest the receiver reports.
+        for (gfn, id) in vm.manifest.iter() {
+            match (id, sink.pages.get(&gfn)) {
+                (None, None) => {}
+                (Some(id), Some(page)) => assert!(id.matches(page), "installed page {gfn:#x}"),
+                (None, Some(page)) => assert!(page.iter().all(|&b| b == 0)),
+                (Some(_), None) => panic!("frame {gfn:#x} in the manifest but not installed"),
+            }
+        }
+        return receiver.ready().is_ok() && receiver.confirm_resumed().is_ok();
+    }
+    false
+}
+
+/// Valid inputs for [`run_receiver`] (seeds for the fuzzer's corpus): a whole migration of
+/// [`fuzz_description`] with held, sent (raw, lz4, known) and zero pages, two rounds and
+/// state.
+pub fn seed_inputs() -> Vec<Vec<u8>> {
+    let mut seeds = Vec::new();
+    let push = |frames: &[(MsgType, Vec<u8>)], mode: u8| {
+        let mut input = vec![mode];
+        for (kind, payload) in frames {
+            input.push(*kind as u8);
+            input.extend_from_slice(&(payload.len() as u16).to_le_bytes());
+            input.extend_from_slice(payload);
+        }
+        input
+    };
+    let held: Vec<PageId> = (1..=3).map(|k| PageId::of(&held_page(k))).collect();
+    let text = Box::new([b'x'; PAGE_SIZE]);
+    let text_id = PageId::of(&text);
+    let mut random = Box::new([0u8; PAGE_SIZE]);
+    fill(&mut random);
+    let random_id = PageId::of(&random);
+
+    // Round 1: frames 0..16 (3 held, 2 sent and 1 known, the rest zero), 0x10000..+8 zero.
+    let mut offer = Vec::new();
+    let runs = [
+        wire::Run {
+            first: 0,
+            count: 6,
+            zero: false,
+        },
+        wire::Run {
+            first: 6,
+            count: 10,
+            zero: true,
+        },
+        wire::Run {
+            first: 0x10000,
+            count: 8,
+            zero: true,
+        },
+    ];
+    let ids = [held[0], held[1], held[2], text_id, random_id, text_id];
+    wire::encode_offer(&mut offer, 0, 1, &runs, &ids);
+    let mut block = [0u8; wire::COMPRESS_BUF];
+    let len = wire::compress_page(&text, &mut block).expect("compresses");
+    let mut pages = Vec::new();
+    let at = wire::begin_pages(&mut pages, 0, 0);
+    for entry in [
+        wire::PageEntry {
+            new_id: None,
+            body: wire::Body::Lz4(&block[..len]),
+        },
+        wire::PageEntry {
+            new_id: None,
+            body: wire::Body::Raw(&random),
+        },
+        wire::PageEntry {
+            new_id: None,
+            body: wire::Body::Known,
+        },
+    ] {
+        wire::push_page(&mut pages, &entry);
+    }
+    wire::end_pages(&mut pages, at, 3);
+    let mut end1 = Vec::new();
+    wire::encode_round_end(&mut end1, 1, 1);
+
+    // Round 2: frame 3 dirty, now a held page; frame 4 now zero.
+    let mut offer2 = Vec::new();
+    let runs2 = [
+        wire::Run {
+            first: 3,
+            count: 1,
+            zero: false,
+        },
+        wire::Run {
+            first: 4,
+            count: 1,
+            zero: true,
+        },
+    ];
+    wire::encode_offer(&mut offer2, 1, 2, &runs2, &[held[0]]);
+    let mut end2 = Vec::new();
+    wire::encode_round_end(&mut end2, 2, 1);
+    let state = b"vcpu state".to_vec();
+    let mut state_msg = Vec::new();
+    wire::encode_state(&mut state_msg, state.len() as u64, 0, &state);
+    let mut complete = Vec::new();
+    wire::Complete {
+        rounds: 2,
+        state_len: state.len() as u64,
+        state_hash: *blake3::hash(&state).as_bytes(),
+    }
+    .encode(&mut complete);
+
+    let frames = vec![
+        (MsgType::Offer, offer),
+        (MsgType::Pages, pages),
+        (MsgType::RoundEnd, end1),
+        (MsgType::Offer, offer2),
+        (MsgType::RoundEnd, end2),
+        (MsgType::State, state_msg),
+        (MsgType::Complete, complete),
+        (MsgType::Commit, Vec::new()),
+    ];
+    seeds.push(push(&frames, 2));
+    let mut describe = Vec::new();
+    wire::encode_describe(&mut describe, &fuzz_description());
+    let mut with_describe = vec![(MsgType::Describe, describe)];
+    with_describe.extend(frames.iter().cloned());
+    seeds.push(push(&with_describe, 3));
+    seeds.push(vec![1, 17, 0, 0, 0, 0]);
+    seeds.push(vec![0]);
+    seeds
+}
+
+/// Fills `page` with pseudo-random bytes (xorshift), so it does not compress.
+fn fill(page: &mut Page) {
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    for w in page.chunks_exact_mut(8) {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        w.copy_from_slice(&s.to_le_bytes());
+    }
+}

@@ -1,0 +1,357 @@
+//! Live migration wire protocol: a [`Sender`] on the source and a [`Receiver`] on the
+//! destination, state machines over any byte stream, that ship only the pages the
+//! destination does not already hold and leave the guest on the source until the
+//! destination has resumed it.
+//!
+//! # Sequence
+//!
+//! ```text
+//!  source: Sender                                            destination: Receiver
+//!  ──────────────                                            ─────────────────────
+//!  Hello{magic, versions, role, features, limits, nonce}  ──►
+//!                                                         ◄──  Hello{… nonce}       both at once,
+//!  Auth{proof}                                            ──►                       unauthenticated
+//!                                                         ◄──  Auth{proof}          (MAC'd from here on)
+//!  Describe{vCPUs, regions, config}                       ──►
+//!                                                              VMM allocates guest memory
+//!                                                         ◄──  Accept  (or Abort{reason})
+//!  ┌ round r (pre-copy; the last round is the final dirty set, guest paused) ───────────┐
+//!  │ Offer{batch b, round r, runs of gfns, ids}           ──►  takes pages it holds    │
+//!  │ Offer{batch b+1} … up to `window` unanswered         ──►  (store, sibling VMs,    │
+//!  │                                                      ◄──  Need{b, bitmap}  this migration)
+//!  │ Pages{b, entries: raw | lz4 | zero | known}          ──►  verifies, installs      │
+//!  │ … offers, needs and pages interleave …                                            │
+//!  │ RoundEnd{r, batches}                                 ──►                          │
+//!  └───────────────────────────────────────────────────────────────────────────────────┘
+//!  State{total, offset, bytes} × n   (vCPU/device state) ──►
+//!  Complete{rounds, state length, state hash}             ──►  checks every page covered
+//!                                                              VMM restores the state
+//!                                                         ◄──  Ready
+//!  Commit                                                 ──►
+//!                                                              VMM resumes the guest
+//!                                                         ◄──  Ack
+//!  source VMM exits; before Ack it resumes its guest on any error
+//! ```
+//!
+//! Either side may send `Abort{reason}` instead of its next message; the other side's call
+//! then fails with [`MigrationError::PeerAborted`].
+//!
+//! # Wire format (version 1)
+//!
+//! Little endian throughout. Both sides first send a fixed 64-byte [`wire::Hello`]:
+//! magic `FABVMMIG`, the range of versions spoken, the role, feature bits (lz4), the
+//! receiver's limits and a random 32-byte nonce. Every message after it is a frame:
+//!
+//! ```text
+//!  0      1       2         4            8                16          16+len      48+len
+//!  │ type │ flags │ reserved│ length u32 │ sequence u64   │ payload    │ MAC (32)  │
+//! ```
+//!
+//! The header is fixed size, `flags` and `reserved` must be zero, `length` is checked
+//! against the most that message type may carry under the receiver's [`Limits`] before a
+//! byte of payload is read or allocated, and the sequence number counts frames per
+//! direction from 0. Payload layouts are in [`wire`].
+//!
+//! # Security
+//!
+//! The channel is **authenticated, not encrypted**: an observer of the link sees guest
+//! memory. Across untrusted networks run it inside WireGuard or IPsec; an encrypted mode
+//! can be added later behind a feature bit of the hello without changing the framing.
+//!
+//! - Both sides hold a pre-shared [`MigrationKey`]. After the hellos each sends
+//!   `Auth{keyed_blake3(k, role label ‖ blake3(hello_source ‖ hello_destination))}` and
+//!   checks the peer's; a wrong key fails both sides with [`MigrationError::AuthFailed`]
+//!   and nothing else (the proofs are MACs over fresh random nonces). The source sends
+//!   nothing about the VM before the destination has proven the key, so a fake
+//!   destination cannot steal a VM. The hellos are in the transcript, so neither a version
+//!   nor a feature can be downgraded unnoticed.
+//! - Every frame carries a MAC: keyed blake3 with a per-direction key derived from the
+//!   pre-shared key and the transcript, over header (including the sequence number) and
+//!   payload. Nothing can be injected or changed ([`MigrationError::BadMac`]), replayed or
+//!   reordered ([`MigrationError::OutOfSequence`]), or carried over from another session.
+//! - The receiver bounds every length before allocating, checks every guest frame against
+//!   the announced regions, rejects a frame offered twice in one round, verifies every page
+//!   against its identity before installing it ([`MigrationError::BadPage`]) and refuses
+//!   to complete until every page of every region has been covered.
+//!
+//! # Pipelining and concurrency
+//!
+//! The sender keeps up to `window` offers unanswered. It is one thread over one stream:
+//! it writes offers while the destination answers them, and reads an answer only when the
+//! window is full or the round is draining, then writes the pages that answer asks for.
+//! This cannot deadlock on a blocking stream: the destination writes one small `Need` per
+//! offer, so at most `window` of them (≤ 64 × 530 bytes) are ever unread, far below any
+//! socket buffer. CPU work is spread by rayon inside each step: the sender reads, rehashes
+//! and compresses each `Pages` message's pages in parallel; the receiver fetches and
+//! verifies an offer's held pages, and decompresses and verifies arriving pages, in
+//! parallel; MACs over large frames use blake3's multithreaded mode. The first round can
+//! start before memory is hashed: [`Sender::round`] takes identities from an iterator,
+//! and [`identities`] hashes memory lazily, one parallel chunk at a time, as it is drawn.
+//!
+//! Rounds are barriers: a round's pages are all sent before the next round's offers, so
+//! a page can never be overwritten by an older copy of itself. Within a round a frame
+//! appears once.
+//!
+//! # Commit and failure
+//!
+//! The source keeps its guest (paused from the final round on) until it receives `Ack`;
+//! every error before that returns from [`Sender::finish`] and the VMM resumes the guest
+//! on the source. The destination discards everything on any error before `Commit`
+//! (its calls return errors; nothing it installed is used). One window cannot be closed
+//! by any protocol (two generals): if the link dies after the destination resumed but
+//! before `Ack` arrives, both sides may run the guest. To narrow it, the destination VMM
+//! stops its guest when [`Receiver::confirm_resumed`] fails to send `Ack`.
+//!
+//! Timeouts are the transport's: the VMM sets socket timeouts, and a read or write that
+//! times out surfaces as [`MigrationError::TimedOut`].
+
+mod channel;
+mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
+mod layout;
+mod receiver;
+mod sender;
+mod stats;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+
+use crate::hashing::hash_region;
+use crate::identity::{Page, PageId, PAGE_SIZE};
+use crate::manifest::Region;
+use crate::store::Store;
+
+pub use error::{KeyError, MigrationError};
+pub use receiver::{ReceivedVm, Receiver};
+pub use sender::Sender;
+pub use stats::{MigrationStats, ReceiverStats, RoundStats};
+
+/// Where the destination takes pages it already holds: its host store, or VMs running on
+/// the host. Called from several threads at once.
+pub trait PageSource: Sync {
+    /// Copies the page with identity `id` into `out` and returns true, or returns false
+    /// when this host does not hold it. Need not verify: the receiver hashes every page it
+    /// is given and asks the source for it when the content does not match.
+    fn fetch(&self, id: &PageId, out: &mut Page) -> bool;
+}
+
+/// The host store holds the pages in it.
+impl PageSource for Store {
+    fn fetch(&self, id: &PageId, out: &mut Page) -> bool {
+        self.get(id, out).is_ok()
+    }
+}
+
+/// A destination that holds nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoPages;
+
+impl PageSource for NoPages {
+    fn fetch(&self, _id: &PageId, _out: &mut Page) -> bool {
+        false
+    }
+}
+
+/// The destination guest's memory, as the receiver sees it. Memory starts zero filled
+/// (fresh anonymous memory), so the receiver zeroes only pages it wrote before.
+/// Every `gfn` passed has been checked against the described regions.
+pub trait GuestSink {
+    /// Writes a verified page.
+    fn write_page(&mut self, gfn: u64, data: &Page);
+    /// Zeroes a page.
+    fn zero_page(&mut self, gfn: u64);
+    /// Reads back a page written earlier in this migration (to copy it to another frame
+    /// that has the same content).
+    fn read_page(&self, gfn: u64, out: &mut Page);
+}
+
+/// What the source announces before any page: the VM's shape.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VmDescription {
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM regions, sorted by address, page aligned and disjoint.
+    pub regions: Vec<Region>,
+    /// Opaque machine configuration for the destination VMM (at most
+    /// [`Limits::max_config`] bytes), e.g. JSON of the devices to create.
+    pub config: Vec<u8>,
+}
+
+impl VmDescription {
+    /// Total pages over all regions.
+    pub fn total_pages(&self) -> u64 {
+        self.regions.iter().map(|r| r.pages).sum()
+    }
+}
+
+/// Bounds on what a peer may send, applied before allocating. The destination announces
+/// its batch, run and window limits in its hello and the source stays within them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most page identities in one offer.
+    pub max_batch: u32,
+    /// Most runs (of data or zero pages) in one offer.
+    pub max_runs: u32,
+    /// Most offers answered but whose pages have not all arrived (the sender's window).
+    pub max_window: u32,
+    /// Most guest RAM regions.
+    pub max_regions: u32,
+    /// Most guest pages over all regions.
+    pub max_pages: u64,
+    /// Most vCPUs.
+    pub max_vcpus: u32,
+    /// Most bytes of [`VmDescription::config`].
+    pub max_config: u32,
+    /// Most bytes of the vCPU and device state blob.
+    pub max_state: u64,
+    /// Most pre-copy rounds, the final one included.
+    pub max_rounds: u32,
+}
+
+impl Default for Limits {
+    /// 4096 identities and runs per offer, 64 unanswered offers, 64 regions, 64 GiB of
+    /// guest memory, 1024 vCPUs, 1 MiB of configuration, 64 MiB of state, 1000 rounds.
+    fn default() -> Self {
+        Limits {
+            max_batch: 4096,
+            max_runs: 4096,
+            max_window: 64,
+            max_regions: 64,
+            max_pages: (64u64 << 30) / PAGE_SIZE as u64,
+            max_vcpus: 1024,
+            max_config: 1 << 20,
+            max_state: 64 << 20,
+            max_rounds: 1000,
+        }
+    }
+}
+
+/// How sent pages are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Never: every sent page goes raw.
+    None,
+    /// lz4 per page, kept only when it saves at least [`wire::MIN_SAVING`] bytes; when few
+    /// pages compress, only every 16th is tried until compressible data shows up again.
+    #[default]
+    Lz4,
+}
+
+/// Settings of the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SenderConfig {
+    /// Page identities per offer (capped by the destination's `max_batch`).
+    pub batch: u32,
+    /// Offers in flight before the sender waits for an answer (capped by the
+    /// destination's `max_window`).
+    pub window: u32,
+    /// Compression of sent pages (used when the destination supports it).
+    pub compression: Compression,
+    /// Bounds on what the destination may send back.
+    pub limits: Limits,
+}
+
+impl Default for SenderConfig {
+    /// 2048 identities per offer and 32 offers in flight: 64 Ki pages (256 MiB of guest
+    /// memory) under way, enough to cover a 1 Gbit/s, 20 ms round trip with identities.
+    fn default() -> Self {
+        SenderConfig {
+            batch: 2048,
+            window: 32,
+            compression: Compression::Lz4,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// The pre-shared key both ends of a migration hold.
+///
+/// Made from at least 16 secret bytes (32 random bytes recommended, e.g. a key file made
+/// by [`MigrationKey::random_hex`]); the bytes are hashed into the 32-byte key used.
+#[derive(Clone)]
+pub struct MigrationKey([u8; 32]);
+
+impl MigrationKey {
+    /// Fewest secret bytes accepted.
+    pub const MIN_LEN: usize = 16;
+
+    /// A key from secret bytes.
+    pub fn new(secret: &[u8]) -> Result<Self, KeyError> {
+        if secret.len() < Self::MIN_LEN {
+            return Err(KeyError::TooShort(secret.len()));
+        }
+        Ok(MigrationKey(blake3::derive_key(
+            "fabvm 2026 migration pre-shared key v1",
+            secret,
+        )))
+    }
+
+    /// A key from the contents of a key file: hex digits (surrounding whitespace ignored)
+    /// when the file is hex text, otherwise the raw bytes.
+    pub fn from_file_contents(contents: &[u8]) -> Result<Self, KeyError> {
+        let text = contents.trim_ascii();
+        if !text.is_empty() && text.iter().all(u8::is_ascii_hexdigit) {
+            if !text.len().is_multiple_of(2) {
+                return Err(KeyError::BadHex);
+            }
+            let bytes: Vec<u8> = text
+                .chunks_exact(2)
+                .map(|p| (hex_value(p[0]) << 4) | hex_value(p[1]))
+                .collect();
+            return Self::new(&bytes);
+        }
+        Self::new(contents)
+    }
+
+    /// 32 random bytes as 64 hex digits and a newline: the contents of a new key file.
+    pub fn random_hex() -> Result<String, KeyError> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).map_err(|_| KeyError::NoRandomness)?;
+        let mut s: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        s.push('\n');
+        Ok(s)
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for MigrationKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MigrationKey(..)")
+    }
+}
+
+fn hex_value(c: u8) -> u8 {
+    match c {
+        b'0'..=b'9' => c - b'0',
+        b'a'..=b'f' => c - b'a' + 10,
+        _ => c - b'A' + 10,
+    }
+}
+
+/// Pages hashed per step by [`identities`] (4 MiB: enough to spread over all cores).
+const LAZY_CHUNK_PAGES: usize = 1024;
+
+/// `(gfn, identity)` of every page of `mem` (a region starting at frame `first_gfn`),
+/// `None` for zero pages, hashed lazily: one chunk of [`LAZY_CHUNK_PAGES`] pages at a
+/// time, on all cores, as the iterator is drawn. Feeding it to [`Sender::round`] starts
+/// the first round before the region is hashed. A trailing partial page is ignored.
+pub fn identities(first_gfn: u64, mem: &[u8]) -> impl Iterator<Item = (u64, Option<PageId>)> + '_ {
+    let whole = mem.len() / PAGE_SIZE * PAGE_SIZE;
+    mem[..whole]
+        .chunks(LAZY_CHUNK_PAGES * PAGE_SIZE)
+        .enumerate()
+        .flat_map(move |(chunk, bytes)| {
+            let ids = hash_region(bytes).expect("chunks are whole pages");
+            let base = first_gfn + (chunk * LAZY_CHUNK_PAGES) as u64;
+            ids.into_iter()
+                .enumerate()
+                .map(move |(i, id)| (base + i as u64, id))
+        })
+}

@@ -1,0 +1,660 @@
+//! The destination end: answers each offer with the pages it lacks after taking what it
+//! holds (this migration's earlier pages, the host's [`PageSource`]), verifies every page
+//! before installing it, and checks the whole guest is covered before it says `Ready`.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+
+use rayon::prelude::*;
+
+use super::channel::{Channel, HelloParams};
+use super::layout::{Bitmap, Layout};
+use super::sender::unexpected;
+use super::stats::ReceiverStats;
+use super::wire::{
+    self, Body, Complete, MsgType, OfferView, Role, FEATURE_LZ4, PAGES_PER_MESSAGE, VERSION_MAX,
+    VERSION_MIN,
+};
+use super::{GuestSink, Limits, MigrationError, MigrationKey, PageSource, VmDescription};
+use crate::identity::{Page, PageId, PAGE_SIZE};
+use crate::manifest::Manifest;
+
+/// What the destination has once the source completed: the guest's memory is installed
+/// (through the [`GuestSink`]); the VMM restores `state`, then calls [`Receiver::ready`].
+#[derive(Debug)]
+pub struct ReceivedVm {
+    /// The VM as the source described it.
+    pub description: VmDescription,
+    /// The vCPU and device state blob.
+    pub state: Vec<u8>,
+    /// Identities of the installed memory (`None` = zero page): the destination's
+    /// manifest, ready for its store or its next migration.
+    pub manifest: Manifest,
+    /// Figures so far.
+    pub stats: ReceiverStats,
+}
+
+/// The destination end of a migration over `S`.
+///
+/// [`Receiver::accept`] authenticates the source and reads the VM's description; the VMM
+/// prepares guest memory and calls [`Receiver::receive`] (or [`Receiver::abort`]); once
+/// it has restored the returned state, [`Receiver::ready`] waits for `Commit`; after
+/// resuming the guest, [`Receiver::confirm_resumed`] sends `Ack`. On any error before
+/// `Commit` the VMM discards the guest; the receiver is unusable after an error.
+#[derive(Debug)]
+pub struct Receiver<S: Read + Write> {
+    ch: Channel<S>,
+    limits: Limits,
+    phase: Phase,
+    desc: VmDescription,
+    layout: Layout,
+    rx: Option<Box<RxState>>,
+    stats: ReceiverStats,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Described,
+    Receiving,
+    Completed,
+    Committed,
+    Done,
+    Failed,
+}
+
+/// Everything the receiver tracks while pages arrive.
+#[derive(Debug)]
+struct RxState {
+    /// Identity installed at each frame.
+    manifest: Manifest,
+    /// Frames covered by any round (all must be before `Complete`).
+    covered: Bitmap,
+    /// Frames offered in the current round.
+    seen: Bitmap,
+    /// A frame holding each identity received in this migration (the newest).
+    have: HashMap<PageId, u64>,
+    /// Current round, from 1.
+    round: u32,
+    /// An offer of the current round arrived and its `RoundEnd` has not.
+    round_open: bool,
+    next_batch: u32,
+    batches_in_round: u32,
+    /// Answered offers whose pages have not all arrived, oldest first.
+    outstanding: VecDeque<Needed>,
+    state: Vec<u8>,
+    state_total: Option<u64>,
+    // Reused buffers.
+    actions: Vec<Action>,
+    fetch: Vec<(u64, PageId)>,
+    fetch_buf: Vec<u8>,
+    fetch_result: Vec<Fetched>,
+    need_bits: Vec<u8>,
+    page_buf: Vec<u8>,
+    tmp: Box<Page>,
+}
+
+#[derive(Debug)]
+struct Needed {
+    batch: u32,
+    /// (gfn, offered identity) asked for, in order.
+    entries: Vec<(u64, PageId)>,
+    /// How many have arrived.
+    next: usize,
+}
+
+/// What to do for one page of an offer, in offer order.
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    /// Zero a frame that held data.
+    Zero(u64),
+    /// Copy a page received earlier in this migration.
+    Copy { from: u64, to: u64, id: PageId },
+    /// Install fetch slot `slot` if it verified, else ask for offer id `entry`.
+    Fetch { slot: usize, entry: usize },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Fetched {
+    #[default]
+    Absent,
+    Verified,
+    Mismatch,
+}
+
+impl<S: Read + Write> Receiver<S> {
+    /// Exchanges hellos with the source at the other end of `stream`, proves the key both
+    /// ways and reads the VM's description (checked against `limits`).
+    pub fn accept(
+        stream: S,
+        key: &MigrationKey,
+        limits: Limits,
+    ) -> Result<(Receiver<S>, VmDescription), MigrationError> {
+        Self::accept_versions(stream, key, limits, (VERSION_MIN, VERSION_MAX))
+    }
+
+    pub(crate) fn accept_versions(
+        stream: S,
+        key: &MigrationKey,
+        limits: Limits,
+        versions: (u16, u16),
+    ) -> Result<(Receiver<S>, VmDescription), MigrationError> {
+        let own = HelloParams {
+            role: Role::Destination,
+            versions,
+            features: FEATURE_LZ4,
+            max_batch: limits.max_batch,
+            max_runs: limits.max_runs,
+            max_window: limits.max_window,
+        };
+        let (mut ch, _peer, _version) = Channel::establish(stream, key, own, limits)?;
+        let desc = match ch.recv() {
+            Ok((MsgType::Describe, payload)) => wire::decode_describe(payload, &limits),
+            Ok(other) => Err(unexpected(other, "while waiting for Describe")),
+            Err(e) => Err(e),
+        };
+        let desc = desc.inspect_err(|e| {
+            if !e.is_peer_or_link() {
+                ch.send_abort(&e.to_string());
+            }
+        })?;
+        let layout = Layout::new(&desc.regions);
+        let receiver = Receiver {
+            ch,
+            limits,
+            phase: Phase::Described,
+            desc: desc.clone(),
+            layout,
+            rx: None,
+            stats: ReceiverStats::default(),
+        };
+        Ok((receiver, desc))
+    }
+
+    /// Accepts the VM (guest memory is ready, zero filled, behind `sink`) and receives
+    /// it: installs pages through `sink`, taking those this host holds from `source`,
+    /// until the source completes. Returns the state blob to restore; nothing is resumed.
+    pub fn receive(
+        &mut self,
+        source: &dyn PageSource,
+        sink: &mut dyn GuestSink,
+    ) -> Result<ReceivedVm, MigrationError> {
+        self.guard(|r| {
+            if r.phase != Phase::Described {
+                return Err(MigrationError::Misuse("receive called twice"));
+            }
+            r.phase = Phase::Receiving;
+            let manifest =
+                Manifest::new(&r.desc.regions).map_err(|_| MigrationError::Malformed {
+                    what: "Describe",
+                    why: "invalid regions",
+                })?;
+            let total = r.layout.total();
+            r.rx = Some(Box::new(RxState {
+                manifest,
+                covered: Bitmap::new(total),
+                seen: Bitmap::new(total),
+                have: HashMap::new(),
+                round: 1,
+                round_open: false,
+                next_batch: 0,
+                batches_in_round: 0,
+                outstanding: VecDeque::new(),
+                state: Vec::new(),
+                state_total: None,
+                actions: Vec::new(),
+                fetch: Vec::new(),
+                fetch_buf: Vec::new(),
+                fetch_result: Vec::new(),
+                need_bits: Vec::new(),
+                page_buf: vec![0; PAGES_PER_MESSAGE * PAGE_SIZE],
+                tmp: Box::new([0; PAGE_SIZE]),
+            }));
+            r.ch.send(MsgType::Accept, &[])?;
+            loop {
+                let rx = r.rx.as_mut().expect("receiving");
+                let stats = &mut r.stats;
+                match r.ch.recv()? {
+                    (MsgType::Offer, payload) => {
+                        let offer = OfferView::decode(payload, &r.limits)?;
+                        let answer = rx.offer(&offer, &r.layout, &r.limits, stats, source, sink)?;
+                        if let Some((batch, n)) = answer {
+                            wire::encode_need(r.ch.begin(), batch, n, &rx.need_bits);
+                            r.ch.commit(MsgType::Need)?;
+                        }
+                    }
+                    (MsgType::Pages, payload) => rx.pages(payload, stats, sink)?,
+                    (MsgType::RoundEnd, payload) => rx.round_end(payload, &r.limits, stats)?,
+                    (MsgType::State, payload) => rx.state(payload, &r.limits)?,
+                    (MsgType::Complete, payload) => {
+                        let complete = Complete::decode(payload)?;
+                        let rx = r.rx.take().expect("receiving");
+                        let (manifest, state) = rx.complete(&complete, &r.layout)?;
+                        r.stats.state_bytes = state.len() as u64;
+                        r.stats.set_counters(&r.ch.counters);
+                        r.phase = Phase::Completed;
+                        return Ok(ReceivedVm {
+                            description: r.desc.clone(),
+                            state,
+                            manifest,
+                            stats: r.stats.clone(),
+                        });
+                    }
+                    other => return Err(unexpected(other, "while receiving pages")),
+                }
+            }
+        })
+    }
+
+    /// Tells the source the guest is installed and its state restored (`Ready`), and
+    /// waits for `Commit`. After `Ok` the VMM resumes the guest, then calls
+    /// [`Receiver::confirm_resumed`]; after an error it discards the guest.
+    pub fn ready(&mut self) -> Result<(), MigrationError> {
+        self.guard(|r| {
+            if r.phase != Phase::Completed {
+                return Err(MigrationError::Misuse(
+                    "ready before the migration completed",
+                ));
+            }
+            r.ch.send(MsgType::Ready, &[])?;
+            match r.ch.recv()? {
+                (MsgType::Commit, payload) => wire::expect_empty(payload, "Commit")?,
+                other => return Err(unexpected(other, "while waiting for Commit")),
+            }
+            r.phase = Phase::Committed;
+            Ok(())
+        })
+    }
+
+    /// Sends `Ack`: the guest runs here now and the source may exit. If this fails the
+    /// source will resume its copy, so the VMM must stop the guest here.
+    pub fn confirm_resumed(&mut self) -> Result<ReceiverStats, MigrationError> {
+        self.guard(|r| {
+            if r.phase != Phase::Committed {
+                return Err(MigrationError::Misuse("confirm_resumed before Commit"));
+            }
+            r.ch.send(MsgType::Ack, &[])?;
+            r.phase = Phase::Done;
+            r.stats.set_counters(&r.ch.counters);
+            Ok(r.stats.clone())
+        })
+    }
+
+    /// Refuses or gives up (e.g. no memory for the guest): tells the source why, best
+    /// effort. The receiver is unusable after.
+    pub fn abort(&mut self, reason: &str) {
+        if !matches!(self.phase, Phase::Done | Phase::Failed) {
+            self.ch.send_abort(reason);
+            self.phase = Phase::Failed;
+        }
+    }
+
+    /// Figures so far.
+    pub fn stats(&self) -> ReceiverStats {
+        let mut stats = self.stats.clone();
+        stats.set_counters(&self.ch.counters);
+        stats
+    }
+
+    fn guard<T>(
+        &mut self,
+        op: impl FnOnce(&mut Self) -> Result<T, MigrationError>,
+    ) -> Result<T, MigrationError> {
+        if matches!(self.phase, Phase::Done | Phase::Failed) {
+            return Err(MigrationError::Unusable);
+        }
+        op(self).inspect_err(|e| {
+            self.phase = Phase::Failed;
+            self.rx = None;
+            if !e.is_peer_or_link() {
+                self.ch.send_abort(&e.to_string());
+            }
+        })
+    }
+}
+
+fn bad(what: &'static str, why: &'static str) -> MigrationError {
+    MigrationError::Malformed { what, why }
+}
+
+impl RxState {
+    /// Handles an offer: takes every page it can without the source, in offer order, and
+    /// returns `(batch, ids)` to answer with `need_bits`, or `None` when the offer had no
+    /// ids (only zero runs; no answer is due).
+    fn offer(
+        &mut self,
+        offer: &OfferView<'_>,
+        layout: &Layout,
+        limits: &Limits,
+        stats: &mut ReceiverStats,
+        source: &dyn PageSource,
+        sink: &mut dyn GuestSink,
+    ) -> Result<Option<(u32, usize)>, MigrationError> {
+        if offer.batch != self.next_batch {
+            return Err(bad("Offer", "batch out of order"));
+        }
+        if offer.round != self.round {
+            return Err(bad("Offer", "wrong round"));
+        }
+        self.round_open = true;
+        self.next_batch += 1;
+        self.batches_in_round += 1;
+        let n = offer.id_count();
+        self.actions.clear();
+        self.fetch.clear();
+        self.need_bits.clear();
+        self.need_bits.resize(n.div_ceil(8), 0);
+
+        // Pass 1: decide, in offer order. A frame about to be overwritten stops being a
+        // copy source at once, so later decisions never copy from it.
+        let mut entry = 0;
+        for run in offer.runs() {
+            let count = u64::from(run.count);
+            let base = layout.run(run.first, count).ok_or_else(|| {
+                let gfn = match layout.index(run.first) {
+                    None => run.first,
+                    Some(_) => layout.region_end(run.first),
+                };
+                MigrationError::GfnOutOfRange { gfn }
+            })?;
+            for k in 0..count {
+                let gfn = run.first + k;
+                if self.seen.test_and_set(base + k) {
+                    return Err(MigrationError::DuplicateGfn {
+                        gfn,
+                        round: self.round,
+                    });
+                }
+                self.covered.test_and_set(base + k);
+                let current = self.manifest.get(gfn).flatten();
+                if run.zero {
+                    stats.pages_zero += 1;
+                    if let Some(old) = current {
+                        self.forget(old, gfn);
+                        self.actions.push(Action::Zero(gfn));
+                    }
+                    continue;
+                }
+                let id = offer.id(entry);
+                stats.pages_offered += 1;
+                if id.is_zero_page() {
+                    return Err(bad("Offer", "zero page offered as data"));
+                }
+                if current == Some(id) {
+                    stats.pages_unchanged += 1;
+                } else {
+                    if let Some(old) = current {
+                        self.forget(old, gfn);
+                    }
+                    match self.have.get(&id) {
+                        Some(&from) => self.actions.push(Action::Copy { from, to: gfn, id }),
+                        None => {
+                            self.actions.push(Action::Fetch {
+                                slot: self.fetch.len(),
+                                entry,
+                            });
+                            self.fetch.push((gfn, id));
+                        }
+                    }
+                }
+                entry += 1;
+            }
+        }
+
+        // Fetch and verify what the host holds, on all cores.
+        let m = self.fetch.len();
+        if self.fetch_buf.len() < m * PAGE_SIZE {
+            self.fetch_buf.resize(m * PAGE_SIZE, 0);
+        }
+        self.fetch_result.clear();
+        self.fetch_result.resize(m, Fetched::Absent);
+        self.fetch_buf[..m * PAGE_SIZE]
+            .par_chunks_mut(PAGE_SIZE)
+            .zip(self.fetch.par_iter())
+            .zip(self.fetch_result.par_iter_mut())
+            .with_min_len(4)
+            .for_each(|((buf, (_, id)), result)| {
+                let page: &mut Page = buf.try_into().expect("a page");
+                *result = if !source.fetch(id, page) {
+                    Fetched::Absent
+                } else if id.matches(page) {
+                    Fetched::Verified
+                } else {
+                    Fetched::Mismatch
+                };
+            });
+
+        // Pass 2: act, in offer order.
+        let mut needed = Vec::new();
+        let actions = std::mem::take(&mut self.actions);
+        for action in &actions {
+            match *action {
+                Action::Zero(gfn) => {
+                    sink.zero_page(gfn);
+                    self.manifest.set(gfn, None);
+                }
+                Action::Copy { from, to, id } => {
+                    sink.read_page(from, &mut self.tmp);
+                    sink.write_page(to, &self.tmp);
+                    self.install(to, id);
+                    stats.pages_copied += 1;
+                }
+                Action::Fetch { slot, entry } => {
+                    let (gfn, id) = self.fetch[slot];
+                    match self.fetch_result[slot] {
+                        Fetched::Verified => {
+                            let page = &self.fetch_buf[slot * PAGE_SIZE..(slot + 1) * PAGE_SIZE];
+                            sink.write_page(gfn, page.try_into().expect("a page"));
+                            self.install(gfn, id);
+                            stats.pages_fetched += 1;
+                        }
+                        result => {
+                            stats.fetch_mismatches += u64::from(result == Fetched::Mismatch);
+                            stats.pages_needed += 1;
+                            self.need_bits[entry / 8] |= 1 << (entry % 8);
+                            needed.push((gfn, id));
+                        }
+                    }
+                }
+            }
+        }
+        self.actions = actions;
+        if !needed.is_empty() {
+            if self.outstanding.len() >= limits.max_window as usize {
+                return Err(MigrationError::TooLarge {
+                    what: "offers awaiting pages",
+                    len: self.outstanding.len() as u64 + 1,
+                    limit: limits.max_window.into(),
+                });
+            }
+            self.outstanding.push_back(Needed {
+                batch: offer.batch,
+                entries: needed,
+                next: 0,
+            });
+        }
+        Ok((n > 0).then_some((offer.batch, n)))
+    }
+
+    /// Handles pages the source sent: decodes and verifies them all (on all cores)
+    /// before installing any, in order.
+    fn pages(
+        &mut self,
+        payload: &[u8],
+        stats: &mut ReceiverStats,
+        sink: &mut dyn GuestSink,
+    ) -> Result<(), MigrationError> {
+        let mut entries = Vec::with_capacity(PAGES_PER_MESSAGE);
+        let header = wire::decode_pages(payload, &mut entries)?;
+        let front = self
+            .outstanding
+            .front_mut()
+            .ok_or(MigrationError::Unexpected {
+                got: "Pages",
+                when: "with no pages asked for",
+            })?;
+        if header.batch != front.batch || header.first as usize != front.next {
+            return Err(bad("Pages", "out of order"));
+        }
+        if entries.len() > front.entries.len() - front.next {
+            return Err(bad("Pages", "more pages than asked for"));
+        }
+        let targets = front.entries[front.next..front.next + entries.len()].to_vec();
+        front.next += entries.len();
+        if front.next == front.entries.len() {
+            self.outstanding.pop_front();
+        }
+
+        let n = entries.len();
+        self.page_buf[..n * PAGE_SIZE]
+            .par_chunks_mut(PAGE_SIZE)
+            .zip(entries.par_iter())
+            .zip(targets.par_iter())
+            .try_for_each(|((buf, entry), &(gfn, offered))| {
+                if matches!(entry.body, Body::Zero | Body::Known) {
+                    return Ok(());
+                }
+                let page: &mut Page = buf.try_into().expect("a page");
+                wire::decode_page(&entry.body, page)?;
+                if entry.new_id.unwrap_or(offered).matches(page) {
+                    Ok(())
+                } else {
+                    Err(MigrationError::BadPage { gfn })
+                }
+            })?;
+
+        for (i, (entry, &(gfn, offered))) in entries.iter().zip(&targets).enumerate() {
+            let id = entry.new_id.unwrap_or(offered);
+            match entry.body {
+                Body::Raw(_) | Body::Lz4(_) => {
+                    let page = &self.page_buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+                    sink.write_page(gfn, page.try_into().expect("a page"));
+                    self.install(gfn, id);
+                    stats.pages_received += 1;
+                    stats.pages_compressed += u64::from(matches!(entry.body, Body::Lz4(_)));
+                }
+                Body::Zero => {
+                    if self.manifest.get(gfn).flatten().is_some() {
+                        sink.zero_page(gfn);
+                    }
+                    self.manifest.set(gfn, None);
+                }
+                Body::Known => {
+                    let &from = self
+                        .have
+                        .get(&id)
+                        .ok_or(bad("Pages", "reference to a page not received"))?;
+                    sink.read_page(from, &mut self.tmp);
+                    sink.write_page(gfn, &self.tmp);
+                    self.install(gfn, id);
+                    stats.pages_deduplicated += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn round_end(
+        &mut self,
+        payload: &[u8],
+        limits: &Limits,
+        stats: &mut ReceiverStats,
+    ) -> Result<(), MigrationError> {
+        let (round, batches) = wire::decode_round_end(payload)?;
+        if round != self.round || batches != self.batches_in_round {
+            return Err(bad("RoundEnd", "does not match the offers received"));
+        }
+        if !self.outstanding.is_empty() {
+            return Err(bad("RoundEnd", "pages still outstanding"));
+        }
+        if round >= limits.max_rounds {
+            return Err(MigrationError::TooLarge {
+                what: "rounds",
+                len: u64::from(round) + 1,
+                limit: limits.max_rounds.into(),
+            });
+        }
+        stats.rounds = round;
+        self.round += 1;
+        self.round_open = false;
+        self.batches_in_round = 0;
+        self.seen.clear();
+        Ok(())
+    }
+
+    fn state(&mut self, payload: &[u8], limits: &Limits) -> Result<(), MigrationError> {
+        let (total, offset, bytes) = wire::decode_state(payload)?;
+        if self.round_open {
+            return Err(MigrationError::Unexpected {
+                got: "State",
+                when: "inside a round",
+            });
+        }
+        if total > limits.max_state {
+            return Err(MigrationError::TooLarge {
+                what: "state",
+                len: total,
+                limit: limits.max_state,
+            });
+        }
+        match self.state_total {
+            None => {
+                self.state_total = Some(total);
+                self.state.reserve_exact(total as usize);
+            }
+            Some(t) if t != total => return Err(bad("State", "total length changed")),
+            Some(_) => {}
+        }
+        if offset != self.state.len() as u64 {
+            return Err(bad("State", "out of order"));
+        }
+        if offset + bytes.len() as u64 > total {
+            return Err(bad("State", "past its total length"));
+        }
+        self.state.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    /// Checks the migration is whole and returns the manifest and state.
+    fn complete(
+        self: Box<Self>,
+        c: &Complete,
+        layout: &Layout,
+    ) -> Result<(Manifest, Vec<u8>), MigrationError> {
+        if self.round_open || !self.outstanding.is_empty() {
+            return Err(MigrationError::Unexpected {
+                got: "Complete",
+                when: "inside a round",
+            });
+        }
+        if c.rounds == 0 || c.rounds != self.round - 1 {
+            return Err(bad("Complete", "round count does not match"));
+        }
+        if let Some(index) = self.covered.first_clear() {
+            return Err(MigrationError::Incomplete {
+                gfn: layout.gfn(index),
+            });
+        }
+        if self.state.len() as u64 != c.state_len || self.state_total.unwrap_or(0) != c.state_len {
+            return Err(bad("Complete", "state length does not match"));
+        }
+        if blake3::hash(&self.state) != blake3::Hash::from_bytes(c.state_hash) {
+            return Err(bad("Complete", "state hash does not match"));
+        }
+        Ok((self.manifest, self.state))
+    }
+
+    /// `gfn` now holds `id`.
+    fn install(&mut self, gfn: u64, id: PageId) {
+        self.manifest.set(gfn, Some(id));
+        if !id.is_zero_page() {
+            self.have.insert(id, gfn);
+        }
+    }
+
+    /// `gfn` is about to stop holding `old`.
+    fn forget(&mut self, old: PageId, gfn: u64) {
+        if self.have.get(&old) == Some(&gfn) {
+            self.have.remove(&old);
+        }
+    }
+}
