@@ -12,7 +12,7 @@ setup_log() { echo "setup: $*" >&2; }
 # zstd for the initramfs; util-linux (unshare, setpriv) and iproute2 for the tests.
 need_pkgs=()
 for pair in gcc:gcc ld:binutils readelf:binutils busybox:busybox-static cpio:cpio \
-	xz:xz-utils zstd:zstd lz4:lz4 objcopy:binutils unshare:util-linux setpriv:util-linux ip:iproute2 dpkg-deb:dpkg iasl:acpica-tools; do
+	xz:xz-utils zstd:zstd lz4:lz4 objcopy:binutils unshare:util-linux setpriv:util-linux ip:iproute2 dpkg-deb:dpkg iasl:acpica-tools nft:nftables; do
 	cmd="${pair%%:*}" pkg="${pair#*:}"
 	if [ "$cmd" = busybox ]; then
 		[ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || need_pkgs+=("$pkg")

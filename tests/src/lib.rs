@@ -1,6 +1,8 @@
 //! Helpers for fabvm's integration tests: find (or build) the `fabvm` binary and the guest
 //! images, check for KVM loudly, and run a VM while watching its serial console.
 
+pub mod netns;
+
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;

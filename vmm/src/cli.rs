@@ -97,6 +97,31 @@ pub enum Command {
     Ctl(CtlArgs),
     /// Inspect or maintain a host page store.
     Store(StoreArgs),
+    /// Be the destination of a live migration: wait for one VM, then run it.
+    Receive(ReceiveArgs),
+}
+
+/// `fabvm receive`.
+#[derive(Debug, Args)]
+pub struct ReceiveArgs {
+    /// Address to listen on, e.g. 0.0.0.0:7777 or [::]:7777.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: String,
+    /// Pre-shared key file (hex or raw bytes, at least 16 bytes); the source uses the same.
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// Serve the API on this Unix socket once the VM runs here.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// Host page store to take pages from (pages of VMs running on this host are used too).
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Give up when no source has connected after this many seconds (0 = wait forever).
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    pub accept_timeout: u64,
+    /// Print the migration report as one line of JSON on stderr when the VM starts here.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `fabvm ctl`.
@@ -131,6 +156,23 @@ pub enum CtlOp {
     },
     /// Stop the VM (fabvm exits 0).
     Shutdown,
+    /// Live-migrate the VM to `fabvm receive` at HOST:PORT; fabvm exits 0 once it runs there.
+    Migrate {
+        /// The destination.
+        dest: String,
+        /// Pre-shared key file, the same as the destination's.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Downtime budget: stop and copy once the rest fits in it at the measured bandwidth.
+        #[arg(long, value_name = "MS", default_value_t = 100)]
+        downtime_ms: u64,
+        /// Most pre-copy rounds before stopping regardless.
+        #[arg(long, value_name = "N", default_value_t = 30)]
+        max_rounds: u32,
+        /// Send pages without compression.
+        #[arg(long)]
+        no_compress: bool,
+    },
 }
 
 /// `fabvm store`.

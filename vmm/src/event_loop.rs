@@ -12,9 +12,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::api::server::{ApiServer, Call, ServerError};
 use crate::api::{Request, Response};
-use crate::config::Launch;
 use crate::console::{self, RawStdin};
 use crate::device_manager::DeviceManager;
+use crate::migration::source::{self, MigrateRequest};
 use crate::snapshot::save::{self, VmMeta};
 use crate::vcpu::exit::StopReason;
 use crate::vcpu::Vcpus;
@@ -29,6 +29,15 @@ pub enum LoopError {
     /// The API socket could not be served.
     #[error(transparent)]
     Api(#[from] ServerError),
+}
+
+/// The services around a running VM.
+#[derive(Debug, Clone)]
+pub struct Services {
+    /// API socket to serve, if any.
+    pub api_sock: Option<std::path::PathBuf>,
+    /// The host store snapshots go to.
+    pub store: std::path::PathBuf,
 }
 
 /// A running VM and what the loop needs to serve it.
@@ -57,19 +66,20 @@ const EV_POWER_OFF: u64 = 7;
 /// Runs until the VM stops; then stops and joins the vCPU threads.
 pub fn run(
     machine: Machine,
-    launch: &Launch,
+    services: &Services,
     stop_evt: &EventFd,
     stops: &Receiver<StopReason>,
 ) -> Result<StopReason, LoopError> {
     let mut state = LoopState {
         machine,
         paused: false,
-        store: launch.store_dir(),
+        store: services.store.clone(),
         manifest: None,
+        migrated: false,
     };
     let api_wake = std::sync::Arc::new(EventFd::new(EFD_NONBLOCK)?);
     let (calls_tx, calls) = channel();
-    let _server = match &launch.api_sock {
+    let _server = match &services.api_sock {
         Some(path) => Some(ApiServer::start(path, calls_tx, api_wake.clone())?),
         None => None,
     };
@@ -90,6 +100,8 @@ struct LoopState {
     store: std::path::PathBuf,
     /// The memory manifest, kept current from the dirty log after the first snapshot.
     manifest: Option<fabric::Manifest>,
+    /// The VM now runs at a migration destination: stop here.
+    migrated: bool,
 }
 
 impl LoopState {
@@ -191,6 +203,9 @@ impl LoopState {
                             if stop {
                                 return Ok(StopReason::Requested);
                             }
+                            if self.migrated {
+                                return Ok(StopReason::Migrated);
+                            }
                         }
                     }
                     _ => {}
@@ -220,6 +235,30 @@ impl LoopState {
             Request::Stats => Response::ok(self.stats()),
             Request::Snapshot { dir } => self.snapshot(std::path::Path::new(&dir)),
             Request::Shutdown => Response::ok(json!({ "state": "stopping" })),
+            Request::Migrate {
+                dest,
+                key,
+                downtime_ms,
+                max_rounds,
+                compress,
+            } => {
+                let request = MigrateRequest {
+                    dest,
+                    key: key.into(),
+                    downtime: std::time::Duration::from_millis(downtime_ms),
+                    max_rounds,
+                    compress,
+                };
+                // Migration consumes the dirty log: the next snapshot hashes everything.
+                self.manifest = None;
+                match source::migrate(&self.machine, self.paused, &request) {
+                    Ok(report) => {
+                        self.migrated = true;
+                        Response::ok(serde_json::to_value(report).unwrap_or_default())
+                    }
+                    Err(e) => Response::error(e.to_string()),
+                }
+            }
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::error::ErrorKind;
 use clap::Parser;
 use vmm::api::{client, Request};
-use vmm::cli::{Cli, Command, CtlArgs, CtlOp, StoreArgs, StoreOp};
+use vmm::cli::{Cli, Command, CtlArgs, CtlOp, ReceiveArgs, StoreArgs, StoreOp};
 use vmm::config::Launch;
 use vmm::vcpu::exit::StopReason;
 
@@ -33,6 +33,7 @@ fn main() {
     match cli.command {
         Some(Command::Ctl(args)) => ctl(args),
         Some(Command::Store(args)) => store(args),
+        Some(Command::Receive(args)) => receive(args),
         None => run(cli.run),
     }
 }
@@ -52,6 +53,14 @@ fn run(args: vmm::cli::RunArgs) {
     }
 }
 
+fn receive(args: ReceiveArgs) {
+    match vmm::migration::destination::receive(&args) {
+        Ok(StopReason::Failed(message)) => fail(&message, 1),
+        Ok(reason) => std::process::exit(reason.exit_code()),
+        Err(e) => fail(&e.to_string(), 1),
+    }
+}
+
 fn ctl(args: CtlArgs) {
     let request = match args.op {
         CtlOp::Pause => Request::Pause,
@@ -59,6 +68,22 @@ fn ctl(args: CtlArgs) {
         CtlOp::Status => Request::Status,
         CtlOp::Stats => Request::Stats,
         CtlOp::Shutdown => Request::Shutdown,
+        CtlOp::Migrate {
+            dest,
+            key,
+            downtime_ms,
+            max_rounds,
+            no_compress,
+        } => Request::Migrate {
+            dest,
+            key: std::path::absolute(&key)
+                .unwrap_or(key)
+                .display()
+                .to_string(),
+            downtime_ms,
+            max_rounds,
+            compress: !no_compress,
+        },
         CtlOp::Snapshot { dir } => {
             // The VMM resolves relative paths against its own directory: send an absolute one.
             let dir = std::path::absolute(&dir).unwrap_or(dir);

@@ -11,6 +11,7 @@ use crate::boot::{self, cpuid, regs, BootEntry, BootError};
 use crate::config::{Launch, Source, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager, DeviceStates};
 use crate::event_loop::{self, Machine};
+use crate::snapshot::format::SnapshotState;
 use crate::snapshot::restore::{self, RestoreError};
 use crate::snapshot::save::VmMeta;
 use crate::vcpu::exit::StopReason;
@@ -66,28 +67,76 @@ pub enum RunError {
 
 /// Builds the VM `launch` asks for and runs it to the end.
 pub fn run(launch: &Launch) -> Result<StopReason, RunError> {
-    let started = std::time::Instant::now();
-    let stop_evt = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(event_loop::LoopError::Io)?);
-    let (stop_tx, stop_rx) = channel();
-    let sink = StopSink::new(stop_tx, stop_evt.clone());
-    let (vm, devices, prepared, meta) = match &launch.source {
-        Source::Boot(config) => boot(config, &sink)?,
-        Source::Restore { dir, lazy } => restore_snapshot(dir, *lazy, launch, &sink)?,
+    let ctx = RunContext::new()?;
+    let built = match &launch.source {
+        Source::Boot(config) => boot(config, &ctx.sink)?,
+        Source::Restore { dir, lazy } => restore_snapshot(dir, *lazy, launch, &ctx.sink)?,
     };
-    log::debug!(target: "fabvm::timing", "guest set up after {:?}", started.elapsed());
-    let vcpus = start_vcpus(prepared)?;
-    log::debug!(target: "fabvm::timing", "vcpus started after {:?}", started.elapsed());
-    let machine = Machine {
-        vm,
-        devices,
-        vcpus,
-        meta,
-        started,
+    let services = event_loop::Services {
+        api_sock: launch.api_sock.clone(),
+        store: launch.store_dir(),
     };
-    Ok(event_loop::run(machine, launch, &stop_evt, &stop_rx)?)
+    ctx.run(built, &services, || Ok(()))
 }
 
-type Built = (Vm, DeviceManager, Vec<Vcpu>, VmMeta);
+/// What every VM's vCPUs report to, set up before the VM is built.
+#[derive(Debug)]
+pub struct RunContext {
+    started: std::time::Instant,
+    stop_evt: Arc<EventFd>,
+    stop_rx: std::sync::mpsc::Receiver<StopReason>,
+    /// Where vCPUs report that the VM stops.
+    pub sink: StopSink,
+}
+
+impl RunContext {
+    /// A fresh context; its clock starts now.
+    pub fn new() -> Result<Self, RunError> {
+        let stop_evt = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(event_loop::LoopError::Io)?);
+        let (stop_tx, stop_rx) = channel();
+        let sink = StopSink::new(stop_tx, stop_evt.clone());
+        Ok(Self {
+            started: std::time::Instant::now(),
+            stop_evt,
+            stop_rx,
+            sink,
+        })
+    }
+
+    /// Starts the vCPUs of a built VM, calls `started` (a migration destination confirms
+    /// here), then serves the VM until it stops.
+    pub fn run(
+        self,
+        built: Built,
+        services: &event_loop::Services,
+        started: impl FnOnce() -> Result<(), String>,
+    ) -> Result<StopReason, RunError> {
+        let (vm, devices, prepared, meta) = built;
+        log::debug!(target: "fabvm::timing", "guest set up after {:?}", self.started.elapsed());
+        let vcpus = start_vcpus(prepared)?;
+        log::debug!(target: "fabvm::timing", "vcpus started after {:?}", self.started.elapsed());
+        if let Err(message) = started() {
+            vcpus.stop();
+            return Ok(StopReason::Failed(message));
+        }
+        let machine = Machine {
+            vm,
+            devices,
+            vcpus,
+            meta,
+            started: self.started,
+        };
+        Ok(event_loop::run(
+            machine,
+            services,
+            &self.stop_evt,
+            &self.stop_rx,
+        )?)
+    }
+}
+
+/// A VM ready to start: its devices and vCPUs created, the vCPUs not yet running.
+pub type Built = (Vm, DeviceManager, Vec<Vcpu>, VmMeta);
 
 fn boot(config: &VmConfig, sink: &StopSink) -> Result<Built, RunError> {
     let vm = Vm::new(config.mem, config.cpus, config.hugepages)?;
@@ -219,6 +268,16 @@ fn restore_snapshot(
         let image = restore::memory_image(&loaded, &store)?;
         restore::map_image(&image, state)?
     };
+    restore_machine(state, memory, sink)
+}
+
+/// Builds a VM from saved state and guest memory already holding its contents (a snapshot's
+/// image or lazy loader, or pages received from a migration source).
+pub fn restore_machine(
+    state: &SnapshotState,
+    memory: crate::memory::GuestMemory,
+    sink: &StopSink,
+) -> Result<Built, RunError> {
     let vm = Vm::with_memory(memory, state.cpus)?;
     vm.register_memory()?;
     state.vm.restore(&vm.fd)?;

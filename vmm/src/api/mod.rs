@@ -10,7 +10,8 @@
 //! <- {"ok":false,"error":"bad request: unknown variant `frobnicate`, expected one of ..."}
 //! ```
 //!
-//! Operations: `pause`, `resume`, `status`, `stats`, `snapshot` (`dir`), `shutdown`. Requests
+//! Operations: `pause`, `resume`, `status`, `stats`, `snapshot` (`dir`), `shutdown`,
+//! `migrate` (`dest`, `key`, optional `downtime_ms`, `max_rounds`, `compress`). Requests
 //! longer than [`MAX_REQUEST`] bytes are refused and the connection closed. `fabvm ctl` speaks
 //! this protocol; so can `socat - UNIX-CONNECT:PATH`.
 
@@ -41,6 +42,34 @@ pub enum Request {
     },
     /// Stop the VM; the fabvm process exits 0.
     Shutdown,
+    /// Live-migrate to a `fabvm receive` destination; on success this fabvm exits 0.
+    Migrate {
+        /// HOST:PORT of the destination.
+        dest: String,
+        /// Path of the pre-shared key file (read by the VMM).
+        key: String,
+        /// Downtime budget in ms.
+        #[serde(default = "default_downtime_ms")]
+        downtime_ms: u64,
+        /// Most pre-copy rounds.
+        #[serde(default = "default_max_rounds")]
+        max_rounds: u32,
+        /// Compress sent pages (lz4) when it pays.
+        #[serde(default = "default_true")]
+        compress: bool,
+    },
+}
+
+fn default_downtime_ms() -> u64 {
+    100
+}
+
+fn default_max_rounds() -> u32 {
+    30
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// The answer to one request.

@@ -23,6 +23,8 @@ pub enum StopReason {
     PowerOff,
     /// The VMM was asked to stop.
     Requested,
+    /// The VM was migrated away and runs elsewhere now.
+    Migrated,
     /// Something went wrong; the message says what.
     Failed(String),
 }
@@ -31,7 +33,10 @@ impl StopReason {
     /// The process exit code for this reason: 0 for a guest-initiated stop.
     pub fn exit_code(&self) -> i32 {
         match self {
-            StopReason::Reset | StopReason::PowerOff | StopReason::Requested => 0,
+            StopReason::Reset
+            | StopReason::PowerOff
+            | StopReason::Requested
+            | StopReason::Migrated => 0,
             StopReason::Failed(_) => 1,
         }
     }

@@ -6,7 +6,10 @@ pub mod state;
 
 use std::cell::Cell;
 use std::sync::mpsc::{channel, Receiver, Sender};
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Once};
+use std::time::Duration;
 use std::thread::JoinHandle;
 
 use kvm_bindings::kvm_run;
@@ -113,6 +116,13 @@ pub struct VcpuHandle {
     acks: Receiver<Ack>,
     thread: JoinHandle<()>,
 }
+
+/// Share (percent) of each [`THROTTLE_PERIOD`] the vCPUs of this process spend out of the
+/// guest: set by a migration whose guest dirties memory faster than the link drains it.
+/// One VM runs per fabvm process, so one value serves all its vCPUs.
+static THROTTLE_PERCENT: AtomicU32 = AtomicU32::new(0);
+/// The throttling period: vCPUs are kicked this often while throttled.
+pub const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
 
 thread_local! {
     /// The kvm_run page of the vCPU on this thread, for the kick signal handler.
@@ -261,6 +271,10 @@ impl Vcpu {
             },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
+                let percent = THROTTLE_PERCENT.load(Ordering::Relaxed);
+                if percent > 0 {
+                    std::thread::sleep(THROTTLE_PERIOD * percent.min(99) / 100);
+                }
                 None
             }
             Err(e) => Some(StopReason::Failed(format!(
@@ -331,6 +345,29 @@ impl VcpuHandle {
     }
 }
 
+/// Kicks throttled vCPUs out of the guest every period so they take their pause.
+#[derive(Debug, Clone)]
+pub struct Throttle {
+    threads: Vec<libc::pthread_t>,
+}
+
+impl Throttle {
+    /// Kicks every vCPU once (call every [`THROTTLE_PERIOD`] while throttled).
+    pub fn kick(&self) {
+        for &thread in &self.threads {
+            // SAFETY: the threads are the VM's vCPU threads, which outlive every migration
+            // (they are joined only when the VM stops); a signal to one that has ended is
+            // an error we ignore.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
+        }
+    }
+
+    /// Whether the guest is throttled now.
+    pub fn active(&self) -> bool {
+        THROTTLE_PERCENT.load(Ordering::Relaxed) > 0
+    }
+}
+
 /// All of a VM's vCPUs.
 #[derive(Debug, Default)]
 pub struct Vcpus {
@@ -379,6 +416,16 @@ impl Vcpus {
             }
         }
         Ok(())
+    }
+
+    /// Slows the guest down: from now on each vCPU spends `percent` of every
+    /// [`THROTTLE_PERIOD`] out of the guest (0 = full speed). Returns a kicker that must run
+    /// (see [`Throttle::kick`]) for the setting to bite on vCPUs that rarely exit.
+    pub fn throttle(&self, percent: u32) -> Throttle {
+        THROTTLE_PERCENT.store(percent.min(99), Ordering::Relaxed);
+        Throttle {
+            threads: self.handles.iter().map(|h| h.thread.as_pthread_t()).collect(),
+        }
     }
 
     /// Stops and joins every vCPU thread.

@@ -1,0 +1,217 @@
+//! Two test "hosts" on one machine: network namespaces joined by a veth pair, each with its
+//! own fabvm VM registry (so a destination sees only the VMs on its own host). Removed on
+//! drop. Bytes on the wire are read from the veth counters.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// One side of the pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Host {
+    /// The source host.
+    A,
+    /// The destination host.
+    B,
+}
+
+/// Two namespaces and the link between them.
+#[derive(Debug)]
+pub struct TwoHosts {
+    names: [String; 2],
+    devs: [String; 2],
+    ips: [String; 2],
+    runtime: tempfile::TempDir,
+}
+
+fn run(args: &[&str]) -> bool {
+    Command::new(args[0])
+        .args(&args[1..])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn must(args: &[&str]) {
+    assert!(run(args), "command failed: {args:?}");
+}
+
+impl TwoHosts {
+    /// Creates the namespaces (unique to this process) and the link, 10.199.N.1 and .2.
+    pub fn new() -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let tag = format!("{}{n}", pid % 100_000);
+        let names = [format!("fva{tag}"), format!("fvb{tag}")];
+        let devs = [format!("fva{tag}"), format!("fvb{tag}")];
+        let subnet = (pid % 200) as u8 + u8::try_from(n % 50).unwrap_or(0);
+        let ips = [format!("10.199.{subnet}.1"), format!("10.199.{subnet}.2")];
+        let hosts = Self {
+            names,
+            devs,
+            ips,
+            runtime: tempfile::tempdir().expect("tempdir"),
+        };
+        for name in &hosts.names {
+            must(&["ip", "netns", "add", name]);
+        }
+        must(&[
+            "ip",
+            "link",
+            "add",
+            &hosts.devs[0],
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &hosts.devs[1],
+        ]);
+        for i in 0..2 {
+            let (ns, dev) = (&hosts.names[i], &hosts.devs[i]);
+            must(&["ip", "link", "set", dev, "netns", ns]);
+            must(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/24", hosts.ips[i]),
+                "dev",
+                dev,
+            ]);
+            must(&["ip", "-n", ns, "link", "set", dev, "up"]);
+            must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+            std::fs::create_dir_all(hosts.runtime_dir(if i == 0 { Host::A } else { Host::B }))
+                .unwrap();
+        }
+        hosts
+    }
+
+    fn i(host: Host) -> usize {
+        match host {
+            Host::A => 0,
+            Host::B => 1,
+        }
+    }
+
+    /// The host's address on the link.
+    pub fn ip(&self, host: Host) -> &str {
+        &self.ips[Self::i(host)]
+    }
+
+    /// The host's VM registry (FABVM_RUNTIME_DIR).
+    pub fn runtime_dir(&self, host: Host) -> PathBuf {
+        self.runtime.path().join(&self.names[Self::i(host)])
+    }
+
+    /// A command that runs `program` on `host`, with that host's VM registry.
+    pub fn command(&self, host: Host, program: &Path) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.names[Self::i(host)]])
+            .arg(program)
+            .env("FABVM_RUNTIME_DIR", self.runtime_dir(host));
+        cmd
+    }
+
+    fn counter(&self, host: Host, name: &str) -> u64 {
+        let path = format!(
+            "/sys/class/net/{}/statistics/{name}",
+            self.devs[Self::i(host)]
+        );
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.names[Self::i(host)], "cat", &path])
+            .output()
+            .expect("read counter");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+
+    /// Bytes that crossed the link in both directions (IP, TCP and Ethernet headers included).
+    pub fn wire_bytes(&self) -> u64 {
+        self.counter(Host::A, "tx_bytes") + self.counter(Host::A, "rx_bytes")
+    }
+
+    /// Limits `host`'s outgoing rate (tc tbf).
+    pub fn limit_rate(&self, host: Host, rate: &str) {
+        let (ns, dev) = (&self.names[Self::i(host)], &self.devs[Self::i(host)]);
+        must(&[
+            "ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
+            rate, "burst", "64k", "latency", "400ms",
+        ]);
+    }
+
+    /// Takes `host`'s end of the link down.
+    pub fn cut(&self, host: Host) {
+        must(&[
+            "ip",
+            "-n",
+            &self.names[Self::i(host)],
+            "link",
+            "set",
+            &self.devs[Self::i(host)],
+            "down",
+        ]);
+    }
+
+    /// Silently drops everything `host` sends (the link stays up: a stall, not a cut).
+    pub fn stall(&self, host: Host) {
+        let ns = &self.names[Self::i(host)];
+        must(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "nft",
+            "add",
+            "table",
+            "inet",
+            "fabvmstall",
+        ]);
+        must(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "nft",
+            "add chain inet fabvmstall out { type filter hook output priority 0 ; }",
+        ]);
+        must(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "nft",
+            "add",
+            "rule",
+            "inet",
+            "fabvmstall",
+            "out",
+            "drop",
+        ]);
+    }
+}
+
+impl Default for TwoHosts {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        // Killing what still runs inside, then the namespaces (the veth goes with them).
+        for name in &self.names {
+            let _ = Command::new("ip")
+                .args(["netns", "pids", name])
+                .output()
+                .map(|out| {
+                    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                        let _ = Command::new("kill").args(["-9", pid]).status();
+                    }
+                });
+            run(&["ip", "netns", "del", name]);
+        }
+    }
+}

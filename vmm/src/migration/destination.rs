@@ -1,0 +1,193 @@
+//! The destination side (`fabvm receive`): waits for one source, authenticates it, fills a
+//! fresh guest memory from the wire and from what this host holds (its page store and the
+//! VMs running here, each page verified), restores the machine state, and only after the
+//! source commits starts the vCPUs and acknowledges. Any failure before that discards
+//! everything here; the source keeps its guest.
+
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use fabric::migration::{Limits, MigrationError, PageSource, Receiver};
+use fabric::{Page, PageId, Store};
+
+use super::guest::GuestPages;
+use super::{read_key, KeyFileError};
+use crate::cli::ReceiveArgs;
+use crate::event_loop::Services;
+use crate::host_index::{self, RunningPages};
+use crate::layout;
+use crate::memory;
+use crate::runner::{self, RunContext, RunError};
+use crate::snapshot::format::{self, FormatError};
+use crate::snapshot::open_store;
+use crate::vcpu::exit::StopReason;
+
+/// A link that moves nothing for this long is dead.
+const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Errors on the destination.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// The key file.
+    #[error(transparent)]
+    Key(#[from] KeyFileError),
+    /// Listening or accepting failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    /// No source came in time.
+    #[error("no migration source connected within {0} s")]
+    AcceptTimeout(u64),
+    /// The protocol failed; nothing was started here.
+    #[error("incoming migration failed: {0}")]
+    Protocol(#[from] MigrationError),
+    /// The described VM is not one this host runs.
+    #[error("incoming VM refused: {0}")]
+    Refused(String),
+    /// The state blob does not decode.
+    #[error("incoming VM state: {0}")]
+    State(#[from] FormatError),
+    /// Building the VM failed.
+    #[error(transparent)]
+    Run(#[from] RunError),
+}
+
+/// Pages this host holds: VMs running here (hashed when the migration starts, verified on
+/// copy) and the host store.
+struct HostPages {
+    running: RunningPages,
+    store: Option<Store>,
+}
+
+impl PageSource for HostPages {
+    fn fetch(&self, id: &PageId, out: &mut Page) -> bool {
+        self.running.fetch(id, out) || self.store.as_ref().is_some_and(|s| s.get(id, out).is_ok())
+    }
+}
+
+/// Receives one VM and runs it until it stops.
+pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
+    let key = read_key(&args.key)?;
+    let stream = accept(&args.listen, args.accept_timeout)?;
+    let started = Instant::now();
+    let (mut receiver, description) = Receiver::accept(stream, &key, Limits::default())?;
+    let mem: u64 = description.regions.iter().map(|r| r.bytes()).sum();
+    let expected: Vec<(u64, u64)> = layout::ram_regions(mem);
+    let regions: Vec<(u64, u64)> = description
+        .regions
+        .iter()
+        .map(|r| (r.guest_addr, r.bytes()))
+        .collect();
+    if regions != expected || mem > layout::MAX_MEM || description.vcpus == 0 {
+        receiver.abort("memory layout not supported here");
+        return Err(ReceiveError::Refused(format!(
+            "{} bytes in {} regions",
+            mem,
+            regions.len()
+        )));
+    }
+    let memory = match memory::create(mem, true) {
+        Ok(memory) => memory,
+        Err(e) => {
+            receiver.abort("destination cannot allocate guest memory");
+            return Err(ReceiveError::Refused(e.to_string()));
+        }
+    };
+    // What this host already holds: the store (if it opens) and the VMs running here.
+    let hosted = HostPages {
+        running: RunningPages::hash(&host_index::running_vms(Some(std::process::id()))),
+        store: args.store.as_ref().and_then(|dir| open_store(dir).ok()),
+    };
+    log::info!(
+        "incoming migration: {} pages known from {} running VMs ({} MiB hashed)",
+        hosted.running.len(),
+        host_index::running_vms(Some(std::process::id())).len(),
+        hosted.running.bytes_hashed >> 20
+    );
+    let mut sink = GuestPages::new(&memory);
+    let received = receiver.receive(&hosted, &mut sink)?;
+    drop(hosted); // release the store for others
+    let state = match format::decode(&received.state) {
+        Ok(state) => state,
+        Err(e) => {
+            receiver.abort("state blob does not decode");
+            return Err(e.into());
+        }
+    };
+    let ctx = RunContext::new()?;
+    let built = match runner::restore_machine(&state, memory, &ctx.sink) {
+        Ok(built) => built,
+        Err(e) => {
+            receiver.abort("destination cannot restore the machine state");
+            return Err(e.into());
+        }
+    };
+    failpoint("before-ready");
+    receiver.ready()?;
+    let services = Services {
+        api_sock: args.api_sock.clone(),
+        store: args.store.clone().unwrap_or_else(fabric::default_dir),
+    };
+    let json = args.json;
+    let reason = ctx.run(built, &services, move || {
+        failpoint("before-ack");
+        let stats = receiver
+            .confirm_resumed()
+            .map_err(|e| format!("could not acknowledge the migration: {e}"))?;
+        let report = serde_json::json!({
+            "received_ms": started.elapsed().as_secs_f64() * 1000.0,
+            "stats": stats,
+        });
+        if json {
+            eprintln!("{report}");
+        } else {
+            log::info!("migration received: {report}");
+        }
+        Ok(())
+    })?;
+    Ok(reason)
+}
+
+/// Fault injection for tests: `FABVM_TEST_FAILPOINT=NAME` makes this process die at the
+/// named point, as a crashed or killed destination would.
+fn failpoint(name: &str) {
+    if std::env::var("FABVM_TEST_FAILPOINT").as_deref() == Ok(name) {
+        eprintln!("fabvm: failpoint {name}: exiting");
+        std::process::exit(3);
+    }
+}
+
+fn accept(listen: &str, timeout_s: u64) -> Result<TcpStream, ReceiveError> {
+    let err = |source| ReceiveError::Listen {
+        addr: listen.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind(listen).map_err(err)?;
+    let stream = if timeout_s == 0 {
+        listener.accept().map_err(err)?.0
+    } else {
+        listener.set_nonblocking(true).map_err(err)?;
+        let deadline = Instant::now() + Duration::from_secs(timeout_s);
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Err(ReceiveError::AcceptTimeout(timeout_s));
+                }
+                Err(e) => return Err(err(e)),
+            }
+        }
+    };
+    stream.set_nonblocking(false).map_err(err)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(err)?;
+    stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(err)?;
+    stream.set_nodelay(true).map_err(err)?;
+    Ok(stream)
+}

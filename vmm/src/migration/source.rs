@@ -1,0 +1,358 @@
+//! The source side: connects to the destination, sends every page in a first round (hashed
+//! as it is offered), then the pages dirtied since, round after round, until the rest fits
+//! the downtime budget at the bandwidth measured so far (or the round limit); then pauses
+//! the vCPUs and sends the last dirty pages and the machine state. Any failure before the
+//! destination acknowledges leaves the guest running here, as it was.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use fabric::migration::{
+    Compression, MigrationError, MigrationStats, RoundStats, Sender, SenderConfig, VmDescription,
+};
+use fabric::{identify, Page, PAGE_SIZE};
+use serde::Serialize;
+
+use super::guest::GuestPages;
+use super::{read_key, KeyFileError};
+use crate::event_loop::Machine;
+use crate::memory::{self, MemoryError};
+use crate::snapshot::format::{self, SnapshotState};
+use crate::vcpu::VcpuError;
+use crate::vm_state::{VmState, VmStateError};
+
+/// How long to wait for the destination to accept the connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A link that moves nothing for this long is dead.
+const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Errors of a migration; every one leaves the guest running on the source.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The key file.
+    #[error(transparent)]
+    Key(#[from] KeyFileError),
+    /// The destination address.
+    #[error("destination {0}: cannot resolve or connect: {1}")]
+    Connect(String, std::io::Error),
+    /// The protocol failed (peer gone, timeout, wrong key, bad data...).
+    #[error("migration to {dest} failed: {source}")]
+    Protocol {
+        dest: String,
+        source: MigrationError,
+    },
+    /// Dirty tracking.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Pausing or saving the vCPUs.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Saving the VM state.
+    #[error(transparent)]
+    VmState(#[from] VmStateError),
+}
+
+/// What the caller asked for.
+#[derive(Debug, Clone)]
+pub struct MigrateRequest {
+    /// HOST:PORT.
+    pub dest: String,
+    /// Pre-shared key file.
+    pub key: PathBuf,
+    /// Downtime budget.
+    pub downtime: Duration,
+    /// Most pre-copy rounds (the final round not counted).
+    pub max_rounds: u32,
+    /// Compress pages when it pays.
+    pub compress: bool,
+}
+
+/// The migration report (JSON through the API).
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationReport {
+    /// Where the VM went.
+    pub dest: String,
+    /// Bytes the source wrote to the connection (frames included) and read from it.
+    pub bytes_sent: u64,
+    /// Bytes read from the destination.
+    pub bytes_received: u64,
+    /// Pages offered (identities), found at the destination, sent, and zero (never sent).
+    pub pages_offered: u64,
+    /// Offered pages the destination already held.
+    pub pages_found: u64,
+    /// Pages whose contents crossed the wire.
+    pub pages_sent: u64,
+    /// Zero pages.
+    pub pages_zero: u64,
+    /// Bytes saved by compression.
+    pub compression_saved_bytes: u64,
+    /// Rounds, the final one included.
+    pub rounds: u32,
+    /// Total time, ms.
+    pub total_ms: f64,
+    /// Time the guest was paused, ms (final round, state, commit).
+    pub downtime_ms: f64,
+    /// Whether the rest fit the budget (false: stopped at the round limit).
+    pub converged: bool,
+    /// Most the guest was throttled (percent of time kept out of the guest; 0 = never).
+    pub max_throttle_percent: u32,
+    /// Per-round figures.
+    pub round_stats: Vec<RoundStats>,
+    /// Protocol counters.
+    pub protocol: MigrationStats,
+}
+
+/// Migrates the VM. On `Ok` the VM runs at the destination and this process should exit;
+/// on `Err` the guest runs here (resumed if this call paused it).
+pub fn migrate(
+    machine: &Machine,
+    was_paused: bool,
+    req: &MigrateRequest,
+) -> Result<MigrationReport, MigrateError> {
+    let started = Instant::now();
+    let key = read_key(&req.key)?;
+    let stream = connect(&req.dest)?;
+    let protocol = |source| MigrateError::Protocol {
+        dest: req.dest.clone(),
+        source,
+    };
+    let config = SenderConfig {
+        compression: if req.compress {
+            Compression::Lz4
+        } else {
+            Compression::None
+        },
+        ..SenderConfig::default()
+    };
+    let mut sender = Sender::connect(stream, &key, config).map_err(protocol)?;
+    let guest = GuestPages::new(&machine.vm.memory);
+    let description = VmDescription {
+        vcpus: machine.meta.cpus,
+        regions: guest.regions(),
+        config: Vec::new(),
+    };
+    sender.describe(&description).map_err(protocol)?;
+
+    // Round 1: everything, hashed lazily as offered. Dirty logging starts first so that
+    // every write from here on is in a later round.
+    memory::enable_dirty_log(&machine.vm.fd, &machine.vm.memory)?;
+    memory::take_dirty(&machine.vm.fd, &machine.vm.memory)?;
+    let slices = guest.slices();
+    let all = slices
+        .iter()
+        .flat_map(|(gfn, bytes)| fabric::migration::identities(*gfn, bytes));
+    // While the guest is throttled a helper kicks its vCPUs every period.
+    let throttle = machine.vcpus.throttle(0);
+    let stop_kicks = std::sync::atomic::AtomicBool::new(false);
+    let result = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop_kicks.load(std::sync::atomic::Ordering::Relaxed) {
+                if throttle.active() {
+                    throttle.kick();
+                }
+                std::thread::sleep(crate::vcpu::THROTTLE_PERIOD);
+            }
+        });
+        let result = precopy(machine, was_paused, sender, &guest, all, req, started);
+        stop_kicks.store(true, std::sync::atomic::Ordering::Relaxed);
+        result
+    });
+    machine.vcpus.throttle(0);
+    result
+}
+
+/// Pre-copy rounds until the rest fits the budget, throttling a guest that outruns the link.
+fn precopy<'a>(
+    machine: &Machine,
+    was_paused: bool,
+    mut sender: Sender<TcpStream>,
+    guest: &GuestPages,
+    all: impl Iterator<Item = (u64, Option<fabric::PageId>)> + 'a,
+    req: &MigrateRequest,
+    started: Instant,
+) -> Result<MigrationReport, MigrateError> {
+    let protocol = |source| MigrateError::Protocol { dest: req.dest.clone(), source };
+    let read_page = |gfn: u64, out: &mut Page| guest.read(gfn, out);
+    let mut rounds = vec![sender.round(all, &read_page).map_err(protocol)?];
+    let mut throttle = 0u32;
+    let mut max_throttle = 0u32;
+    let mut previous_dirty = usize::MAX;
+    loop {
+        let dirty = dirty_frames(machine)?;
+        let last = rounds.last().expect("one round done");
+        let bandwidth = last.bytes_sent as f64 / (last.duration_us.max(1) as f64 / 1e6); // bytes/s
+        let expected =
+            Duration::from_secs_f64(dirty.len() as f64 * PAGE_SIZE as f64 / bandwidth.max(1.0));
+        log::info!(
+            "migration round {}: {} pages dirty, {:.0} MB/s, {:?} to send them",
+            rounds.len(),
+            dirty.len(),
+            bandwidth / 1e6,
+            expected
+        );
+        if expected <= req.downtime || rounds.len() as u32 >= req.max_rounds {
+            let converged = expected <= req.downtime;
+            // The final round starts from this dirty set plus what is dirtied until pause.
+            let mut report =
+                finish(machine, was_paused, sender, guest, dirty, converged, started, req)?;
+            report.max_throttle_percent = max_throttle;
+            return Ok(report);
+        }
+        // Not shrinking by a tenth a round: the guest dirties faster than the link drains.
+        if dirty.len() * 10 > previous_dirty.saturating_mul(9) && throttle < 80 {
+            throttle += 20;
+            max_throttle = max_throttle.max(throttle);
+            machine.vcpus.throttle(throttle);
+            log::info!("migration: the guest dirties faster than the link drains; throttled to {throttle}%");
+        }
+        previous_dirty = dirty.len();
+        let pages = identify_lazily(guest, dirty);
+        rounds.push(sender.round(pages, &read_page).map_err(protocol)?);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    machine: &Machine,
+    was_paused: bool,
+    mut sender: Sender<TcpStream>,
+    guest: &GuestPages,
+    mut dirty: Vec<u64>,
+    converged: bool,
+    started: Instant,
+    req: &MigrateRequest,
+) -> Result<MigrationReport, MigrateError> {
+    let protocol = |source| MigrateError::Protocol {
+        dest: req.dest.clone(),
+        source,
+    };
+    let paused_at = Instant::now();
+    if !was_paused {
+        machine.vcpus.pause()?;
+    }
+    let resume = |e: MigrateError| {
+        if !was_paused {
+            if let Err(r) = machine.vcpus.resume() {
+                log::error!("resuming the guest after a failed migration: {r}");
+            }
+        }
+        e
+    };
+    // No device touches guest memory from here on (requests are synchronous under this lock).
+    let virtio = machine.devices.virtio.lock();
+    let state = (|| -> Result<Vec<u8>, MigrateError> {
+        let mut more = dirty_frames(machine)?;
+        dirty.append(&mut more);
+        dirty.sort_unstable();
+        dirty.dedup();
+        let (serial, i8042) = machine.devices.state();
+        let state = SnapshotState {
+            mem: machine.meta.mem,
+            cpus: machine.meta.cpus,
+            cmdline: machine.meta.cmdline.clone(),
+            kernel: machine.meta.kernel.clone(),
+            regions: guest.regions(),
+            vm: VmState::save(&machine.vm.fd)?,
+            vcpus: machine.vcpus.save_state()?,
+            serial,
+            i8042,
+            virtio: virtio.state(),
+            store: PathBuf::new(),
+            root: String::new(),
+            manifest_blake3: String::new(),
+        };
+        Ok(format::encode(&state))
+    })();
+    let state = match state {
+        Ok(state) => state,
+        Err(e) => {
+            sender.abort("source failed to save the machine state");
+            drop(virtio);
+            return Err(resume(e));
+        }
+    };
+    let read_page = |gfn: u64, out: &mut Page| guest.read(gfn, out);
+    let pages = identify_lazily(guest, dirty);
+    match sender.finish(pages, &read_page, &state) {
+        Ok(stats) => {
+            let downtime = paused_at.elapsed();
+            drop(virtio);
+            Ok(report(req, stats, converged, started, downtime))
+        }
+        Err(e) => {
+            drop(virtio);
+            Err(resume(protocol(e)))
+        }
+    }
+}
+
+fn report(
+    req: &MigrateRequest,
+    stats: MigrationStats,
+    converged: bool,
+    started: Instant,
+    downtime: Duration,
+) -> MigrationReport {
+    MigrationReport {
+        dest: req.dest.clone(),
+        bytes_sent: stats.bytes_sent,
+        bytes_received: stats.bytes_received,
+        pages_offered: stats.pages_offered,
+        pages_found: stats.pages_found,
+        pages_sent: stats.pages_sent,
+        pages_zero: stats.pages_zero,
+        compression_saved_bytes: stats.compression_saved_bytes,
+        rounds: stats.rounds.len() as u32,
+        total_ms: started.elapsed().as_secs_f64() * 1000.0,
+        downtime_ms: downtime.as_secs_f64() * 1000.0,
+        converged,
+        max_throttle_percent: 0,
+        round_stats: stats.rounds.clone(),
+        protocol: stats,
+    }
+}
+
+fn connect(dest: &str) -> Result<TcpStream, MigrateError> {
+    let err = |e| MigrateError::Connect(dest.to_string(), e);
+    let addr = dest
+        .to_socket_addrs()
+        .map_err(err)?
+        .next()
+        .ok_or_else(|| err(std::io::Error::other("no address")))?;
+    let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(err)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(err)?;
+    stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(err)?;
+    stream.set_nodelay(true).map_err(err)?;
+    Ok(stream)
+}
+
+/// Guest frames dirtied since the last call.
+fn dirty_frames(machine: &Machine) -> Result<Vec<u64>, MigrateError> {
+    let bitmaps = memory::take_dirty(&machine.vm.fd, &machine.vm.memory)?;
+    let guest = GuestPages::new(&machine.vm.memory);
+    let mut frames = Vec::new();
+    for ((first_gfn, _), words) in guest.slices().iter().zip(bitmaps) {
+        for (w, word) in words.iter().enumerate() {
+            let mut bits = *word;
+            while bits != 0 {
+                let bit = bits.trailing_zeros() as u64;
+                frames.push(first_gfn + w as u64 * 64 + bit);
+                bits &= bits - 1;
+            }
+        }
+    }
+    Ok(frames)
+}
+
+/// `(gfn, identity)` of each frame, hashed when drawn.
+fn identify_lazily(
+    guest: &GuestPages,
+    frames: Vec<u64>,
+) -> impl Iterator<Item = (u64, Option<fabric::PageId>)> + '_ {
+    frames.into_iter().map(move |gfn| {
+        let mut page = [0u8; PAGE_SIZE];
+        guest.read(gfn, &mut page);
+        (gfn, identify(&page))
+    })
+}
