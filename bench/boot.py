@@ -9,40 +9,21 @@ just before the process is spawned:
   ready_ms        to the test guest's `ready` line (memory filled)
   own_rss_kib     the VMM's own memory: RSS less the RSS of the mapping that backs guest RAM,
                   read from /proc/PID/smaps after the first verification pass
-Writes bench/results/boot.json and bench/results/boot.md and prints the table.
-Usage: bench/boot.py [--runs N] [--quick]
+A scenario of the harness (bench/run.py); `bench/boot.py [--runs N] [--quick]` is
+`bench/run.py --only boot [...]`.
 """
-import argparse
-import json
 import os
-import platform
 import re
 import select
-import shutil
-import statistics
 import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GUEST = os.path.join(ROOT, "guest-images", "out", "test-guest.elf")
-FABVM = os.path.join(ROOT, "target", "release", "fabvm")
-RESULTS = os.path.join(ROOT, "bench", "results")
+from common import FABVM, GUEST, cell, ratio, summarize
+
+NAME = "boot"
 MEM_MIB = 128
 CMDLINE = "passes=0 hb=50 fill=64"
-
-
-def ensure_tools():
-    """Builds fabvm and the test guest, installs QEMU from Debian when missing."""
-    subprocess.run(["bash", os.path.join(ROOT, "guest-images", "build-test-guest.sh")],
-                   check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "vmm", "--bin", "fabvm"],
-                   check=True, cwd=ROOT)
-    if shutil.which("qemu-system-x86_64") is None:
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "qemu-system-x86"],
-                       check=True, env=env, stdout=subprocess.DEVNULL)
 
 
 def fabvm_cmd():
@@ -125,52 +106,35 @@ def run_once(name, cmd, env):
     }
 
 
-def summarize(samples):
-    out = {}
-    for key in samples[0]:
-        values = sorted(s[key] for s in samples)
-        out[key] = {"median": statistics.median(values), "min": values[0], "max": values[-1]}
-    return out
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=15)
-    parser.add_argument("--quick", action="store_true", help="3 runs each")
-    args = parser.parse_args()
-    runs = 3 if args.quick else args.runs
-    ensure_tools()
-    qemu_version = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
-                                  text=True).stdout.splitlines()[0]
+def run(quick=False, runs=None, log=print):
+    """Alternates fabvm and QEMU `runs` times (15; 3 in quick mode)."""
+    runs = runs or (3 if quick else 15)
     samples = {"fabvm": [], "qemu": []}
     for i in range(runs):
         for name, (cmd, env) in (("fabvm", fabvm_cmd()), ("qemu", qemu_cmd())):
             samples[name].append(run_once(name, cmd, env))
-        print(f"run {i + 1}/{runs} done", file=sys.stderr)
-    summary = {name: summarize(s) for name, s in samples.items()}
-    kvm = "kvm_pvm (nested)" if os.path.exists("/sys/module/kvm_pvm") else "kvm"
-    machine = f"{platform.node()}: {os.cpu_count()} cores, {kvm}, kernel {platform.release()}"
-    report = {"machine": machine, "qemu": qemu_version, "runs": runs, "guest_cmdline": CMDLINE,
-              "mem_mib": MEM_MIB, "summary": summary, "samples": samples}
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "boot.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    rows = [("VMM start to first guest exit (ms)", "first_exit_ms"),
-            ("to first console byte (ms)", "first_output_ms"),
-            ("to test guest ready, 64 MiB filled (ms)", "ready_ms"),
-            ("VMM own memory, RSS beyond guest RAM (KiB)", "own_rss_kib")]
-    lines = [f"Boot, 1 vCPU / {MEM_MIB} MiB, test guest `{CMDLINE}`, {runs} runs each, median (min-max).",
-             f"Machine: {machine}; {qemu_version}.", "",
+        log(f"boot run {i + 1}/{runs} done")
+    return {"runs": runs, "guest_cmdline": CMDLINE, "mem_mib": MEM_MIB,
+            "summary": {name: summarize(s) for name, s in samples.items()}, "samples": samples}
+
+
+ROWS = [("VMM start to first guest exit (ms)", "first_exit_ms"),
+        ("to first console byte (ms)", "first_output_ms"),
+        ("to test guest ready, 64 MiB filled (ms)", "ready_ms"),
+        ("VMM own memory, RSS beyond guest RAM (KiB)", "own_rss_kib")]
+
+
+def markdown(report):
+    summary = report["summary"]
+    lines = [f"Boot, 1 vCPU / {report['mem_mib']} MiB, test guest `{report['guest_cmdline']}`, "
+             f"{report['runs']} runs each, median (min-max).", "",
              "| metric | fabvm | QEMU microvm | fabvm/QEMU |", "|---|---|---|---|"]
-    for label, key in rows:
+    for label, key in ROWS:
         f, q = summary["fabvm"][key], summary["qemu"][key]
-        cell = lambda s: f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})"
-        lines.append(f"| {label} | {cell(f)} | {cell(q)} | {f['median'] / q['median']:.2f} |")
-    table = "\n".join(lines) + "\n"
-    with open(os.path.join(RESULTS, "boot.md"), "w") as f:
-        f.write(table)
-    print(table)
+        lines.append(f"| {label} | {cell(f)} | {cell(q)} | {ratio(f, q)} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    main()
+    import run as harness
+    sys.exit(harness.main(["--only", NAME, *sys.argv[1:]]))

@@ -18,61 +18,21 @@ memory with unique pages and keeps verifying (heartbeat every 1 ms). Then, RUNS 
                        detection on (QEMU's default)
          restore_ms    spawn of `qemu -incoming` from the file to the guest's next heartbeat
          file_bytes    size of QEMU's state file
-Writes bench/results/snapshot.json and .md and prints the table.
-Usage: bench/snapshot.py [--runs N] [--quick]
+A scenario of the harness (bench/run.py); `bench/snapshot.py [--runs N] [--quick]` is
+`bench/run.py --only snapshot [...]`.
 """
-import argparse
-import json
 import os
 import shutil
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from boot import ROOT, GUEST, FABVM, RESULTS, ensure_tools  # noqa: E402
+import common
+from common import FABVM, GUEST, Console, Qmp, du, fabvm_ctl, ratio, summarize
 
+NAME = "snapshot"
 CMDLINE = "passes=0 hb=1"
-
-
-class Console:
-    """Reads a process's stdout without blocking and timestamps lines as they arrive."""
-
-    def __init__(self, proc):
-        self.proc, self.buf = proc, b""
-        os.set_blocking(proc.stdout.fileno(), False)
-
-    def wait(self, needle, timeout=120, after=0):
-        """Returns the time `needle` first appears at or past byte `after`."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
-            except BlockingIOError:
-                chunk = None
-            if chunk:
-                self.buf += chunk
-            if needle.encode() in self.buf[after:]:
-                return time.time()
-            if chunk is None:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.0005)
-        raise RuntimeError(f"no {needle!r}: {self.buf[-500:]!r} {self.proc.stderr.read()[-500:] if self.proc.poll() is not None else ''}")
-
-
-def fabvm_ctl(sock, *args):
-    out = subprocess.run([FABVM, "ctl", "--api-sock", sock, "--json", *args], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(out.stderr)
-    return json.loads(out.stdout)
-
-
-def du(path):
-    return int(subprocess.run(["du", "-sb", path], capture_output=True, text=True).stdout.split()[0])
 
 
 def fabvm_run(mem, work):
@@ -91,83 +51,46 @@ def fabvm_run(mem, work):
         start = time.time()
         r = subprocess.Popen([FABVM, "--restore", os.path.join(work, "snap"), "--api-sock", sock, *extra],
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        result[f"restore_{kind}_ms"] = (Console(r).wait("heartbeat") - start) * 1000
+        result[f"restore_{kind}_ms"] = (Console(r).wait("heartbeat")[0] - start) * 1000
         r.kill()
         r.wait()
     return result
 
 
-def qmp(sock_path):
-    s = socket.socket(socket.AF_UNIX)
-    for _ in range(500):
-        try:
-            s.connect(sock_path)
-            break
-        except OSError:
-            time.sleep(0.01)
-    f = s.makefile("rw")
-    f.readline()
-
-    def call(cmd, **args):
-        f.write(json.dumps({"execute": cmd, "arguments": args}) + "\n")
-        f.flush()
-        while True:
-            msg = json.loads(f.readline())
-            if "return" in msg or "error" in msg:
-                if "error" in msg:
-                    raise RuntimeError(msg)
-                return msg["return"]
-    call("qmp_capabilities")
-    return call
-
-
-def qemu_base(mem, qmp_sock):
-    # No +invtsc here: QEMU refuses to migrate (snapshot) a VM with it; the guest then times
-    # itself against the PIT, which only affects its boot, not what is measured.
-    return ["qemu-system-x86_64", "-M", "microvm", "-enable-kvm", "-cpu", "host",
-            "-m", mem, "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
-            "-no-reboot", "-kernel", GUEST, "-append", CMDLINE,
-            "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-qmp", f"unix:{qmp_sock},server=on,wait=off"]
-
-
 def qemu_run(mem, work):
     state, qsock = os.path.join(work, "qemu.state"), os.path.join(work, "qmp.sock")
-    proc = subprocess.Popen(qemu_base(mem, qsock), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(common.qemu_base(mem, CMDLINE, qsock), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     Console(proc).wait("verify ok pass=1")
-    call = qmp(qsock)
+    q = Qmp(qsock)
     start = time.time()
-    call("stop")
-    call("migrate", uri=f"exec:cat > {state}")
-    while call("query-migrate").get("status") not in ("completed", "failed"):
+    q.call("stop")
+    q.call("migrate", uri=f"exec:cat > {state}")
+    while q.call("query-migrate").get("status") not in ("completed", "failed"):
         time.sleep(0.005)
     result = {"snapshot_ms": (time.time() - start) * 1000, "file_bytes": os.path.getsize(state)}
     proc.kill()
     proc.wait()
     os.unlink(qsock)
     start = time.time()
-    r = subprocess.Popen(qemu_base(mem, qsock) + ["-incoming", f"exec:cat {state}"],
+    r = subprocess.Popen(common.qemu_base(mem, CMDLINE, qsock) + ["-incoming", f"exec:cat {state}"],
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # The snapshot was taken paused, so QEMU restores it paused: continue it once loaded.
-    call = qmp(qsock)
-    while call("query-status")["status"] == "inmigrate":
+    q = Qmp(qsock)
+    while q.call("query-status")["status"] == "inmigrate":
         time.sleep(0.001)
-    call("cont")
-    result["restore_ms"] = (Console(r).wait("heartbeat") - start) * 1000
+    q.call("cont")
+    result["restore_ms"] = (Console(r).wait("heartbeat")[0] - start) * 1000
     r.kill()
     r.wait()
     return result
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    ensure_tools()
-    sizes = ["256M"] if args.quick else ["256M", "2G"]
-    runs = 1 if args.quick else args.runs
-    report = {"runs": runs, "sizes": {}}
+def run(quick=False, runs=None, log=print):
+    """256 MiB and 2 GiB guests (256 MiB only in quick mode), `runs` times each (5; 1 quick)."""
+    sizes = ["256M"] if quick else ["256M", "2G"]
+    runs = runs or (1 if quick else 5)
+    report = {"runs": runs, "guest_cmdline": CMDLINE, "sizes": {}}
     for mem in sizes:
         samples = {"fabvm": [], "qemu": []}
         for i in range(runs):
@@ -177,33 +100,35 @@ def main():
                     samples[name].append(fn(mem, work))
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
-            print(f"{mem} run {i + 1}/{runs}", file=sys.stderr)
-        report["sizes"][mem] = {
-            name: {k: statistics.median(s[k] for s in rows) for k in rows[0]} for name, rows in samples.items()
-        }
-        report["sizes"][mem]["samples"] = samples
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "snapshot.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    lines = [f"Snapshot and restore, test guest `{CMDLINE}` (memory filled with unique pages), "
-             f"{runs} run(s) each, medians.", "",
+            log(f"snapshot {mem} run {i + 1}/{runs} done")
+        report["sizes"][mem] = {"summary": {name: summarize(s) for name, s in samples.items()},
+                                "samples": samples}
+    return report
+
+
+def rows(report, mem):
+    """(label, fabvm spread, QEMU spread or None, unit scale) of one guest size."""
+    s = report["sizes"][mem]["summary"]
+    f, q = s["fabvm"], s["qemu"]
+    return [("snapshot (ms)", f["snapshot_ms"], q["snapshot_ms"], 1),
+            ("second snapshot of the same VM (ms)", f["snapshot_again_ms"], None, 1),
+            ("restore to next heartbeat, image built (ms)", f["restore_cold_ms"], q["restore_ms"], 1),
+            ("restore to next heartbeat, image cached (ms)", f["restore_warm_ms"], q["restore_ms"], 1),
+            ("restore to next heartbeat, lazy (ms)", f["restore_lazy_ms"], q["restore_ms"], 1),
+            ("bytes on disk (MiB)", f["store_bytes"], q["file_bytes"], 1 / 2**20)]
+
+
+def markdown(report):
+    lines = [f"Snapshot and restore, test guest `{report['guest_cmdline']}` (memory filled with unique "
+             f"pages), {report['runs']} run(s) each, median (min-max).", "",
              "| guest | metric | fabvm | QEMU | fabvm/QEMU |", "|---|---|---|---|---|"]
-    for mem, r in report["sizes"].items():
-        f, q = r["fabvm"], r["qemu"]
-        rows = [("snapshot (ms)", f["snapshot_ms"], q["snapshot_ms"]),
-                ("second snapshot of the same VM (ms)", f["snapshot_again_ms"], None),
-                ("restore to next heartbeat, image built (ms)", f["restore_cold_ms"], q["restore_ms"]),
-                ("restore to next heartbeat, image cached (ms)", f["restore_warm_ms"], q["restore_ms"]),
-                ("restore to next heartbeat, lazy (ms)", f["restore_lazy_ms"], q["restore_ms"]),
-                ("bytes on disk (MiB)", f["store_bytes"] / 2**20, q["file_bytes"] / 2**20)]
-        for label, a, b in rows:
-            ratio = f"{a / b:.2f}" if b else "-"
-            lines.append(f"| {mem} | {label} | {a:.1f} | {'-' if b is None else f'{b:.1f}'} | {ratio} |")
-    table = "\n".join(lines) + "\n"
-    with open(os.path.join(RESULTS, "snapshot.md"), "w") as f:
-        f.write(table)
-    print(table)
+    for mem in report["sizes"]:
+        for label, f, q, scale in rows(report, mem):
+            lines.append(f"| {mem} | {label} | {common.cell(f, 1, scale)} | {common.cell(q, 1, scale)} "
+                         f"| {ratio(f, q)} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    main()
+    import run as harness
+    sys.exit(harness.main(["--only", NAME, *sys.argv[1:]]))

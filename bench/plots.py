@@ -1,0 +1,151 @@
+"""PNG plots of each scenario's report (matplotlib, Agg). Bars are medians, whiskers the
+range over the runs; fabvm is blue, QEMU shades of orange."""
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {"fabvm": "#1f77b4", "qemu": "#ff7f0e", "qemu-multifd": "#d62728", "qemu-zstd": "#8c564b"}
+plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3,
+                     "axes.axisbelow": True})
+
+
+def _bar(ax, x, s, width, color, label=None, scale=1.0, fmt="{:.0f}", hatch=None):
+    """One bar for a spread (median, whiskers min-max) with its value on top."""
+    if not s:
+        return
+    m = s["median"] * scale
+    err = [[m - s["min"] * scale], [s["max"] * scale - m]]
+    ax.bar(x, m, width, color=color, label=label, hatch=hatch, edgecolor="white" if hatch else None,
+           yerr=err if s["n"] > 1 else None, capsize=2, error_kw={"elinewidth": 0.8})
+    ax.annotate(fmt.format(m), (x, s["max"] * scale), textcoords="offset points", xytext=(0, 2),
+                ha="center", va="bottom", fontsize=6.5)
+
+
+def runs(n):
+    return f"{n} run" + ("s" if n != 1 else "") + (" each" if n != 1 else "")
+
+
+def _save(fig, out, name):
+    path = os.path.join(out, name)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return name
+
+
+def boot(report, out):
+    s = report["summary"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [3, 1]})
+    metrics = [("first guest exit", "first_exit_ms"), ("first console byte", "first_output_ms"),
+               ("ready (64 MiB filled)", "ready_ms")]
+    for i, (_, key) in enumerate(metrics):
+        _bar(ax, i - 0.2, s["fabvm"][key], 0.4, COLORS["fabvm"], "fabvm" if i == 0 else None, fmt="{:.1f}")
+        _bar(ax, i + 0.2, s["qemu"][key], 0.4, COLORS["qemu"], "QEMU microvm" if i == 0 else None, fmt="{:.1f}")
+        r = s["fabvm"][key]["median"] / s["qemu"][key]["median"]
+        ax.text(i, -0.16, f"fabvm/QEMU {r:.2f}", transform=ax.get_xaxis_transform(), ha="center", fontsize=8)
+    ax.set_xticks(range(len(metrics)), [m[0] for m in metrics])
+    ax.set_ylabel("ms from process spawn")
+    ax.set_title(f"Start, 1 vCPU / {report['mem_mib']} MiB test guest ({runs(report['runs'])})")
+    ax.legend(loc="upper left")
+    f, q = s["fabvm"]["own_rss_kib"], s["qemu"]["own_rss_kib"]
+    _bar(ax2, 0, f, 0.6, COLORS["fabvm"], scale=1 / 1024, fmt="{:.1f}")
+    _bar(ax2, 1, q, 0.6, COLORS["qemu"], scale=1 / 1024, fmt="{:.1f}")
+    ax2.set_xticks([0, 1], ["fabvm", "QEMU"])
+    ax2.set_ylabel("MiB")
+    ax2.set_title("VMM own memory (RSS\nbeyond guest RAM)")
+    ax2.text(0.5, -0.16, f"fabvm/QEMU {f['median'] / q['median']:.2f}", transform=ax2.get_xaxis_transform(),
+             ha="center", fontsize=8)
+    return [_save(fig, out, "boot.png")]
+
+
+def snapshot(report, out):
+    sizes = list(report["sizes"])
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 3.8), squeeze=False)
+    for ax, mem in zip(axes[0], sizes):
+        s = report["sizes"][mem]["summary"]
+        f, q = s["fabvm"], s["qemu"]
+        bars = [("fabvm snapshot", f["snapshot_ms"], "fabvm"), ("QEMU snapshot", q["snapshot_ms"], "qemu"),
+                ("fabvm second snapshot", f["snapshot_again_ms"], "fabvm"),
+                ("fabvm restore, image built", f["restore_cold_ms"], "fabvm"),
+                ("fabvm restore, image cached", f["restore_warm_ms"], "fabvm"),
+                ("fabvm restore, lazy", f["restore_lazy_ms"], "fabvm"), ("QEMU restore", q["restore_ms"], "qemu")]
+        for i, (label, sp, vmm) in enumerate(bars):
+            m = sp["median"]
+            ax.barh(i, m, color=COLORS[vmm], xerr=[[m - sp["min"]], [sp["max"] - m]] if sp["n"] > 1 else None,
+                    capsize=2, error_kw={"elinewidth": 0.8})
+            ax.annotate(f"{m:.0f} ms" if m >= 10 else f"{m:.1f} ms", (sp["max"], i), textcoords="offset points",
+                        xytext=(3, 0), va="center", fontsize=7)
+        ax.set_yticks(range(len(bars)), [b[0] for b in bars])
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlim(1, ax.get_xlim()[1] * 4)
+        ax.set_xlabel("ms (log scale); restore = spawn to the guest's next heartbeat")
+        ax.set_title(f"{mem} guest, memory full of unique pages ({runs(report['runs'])})")
+    fig.tight_layout()
+    return [_save(fig, out, "snapshot.png")]
+
+
+def migrate(report, out):
+    import migrate as mig
+    names = []
+    scs = report["scenarios"]
+    for link_name, L in report["links"].items():
+        vmms = L["vmms"]
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+        panels = [("total time (s), as the VMM reports it", "total_s", 1, "{:.1f}"),
+                  ("downtime (ms), as the VMM reports it", "downtime_ms", 1, "{:.0f}"),
+                  ("guest pause on its console (ms)", "pause_ms", 1, "{:.0f}"),
+                  ("bytes on the wire (MiB, veth, both directions)", "wire_bytes", 1 / 2**20, "{:.0f}")]
+        width = 0.8 / len(vmms)
+        for ax, (title, key, scale, fmt) in zip(axes.flat, panels):
+            for j, vmm in enumerate(vmms):
+                for i, sc in enumerate(scs):
+                    r = L["results"].get(f"{sc}/{vmm}")
+                    if not r or not r["summary"]["ok"]:
+                        continue
+                    copied = scs[sc]["sibling"] and vmm != "fabvm"
+                    _bar(ax, i - 0.4 + width * (j + 0.5), r["summary"][key], width, COLORS[vmm],
+                         mig.VMM_LABELS[vmm] if i == 0 else None, scale, fmt, "//" if copied else None)
+            if key == "wire_bytes":
+                for i, sc in enumerate(scs):
+                    b = scs[sc]["lower_bound_bytes"] * scale
+                    ax.hlines(b, i - 0.45, i + 0.45, colors="black", linewidth=1.5,
+                              label="lower bound" if i == 0 else None)
+            ax.set_title(title)
+            ax.set_xticks(range(len(scs)), [s.replace("sibling", "sibling ") + ("%" if "sibling" in s else "")
+                                            for s in scs], fontsize=8)
+            ax.set_ylim(top=ax.get_ylim()[1] * 1.12)
+        handles, labels = axes[1][1].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, bbox_to_anchor=(0.5, -0.03))
+        note = "" if report["fabvm_available"] else " - fabvm migration not in this build yet"
+        fig.suptitle(f"Live migration, {report['mem']} test guest, {L['label']} ({runs(L['repeats'])}){note}\n"
+                     "hatched: QEMU's sibling bars repeat its `random` run (it cannot use pages at the destination)",
+                     fontsize=10)
+        fig.tight_layout()
+        names.append(_save(fig, out, f"migrate-{link_name}.png"))
+    return names
+
+
+def micro(report, out):
+    bytes_ = [b for b in report["benches"] if b.get("unit") == "GiB/s"]
+    elems = [b for b in report["benches"] if b.get("unit") == "elements/s"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.35 * max(len(bytes_), len(elems)) + 1.5),
+                             gridspec_kw={"width_ratios": [3, 2]})
+    for ax, rows, scale, xlabel in ((axes[0], bytes_, 1, "GiB/s (one iteration's bytes / median time)"),
+                                    (axes[1], elems, 1e-6, "million per second (dirty pages for manifest_update)")):
+        for i, b in enumerate(rows):
+            v = b["value"] * scale
+            ax.barh(i, v, color=COLORS["fabvm"] if "memcpy" not in b["id"] else "#7f7f7f",
+                    xerr=[[v - b["value_lo"] * scale], [b["value_hi"] * scale - v]], capsize=2)
+            ax.annotate(f"{v:.2f}", (b["value_hi"] * scale, i), textcoords="offset points", xytext=(3, 0),
+                        va="center", fontsize=7)
+        ax.set_yticks(range(len(rows)), [b["id"] for b in rows], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(xlabel)
+        ax.set_xlim(right=ax.get_xlim()[1] * 1.15)
+    axes[0].set_title("fabric throughput (grey: memcpy for comparison)")
+    axes[1].set_title("per element")
+    fig.tight_layout()
+    return [_save(fig, out, "micro.png")]
