@@ -172,7 +172,10 @@ fn precopy<'a>(
     req: &MigrateRequest,
     started: Instant,
 ) -> Result<MigrationReport, MigrateError> {
-    let protocol = |source| MigrateError::Protocol { dest: req.dest.clone(), source };
+    let protocol = |source| MigrateError::Protocol {
+        dest: req.dest.clone(),
+        source,
+    };
     let read_page = |gfn: u64, out: &mut Page| guest.read(gfn, out);
     let mut rounds = vec![sender.round(all, &read_page).map_err(protocol)?];
     let mut throttle = 0u32;
@@ -194,8 +197,9 @@ fn precopy<'a>(
         if expected <= req.downtime || rounds.len() as u32 >= req.max_rounds {
             let converged = expected <= req.downtime;
             // The final round starts from this dirty set plus what is dirtied until pause.
-            let mut report =
-                finish(machine, was_paused, sender, guest, dirty, converged, started, req)?;
+            let mut report = finish(
+                machine, was_paused, sender, guest, dirty, converged, started, req,
+            )?;
             report.max_throttle_percent = max_throttle;
             return Ok(report);
         }
