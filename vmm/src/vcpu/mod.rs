@@ -5,12 +5,12 @@ pub mod exit;
 pub mod state;
 
 use std::cell::Cell;
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Once};
-use std::time::Duration;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::VcpuFd;
@@ -424,7 +424,11 @@ impl Vcpus {
     pub fn throttle(&self, percent: u32) -> Throttle {
         THROTTLE_PERCENT.store(percent.min(99), Ordering::Relaxed);
         Throttle {
-            threads: self.handles.iter().map(|h| h.thread.as_pthread_t()).collect(),
+            threads: self
+                .handles
+                .iter()
+                .map(|h| h.thread.as_pthread_t())
+                .collect(),
         }
     }
 
