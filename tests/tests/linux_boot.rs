@@ -3,7 +3,8 @@
 //! tables (RSDP, XSDT, FACP, DSDT, APIC with our OEM id) and both vCPUs, which this kernel
 //! (no MP-table parsing) finds only through the MADT. The VM has a virtio disk and an rng, so
 //! the DSDT lists two virtio-mmio devices and the command line carries their
-//! `virtio_mmio.device=` entries (this kernel does not get as far as probing them here).
+//! `virtio_mmio.device=` entries; where Linux reaches /init, its virtio_mmio driver must have
+//! found both through ACPI.
 //! On kvm_pvm (guest ring 0 emulated) Linux never reaches /init, so that is the whole check
 //! there; where KVM is hardware-backed the busybox init line is required too.
 //! ACPI power-off (what Linux's `poweroff` ends in) is checked with a tiny guest of our own.
@@ -72,6 +73,9 @@ fn boot_linux(kernel_name: &str, timeout: Duration) {
     wanted.push(&command_line);
     if tier == Tier::Hardware {
         wanted.push("fabvm-initramfs: init started");
+        // virtio_mmio binds the DSDT's two LNRO0005 devices (this kernel has no
+        // virtio_mmio.device= support): the disk and the rng.
+        wanted.push("fabvm-initramfs: virtio devices: 2 ");
     }
     let found = vm.wait_for_all(&wanted, timeout);
     let out = vm.stdout();
@@ -123,6 +127,16 @@ fn boot_linux(kernel_name: &str, timeout: Duration) {
                 && !line.contains("ACPI Error")
                 && !line.contains("[Firmware Bug]"),
             "ACPI complaint: {line}\n{out}"
+        );
+    }
+    if tier == Tier::Hardware {
+        let line = out
+            .lines()
+            .find(|l| l.contains("fabvm-initramfs: virtio devices: "))
+            .unwrap_or_default();
+        assert!(
+            line.contains(":blk") && line.contains(":rng"),
+            "virtio devices: {line}"
         );
     }
     if tier == Tier::Emulated {
