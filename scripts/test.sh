@@ -12,4 +12,6 @@ fi
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --workspace --all-targets --quiet
+# Benchmarks in quick mode (a few minutes): only that they run and write their files.
+python3 bench/run.py --quick
 exec cargo nextest run --workspace --no-fail-fast
