@@ -270,7 +270,9 @@ struct NetNs {
 impl NetNs {
     /// None (with a SKIPPED notice) when namespaces cannot be made here.
     fn new(test: &str) -> Option<NetNs> {
-        let name = format!("fabvm-test-{}", std::process::id());
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("fabvm-test-{}-{n}", std::process::id());
         if !ip(&["netns", "add", &name]) {
             eprintln!("!!! {test}: SKIPPED, cannot create a network namespace (need root and iproute2) !!!");
             return None;
@@ -383,6 +385,75 @@ fn frames_cross_a_tap_in_a_network_namespace() {
         "the tap received {} frames, the guest sent {frames} UDP frames and an ARP request",
         rx_after - rx_before
     );
+}
+
+#[test]
+fn restored_vm_reattaches_its_tap() {
+    if require_kvm("net_restore").is_none() {
+        return;
+    }
+    let Some(ns) = NetNs::new("restored_vm_reattaches_its_tap") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let sock = dir.path().join("vm.sock");
+    let snap = dir.path().join("snap");
+    let mut cmd = ns.command(&fabvm());
+    cmd.args([
+        "--kernel",
+        &guest(),
+        "--mem",
+        "128M",
+        "--net",
+        "tap=vtap0",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--cmdline",
+        "net=1 fill=4 passes=0 hb=50",
+    ]);
+    let mut vm = Vm::start_command(&mut cmd);
+    assert!(wait_for_socket(&sock, EXIT), "{}", vm.stderr());
+    assert!(
+        vm.wait_for_all(&["fabvm-guest: net ok ", "verify ok pass=1"], EXIT),
+        "{}\n{}",
+        vm.stdout(),
+        vm.stderr()
+    );
+    let (ok, _, err) = ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
+    assert!(ok, "snapshot failed: {err}");
+    // The tap can be attached once: the original lets go of it before the restore.
+    vm.kill();
+    let state = std::fs::read(snap.join("state")).unwrap();
+    let needle = b"\"tap\":\"vtap0\"";
+    assert!(
+        state.windows(needle.len()).any(|w| w == needle),
+        "the snapshot does not record the tap"
+    );
+
+    let mut cmd = ns.command(&fabvm());
+    cmd.args([
+        "--restore",
+        snap.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+    let mut restored = Vm::start_command(&mut cmd);
+    assert!(
+        restored.wait_for_count("fabvm-guest: heartbeat", 3, EXIT),
+        "restored VM does not run:\n{}\n{}",
+        restored.stdout(),
+        restored.stderr()
+    );
+    assert!(restored.stderr().is_empty(), "{}", restored.stderr());
+    assert!(
+        !restored.stdout().contains("FAILED"),
+        "{}",
+        restored.stdout()
+    );
+    assert_eq!(ns.tap_attr("carrier"), "1", "the restored VM holds the tap");
 }
 
 /// Runs fabvm expecting a one-line error; returns it.
