@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+import common
 from common import FABVM, GUEST, cell, ratio, summarize
 
 NAME = "boot"
@@ -67,7 +68,7 @@ def own_rss_kib(pid):
 
 def run_once(name, cmd, env):
     start = time.time()
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    proc = common.popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     out, err = b"", b""
     first_output = ready = None

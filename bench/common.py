@@ -1,12 +1,15 @@
 """What every benchmark scenario shares: paths, tools, the machine, consoles, QMP, statistics."""
+import atexit
 import json
 import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
+import sys
 import threading
 import time
 
@@ -15,6 +18,50 @@ GUEST = os.path.join(ROOT, "guest-images", "out", "test-guest.elf")
 FABVM = os.path.join(ROOT, "target", "release", "fabvm")
 RESULTS = os.path.join(ROOT, "bench", "results")
 QEMU = "qemu-system-x86_64"
+
+
+_children = []   # processes started by the harness, killed when it exits
+_cleanups = []   # further clean-ups (network namespaces), run after the children are gone
+
+
+def popen(cmd, **kwargs):
+    """subprocess.Popen, with the process killed when the harness exits (also on errors,
+    Ctrl-C, SIGTERM and SIGHUP)."""
+    proc = subprocess.Popen(cmd, **kwargs)
+    _children[:] = [p for p in _children if p.poll() is None] + [proc]
+    return proc
+
+
+def at_cleanup(fn):
+    _cleanups.append(fn)
+
+
+def reap():
+    """Kills every process the harness started that still runs."""
+    for proc in _children:
+        if proc.poll() is None:
+            proc.kill()
+    for proc in _children:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+    _children.clear()
+
+
+def _cleanup():
+    reap()
+    for fn in reversed(_cleanups):
+        fn()
+
+
+def _on_signal(signum, frame):
+    sys.exit(128 + signum)  # unwinds, then atexit runs _cleanup
+
+
+atexit.register(_cleanup)
+for _sig in (signal.SIGTERM, signal.SIGHUP):
+    signal.signal(_sig, _on_signal)
 
 
 def apt_install(*packages):

@@ -15,13 +15,13 @@ the destination, holding each chunk D ms in each direction (round trip 2D) witho
 reducing the bandwidth. Namespace names carry the harness's pid; everything started in
 them is killed and the namespaces are removed on exit, including on errors and signals.
 """
-import atexit
 import os
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+
+import common
 
 SRC_ADDR, DST_ADDR = "10.99.0.1", "10.99.0.2"
 RELAY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "relay.py")
@@ -107,7 +107,7 @@ class LinkPair:
 
     def spawn(self, side, cmd, **kwargs):
         """Starts `cmd` inside one side's namespace; it is killed on close()."""
-        proc = subprocess.Popen(["ip", "netns", "exec", self.ns[side], *cmd], **kwargs)
+        proc = common.popen(["ip", "netns", "exec", self.ns[side], *cmd], **kwargs)
         self.procs.append(proc)
         return proc
 
@@ -167,14 +167,7 @@ def _cleanup():
         pair.close()
 
 
-def _on_signal(signum, frame):
-    _cleanup()
-    sys.exit(128 + signum)
-
-
-atexit.register(_cleanup)
-for _sig in (signal.SIGTERM, signal.SIGHUP):
-    signal.signal(_sig, _on_signal)
+common.at_cleanup(_cleanup)
 
 
 def measure_throughput(pair, seconds=3.0, port=5201):

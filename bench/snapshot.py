@@ -37,7 +37,7 @@ CMDLINE = "passes=0 hb=1"
 
 def fabvm_run(mem, work):
     store, sock = os.path.join(work, "store"), os.path.join(work, "vm.sock")
-    proc = subprocess.Popen([FABVM, "--kernel", GUEST, "--mem", mem, "--cmdline", CMDLINE,
+    proc = common.popen([FABVM, "--kernel", GUEST, "--mem", mem, "--cmdline", CMDLINE,
                              "--api-sock", sock, "--store", store],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     Console(proc).wait("verify ok pass=1")
@@ -49,7 +49,7 @@ def fabvm_run(mem, work):
               "store_bytes": du(store)}
     for kind, extra in (("cold", []), ("warm", []), ("lazy", ["--lazy"])):
         start = time.time()
-        r = subprocess.Popen([FABVM, "--restore", os.path.join(work, "snap"), "--api-sock", sock, *extra],
+        r = common.popen([FABVM, "--restore", os.path.join(work, "snap"), "--api-sock", sock, *extra],
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         result[f"restore_{kind}_ms"] = (Console(r).wait("heartbeat")[0] - start) * 1000
         r.kill()
@@ -59,7 +59,7 @@ def fabvm_run(mem, work):
 
 def qemu_run(mem, work):
     state, qsock = os.path.join(work, "qemu.state"), os.path.join(work, "qmp.sock")
-    proc = subprocess.Popen(common.qemu_base(mem, CMDLINE, qsock), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    proc = common.popen(common.qemu_base(mem, CMDLINE, qsock), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     Console(proc).wait("verify ok pass=1")
     q = Qmp(qsock)
@@ -73,7 +73,7 @@ def qemu_run(mem, work):
     proc.wait()
     os.unlink(qsock)
     start = time.time()
-    r = subprocess.Popen(common.qemu_base(mem, CMDLINE, qsock) + ["-incoming", f"exec:cat {state}"],
+    r = common.popen(common.qemu_base(mem, CMDLINE, qsock) + ["-incoming", f"exec:cat {state}"],
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # The snapshot was taken paused, so QEMU restores it paused: continue it once loaded.
     q = Qmp(qsock)
@@ -99,6 +99,7 @@ def run(quick=False, runs=None, log=print):
                 try:
                     samples[name].append(fn(mem, work))
                 finally:
+                    common.reap()
                     shutil.rmtree(work, ignore_errors=True)
             log(f"snapshot {mem} run {i + 1}/{runs} done")
         report["sizes"][mem] = {"summary": {name: summarize(s) for name, s in samples.items()},
