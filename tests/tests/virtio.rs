@@ -298,6 +298,45 @@ impl NetNs {
         cmd
     }
 
+    /// A UDP socket bound to `addr` inside the namespace, counting what arrives until
+    /// [`UdpReceiver::finish`].
+    fn udp_receiver(&self, addr: &str) -> UdpReceiver {
+        let netns = std::fs::File::open(format!("/var/run/netns/{}", self.name)).unwrap();
+        let addr = addr.to_owned();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let done = stop.clone();
+        let thread = std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns only switches this thread's network namespace to the one the open
+            // file refers to; no memory is shared with the kernel.
+            let ret = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
+            let socket = std::net::UdpSocket::bind(&addr).expect("bind in the namespace");
+            socket
+                .set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            let (mut datagrams, mut bad) = (0u64, 0u64);
+            let mut buf = [0u8; 2048];
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(n) = socket.recv(&mut buf) else {
+                    continue;
+                };
+                datagrams += 1;
+                let intact = n == 1472
+                    && buf[..n]
+                        .iter()
+                        .enumerate()
+                        .all(|(k, &b)| b == (42 + k) as u8);
+                bad += u64::from(!intact);
+            }
+            (datagrams, bad)
+        });
+        ready.recv().expect("the receiver thread failed");
+        UdpReceiver { stop, thread }
+    }
+
     /// A file under /sys/class/net/vtap0 as seen inside the namespace.
     fn tap_attr(&self, attr: &str) -> String {
         let out = Command::new("ip")
@@ -307,6 +346,22 @@ impl NetNs {
             .unwrap();
         assert!(out.status.success(), "cannot read vtap0/{attr}");
         String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+/// See [`NetNs::udp_receiver`].
+struct UdpReceiver {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, u64)>,
+}
+
+impl UdpReceiver {
+    /// Datagrams received, and how many of them had an unexpected payload.
+    fn finish(self) -> (u64, u64) {
+        // Let the last datagrams in the socket's buffer be read.
+        std::thread::sleep(Duration::from_millis(300));
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("receiver thread")
     }
 }
 
@@ -344,6 +399,7 @@ fn frames_cross_a_tap_in_a_network_namespace() {
     };
     let host_mac = ns.tap_attr("address");
     let rx_before: u64 = ns.tap_attr("statistics/rx_packets").parse().unwrap();
+    let receiver = ns.udp_receiver("10.0.0.1:9");
     let mut cmd = ns.command(&fabvm());
     cmd.args([
         "--kernel",
@@ -385,6 +441,12 @@ fn frames_cross_a_tap_in_a_network_namespace() {
         "the tap received {} frames, the guest sent {frames} UDP frames and an ARP request",
         rx_after - rx_before
     );
+    // And a socket on the host got them (as many as its buffer held), payload intact: byte k
+    // of the payload is frame byte 42 + k, which the guest sets to its offset.
+    let (datagrams, bad) = receiver.finish();
+    eprintln!("net_tap: the guest sent {frames} UDP frames, the host's socket read {datagrams}");
+    assert!(datagrams > 0, "the host's UDP socket received nothing");
+    assert_eq!(bad, 0, "{bad} of {datagrams} datagrams had another payload");
 }
 
 #[test]
