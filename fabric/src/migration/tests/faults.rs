@@ -602,3 +602,16 @@ fn fuzz_seeds_complete_and_mutations_never_panic() {
     // reserved-free fields are not) may still complete; most do not.
     assert!(completed.load(Ordering::Relaxed) < seeds[0].len() as u64);
 }
+
+/// Writes the fuzz seeds into `$FABVM_FUZZ_SEEDS` (e.g. `fuzz/corpus/migration_receiver`):
+/// `FABVM_FUZZ_SEEDS=$PWD/fuzz/corpus/migration_receiver cargo test -p fabric -- --ignored
+/// write_fuzz_seeds`.
+#[test]
+#[ignore = "writes files; run by hand to seed the fuzz corpus"]
+fn write_fuzz_seeds() {
+    let dir = std::env::var("FABVM_FUZZ_SEEDS").expect("FABVM_FUZZ_SEEDS");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, seed) in fuzzing::seed_inputs().iter().enumerate() {
+        std::fs::write(format!("{dir}/seed-{i}"), seed).unwrap();
+    }
+}
