@@ -307,7 +307,7 @@ pub fn check_mem(mem: u64, host: Option<u64>) -> Result<(), ConfigError> {
 }
 
 /// The host's total memory from /proc/meminfo.
-fn host_memory() -> Option<u64> {
+pub fn host_memory() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -10,7 +10,7 @@ use serde_json::json;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::api::server::{ApiServer, Call, ServerError};
+use crate::api::server::{ApiServer, Call, Reply, ServerError};
 use crate::api::{Request, Response};
 use crate::console::{self, RawStdin};
 use crate::device_manager::DeviceManager;
@@ -198,8 +198,12 @@ impl LoopState {
                         let _ = api_wake.read();
                         while let Ok(call) = calls.try_recv() {
                             let stop = call.request == Request::Shutdown;
-                            let response = self.handle(call.request);
-                            let _ = call.reply.send(response);
+                            let reply = call.reply.clone();
+                            let progress = move |p: serde_json::Value| {
+                                let _ = reply.send(Reply::Progress(p));
+                            };
+                            let response = self.handle(call.request, &progress);
+                            let _ = call.reply.send(Reply::Done(response));
                             if stop {
                                 return Ok(StopReason::Requested);
                             }
@@ -215,7 +219,7 @@ impl LoopState {
     }
 
     /// Answers one API request.
-    fn handle(&mut self, request: Request) -> Response {
+    fn handle(&mut self, request: Request, progress: &dyn Fn(serde_json::Value)) -> Response {
         match request {
             Request::Pause => match self.machine.vcpus.pause() {
                 Ok(()) => {
@@ -251,7 +255,7 @@ impl LoopState {
                 };
                 // Migration consumes the dirty log: the next snapshot hashes everything.
                 self.manifest = None;
-                match source::migrate(&self.machine, self.paused, &request) {
+                match source::migrate(&self.machine, self.paused, &request, progress) {
                     Ok(report) => {
                         self.migrated = true;
                         Response::ok(serde_json::to_value(report).unwrap_or_default())

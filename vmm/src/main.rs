@@ -92,7 +92,27 @@ fn ctl(args: CtlArgs) {
             }
         }
     };
-    let response = match client::call(&args.api_sock, &request, CTL_TIMEOUT) {
+    let show_progress = matches!(request, Request::Migrate { .. }) && !args.json;
+    let progress = |p: &serde_json::Value| {
+        if show_progress {
+            eprintln!(
+                "round {}: {:.1} MB sent, {} pages found at destination, {} dirty ({:.0} pages/s), {:.0} MB/s, ~{:.0} ms left{}",
+                p["round"],
+                p["bytes_sent"].as_f64().unwrap_or(0.0) / 1e6,
+                p["pages_found"],
+                p["dirty_pages"],
+                p["dirty_rate_pages_per_s"].as_f64().unwrap_or(0.0),
+                p["bandwidth_mb_per_s"].as_f64().unwrap_or(0.0),
+                p["estimated_remaining_ms"].as_f64().unwrap_or(0.0),
+                match p["throttle_percent"].as_u64() {
+                    Some(t) if t > 0 => format!(", guest throttled {t}%"),
+                    _ => String::new(),
+                }
+            );
+        }
+    };
+    let response = match client::call_with_progress(&args.api_sock, &request, CTL_TIMEOUT, progress)
+    {
         Ok(response) => response,
         Err(e) => fail(&e.to_string(), 1),
     };

@@ -29,6 +29,16 @@ pub enum ClientError {
 
 /// Sends `request` and waits (up to `timeout`) for the response.
 pub fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Response, ClientError> {
+    call_with_progress(path, request, timeout, |_| {})
+}
+
+/// [`call`], handing each interim progress report to `progress` as it arrives.
+pub fn call_with_progress(
+    path: &Path,
+    request: &Request,
+    timeout: Duration,
+    mut progress: impl FnMut(&serde_json::Value),
+) -> Result<Response, ClientError> {
     let io = |source| ClientError::Io {
         path: path.to_path_buf(),
         source,
@@ -41,7 +51,19 @@ pub fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Respons
     let mut line = serde_json::to_vec(request).expect("requests serialize");
     line.push(b'\n');
     (&stream).write_all(&line).map_err(io)?;
-    let mut answer = String::new();
-    BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
-    serde_json::from_str(&answer).map_err(|_| ClientError::Malformed(path.to_path_buf()))
+    let mut reader = BufReader::new(&stream);
+    loop {
+        let mut answer = String::new();
+        if reader.read_line(&mut answer).map_err(io)? == 0 {
+            return Err(ClientError::Malformed(path.to_path_buf()));
+        }
+        let value: serde_json::Value = serde_json::from_str(&answer)
+            .map_err(|_| ClientError::Malformed(path.to_path_buf()))?;
+        if let Some(report) = value.get("progress") {
+            progress(report);
+            continue;
+        }
+        return serde_json::from_value(value)
+            .map_err(|_| ClientError::Malformed(path.to_path_buf()));
+    }
 }

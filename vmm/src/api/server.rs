@@ -1,5 +1,6 @@
 //! The API socket's listener: a thread that accepts connections, reads JSON-line requests and
-//! hands each to the VMM's event loop (which owns the VM), then writes back its response.
+//! hands each to the VMM's event loop (which owns the VM), then writes back its progress lines
+//! (if any) and its response.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -31,7 +32,17 @@ pub struct Call {
     /// The request.
     pub request: Request,
     /// Send exactly one response here.
-    pub reply: Sender<Response>,
+    pub reply: Sender<Reply>,
+}
+
+/// What the VMM sends back for one request: any number of progress reports (long operations
+/// such as a migration), then exactly one final response.
+#[derive(Debug)]
+pub enum Reply {
+    /// An interim `{"progress": ...}` line.
+    Progress(serde_json::Value),
+    /// The response; the request is done.
+    Done(Response),
 }
 
 /// The running listener; removes its socket file when dropped.
@@ -105,7 +116,7 @@ fn serve(stream: UnixStream, calls: &Sender<Call>, wake: &EventFd) {
             return;
         }
         let response = match serde_json::from_slice::<Request>(&line) {
-            Ok(request) => dispatch(request, calls, wake),
+            Ok(request) => dispatch(request, calls, wake, &mut writer),
             Err(e) => Response::error(format!("bad request: {e}")),
         };
         if send(&mut writer, &response).is_err() {
@@ -114,15 +125,32 @@ fn serve(stream: UnixStream, calls: &Sender<Call>, wake: &EventFd) {
     }
 }
 
-fn dispatch(request: Request, calls: &Sender<Call>, wake: &EventFd) -> Response {
+/// Hands a request to the VMM, relays its progress lines, and returns its response.
+fn dispatch(
+    request: Request,
+    calls: &Sender<Call>,
+    wake: &EventFd,
+    writer: &mut UnixStream,
+) -> Response {
+    let gone = || Response::error("the VM is shutting down");
     let (reply, answer) = channel();
     if calls.send(Call { request, reply }).is_err() {
-        return Response::error("the VM is shutting down");
+        return gone();
     }
     let _ = wake.write(1);
-    answer
-        .recv()
-        .unwrap_or_else(|_| Response::error("the VM is shutting down"))
+    loop {
+        match answer.recv() {
+            Ok(Reply::Progress(progress)) => {
+                let mut line = serde_json::to_vec(&serde_json::json!({ "progress": progress }))
+                    .unwrap_or_default();
+                line.push(b'\n');
+                // A client that stopped listening does not stop the operation.
+                let _ = writer.write_all(&line);
+            }
+            Ok(Reply::Done(response)) => return response,
+            Err(_) => return gone(),
+        }
+    }
 }
 
 fn send(writer: &mut UnixStream, response: &Response) -> std::io::Result<()> {

@@ -88,6 +88,12 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
             regions.len()
         )));
     }
+    if crate::config::host_memory().is_some_and(|host| mem > host) {
+        receiver.abort("destination has less memory than the guest");
+        return Err(ReceiveError::Refused(format!(
+            "{mem} bytes of guest memory exceed this host's"
+        )));
+    }
     let memory = match memory::create(mem, true) {
         Ok(memory) => memory,
         Err(e) => {

@@ -109,6 +109,7 @@ pub fn migrate(
     machine: &Machine,
     was_paused: bool,
     req: &MigrateRequest,
+    progress: &dyn Fn(serde_json::Value),
 ) -> Result<MigrationReport, MigrateError> {
     let started = Instant::now();
     let key = read_key(&req.key)?;
@@ -154,7 +155,9 @@ pub fn migrate(
                 std::thread::sleep(crate::vcpu::THROTTLE_PERIOD);
             }
         });
-        let result = precopy(machine, was_paused, sender, &guest, all, req, started);
+        let result = precopy(
+            machine, was_paused, sender, &guest, all, req, started, progress,
+        );
         stop_kicks.store(true, std::sync::atomic::Ordering::Relaxed);
         result
     });
@@ -163,6 +166,7 @@ pub fn migrate(
 }
 
 /// Pre-copy rounds until the rest fits the budget, throttling a guest that outruns the link.
+#[allow(clippy::too_many_arguments)]
 fn precopy<'a>(
     machine: &Machine,
     was_paused: bool,
@@ -171,6 +175,7 @@ fn precopy<'a>(
     all: impl Iterator<Item = (u64, Option<fabric::PageId>)> + 'a,
     req: &MigrateRequest,
     started: Instant,
+    progress: &dyn Fn(serde_json::Value),
 ) -> Result<MigrationReport, MigrateError> {
     let protocol = |source| MigrateError::Protocol {
         dest: req.dest.clone(),
@@ -187,6 +192,19 @@ fn precopy<'a>(
         let bandwidth = last.bytes_sent as f64 / (last.duration_us.max(1) as f64 / 1e6); // bytes/s
         let expected =
             Duration::from_secs_f64(dirty.len() as f64 * PAGE_SIZE as f64 / bandwidth.max(1.0));
+        let sent: u64 = rounds.iter().map(|r| r.bytes_sent).sum();
+        progress(serde_json::json!({
+            "round": rounds.len(),
+            "bytes_sent": sent,
+            "pages_sent": rounds.iter().map(|r| r.pages_sent).sum::<u64>(),
+            "pages_found": rounds.iter().map(|r| r.pages_found).sum::<u64>(),
+            "dirty_pages": dirty.len(),
+            "dirty_rate_pages_per_s": dirty.len() as f64 / (last.duration_us.max(1) as f64 / 1e6),
+            "bandwidth_mb_per_s": bandwidth / 1e6,
+            "estimated_remaining_ms": expected.as_secs_f64() * 1000.0,
+            "throttle_percent": throttle,
+            "elapsed_ms": started.elapsed().as_secs_f64() * 1000.0,
+        }));
         log::info!(
             "migration round {}: {} pages dirty, {:.0} MB/s, {:?} to send them",
             rounds.len(),
