@@ -105,8 +105,9 @@ struct Needed {
 /// What to do for one page of an offer, in offer order.
 #[derive(Debug, Clone, Copy)]
 enum Action {
-    /// Zero a frame that held data.
-    Zero(u64),
+    /// Zero the frames of a zero run that held data (one action per run, so a run over
+    /// the whole guest costs no memory).
+    Zero { first: u64, count: u64 },
     /// Copy a page received earlier in this migration.
     Copy { from: u64, to: u64, id: PageId },
     /// Install fetch slot `slot` if it verified, else ask for offer id `entry`.
@@ -356,6 +357,12 @@ impl RxState {
                 };
                 MigrationError::GfnOutOfRange { gfn }
             })?;
+            if run.zero {
+                self.actions.push(Action::Zero {
+                    first: run.first,
+                    count,
+                });
+            }
             for k in 0..count {
                 let gfn = run.first + k;
                 if self.seen.test_and_set(base + k) {
@@ -370,7 +377,6 @@ impl RxState {
                     stats.pages_zero += 1;
                     if let Some(old) = current {
                         self.forget(old, gfn);
-                        self.actions.push(Action::Zero(gfn));
                     }
                     continue;
                 }
@@ -428,9 +434,14 @@ impl RxState {
         let actions = std::mem::take(&mut self.actions);
         for action in &actions {
             match *action {
-                Action::Zero(gfn) => {
-                    sink.zero_page(gfn);
-                    self.manifest.set(gfn, None);
+                Action::Zero { first, count } => {
+                    // Frames of this round are untouched by the actions before this one.
+                    for gfn in first..first + count {
+                        if self.manifest.get(gfn).flatten().is_some() {
+                            sink.zero_page(gfn);
+                            self.manifest.set(gfn, None);
+                        }
+                    }
                 }
                 Action::Copy { from, to, id } => {
                     sink.read_page(from, &mut self.tmp);
