@@ -5,7 +5,7 @@
 use std::io::{ErrorKind, Read, Write};
 
 use super::wire::{Header, Hello, MsgType, Role, HEADER_LEN, HELLO_LEN, MAC_LEN};
-use super::{Limits, MigrationError, MigrationKey};
+use super::{Limits, MigrationError, MigrationKey, Transport};
 
 /// Read buffer size: small messages are read from it, large payloads straight into place.
 const READ_BUF: usize = 64 << 10;
@@ -379,6 +379,14 @@ impl<S: Read + Write> Channel<S> {
             }
         }
         Ok(())
+    }
+}
+
+impl<S: Transport> Channel<S> {
+    /// Whether a message (or the end of the stream) is waiting: buffered bytes, or input
+    /// on the stream.
+    pub(crate) fn input_ready(&self) -> bool {
+        self.rpos < self.rend || self.stream.has_input()
     }
 }
 

@@ -76,12 +76,18 @@
 //!
 //! # Pipelining and concurrency
 //!
-//! The sender keeps up to `window` offers unanswered. It is one thread over one stream:
-//! it writes offers while the destination answers them, and reads an answer only when the
-//! window is full or the round is draining, then writes the pages that answer asks for.
+//! The sender keeps up to `window` offers unanswered. It is one thread over one stream,
+//! writing offers while the destination answers them: after each offer it takes every
+//! answer that has already arrived (a zero-timeout `poll` through [`Transport`]) and
+//! writes the pages it asks for, so pages flow while later batches are still being
+//! hashed; it blocks for an answer only when the window is full or the round is draining.
 //! This cannot deadlock on a blocking stream: the destination writes one small `Need` per
 //! offer, so at most `window` of them (≤ 64 × 530 bytes) are ever unread, far below any
-//! socket buffer. CPU work is spread by rayon inside each step: the sender reads, rehashes
+//! socket buffer, and the destination never stops reading for longer than one message
+//! takes. (A reader thread would need the stream split in two; the socket buffers already
+//! give the overlap that matters, and one thread keeps the state machine a plain loop.)
+//!
+//! CPU work is spread by rayon inside each step: the sender reads, rehashes
 //! and compresses each `Pages` message's pages in parallel; the receiver fetches and
 //! verifies an offer's held pages, and decompresses and verifies arriving pages, in
 //! parallel; MACs over large frames use blake3's multithreaded mode. The first round can
@@ -119,6 +125,10 @@ pub mod wire;
 mod tests;
 
 use std::fmt;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 
 use crate::hashing::hash_region;
 use crate::identity::{Page, PageId, PAGE_SIZE};
@@ -129,6 +139,55 @@ pub use error::{KeyError, MigrationError};
 pub use receiver::{ReceivedVm, Receiver};
 pub use sender::Sender;
 pub use stats::{MigrationStats, ReceiverStats, RoundStats};
+
+/// The byte stream a [`Sender`] runs over: any `Read + Write` (implement this trait with
+/// its default for other streams). A stream that can tell whether input is waiting lets
+/// the sender take each answer as soon as it arrives instead of when its window is full,
+/// so pages start flowing while later batches are still being hashed.
+pub trait Transport: Read + Write {
+    /// Whether a read would return at once (data, end of stream or an error). The default
+    /// says no: answers are then read when the window is full.
+    fn has_input(&self) -> bool {
+        false
+    }
+}
+
+/// Whether `fd` is readable now (poll with a zero timeout).
+fn fd_readable(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes exactly the one pollfd passed, which lives on this
+    // stack frame for the call; a zero timeout never blocks.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+impl Transport for TcpStream {
+    fn has_input(&self) -> bool {
+        fd_readable(self.as_raw_fd())
+    }
+}
+
+impl Transport for UnixStream {
+    fn has_input(&self) -> bool {
+        fd_readable(self.as_raw_fd())
+    }
+}
+
+impl<T: Transport + ?Sized> Transport for &mut T {
+    fn has_input(&self) -> bool {
+        (**self).has_input()
+    }
+}
+
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    fn has_input(&self) -> bool {
+        (**self).has_input()
+    }
+}
 
 /// Where the destination takes pages it already holds: its host store, or VMs running on
 /// the host. Called from several threads at once.

@@ -3,7 +3,6 @@
 //! the state, and returns only once the destination has acknowledged resuming the guest.
 
 use std::collections::{HashSet, VecDeque};
-use std::io::{Read, Write};
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -15,7 +14,7 @@ use super::wire::{
     self, Body, Complete, MsgType, NeedView, PageEntry, Role, Run, COMPRESS_BUF, FEATURE_LZ4,
     MAX_RUN, PAGES_PER_MESSAGE, STATE_CHUNK, VERSION_MAX, VERSION_MIN,
 };
-use super::{Compression, MigrationError, MigrationKey, SenderConfig, VmDescription};
+use super::{Compression, MigrationError, MigrationKey, SenderConfig, Transport, VmDescription};
 use crate::identity::{identify, Page, PageId, PAGE_SIZE};
 
 /// When compression is sparse, one page in this many is tried.
@@ -27,7 +26,7 @@ const SPARSE_PROBE: usize = 16;
 /// wants pre-copy rounds, then — with the guest paused — [`Sender::finish`]. Any error
 /// leaves the sender unusable and means the guest must resume on the source.
 #[derive(Debug)]
-pub struct Sender<S: Read + Write> {
+pub struct Sender<S: Transport> {
     ch: Channel<S>,
     config: SenderConfig,
     /// Ids per offer, offers in flight and runs per offer, as negotiated.
@@ -90,7 +89,7 @@ struct Slot {
     tried: bool,
 }
 
-impl<S: Read + Write> Sender<S> {
+impl<S: Transport> Sender<S> {
     /// Exchanges hellos with the destination at the other end of `stream` and proves the
     /// key both ways. Nothing about the VM is sent before the destination has proven it.
     pub fn connect(
@@ -387,7 +386,11 @@ impl<S: Read + Write> Sender<S> {
         self.runs.clear();
         self.ids.clear();
         self.gfns.clear();
-        while self.pending.len() >= self.window {
+        // Answers that have arrived are taken at once (pages then flow while later
+        // batches are hashed); with the window full, the oldest is waited for.
+        while !self.pending.is_empty()
+            && (self.pending.len() >= self.window || self.ch.input_ready())
+        {
             self.answer(read_page)?;
         }
         Ok(())

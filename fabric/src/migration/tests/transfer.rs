@@ -382,3 +382,50 @@ fn keys_from_files() {
     let raw = MigrationKey::from_file_contents(&[0xffu8; 32]).unwrap();
     assert_ne!(raw.bytes(), a.bytes());
 }
+
+/// A stream that cannot tell whether input is waiting: answers are read when the window
+/// is full.
+struct Plain(UnixStream);
+
+impl Read for Plain {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for Plain {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl Transport for Plain {}
+
+#[test]
+fn any_stream_works_without_input_polling() {
+    let mut guest = Guest::sized(2);
+    fill(&mut guest, |i| match i % 3 {
+        0 => Content::Zero,
+        _ => Content::Random(i),
+    });
+    for window in [1, 4] {
+        let (a, b) = socket_pair();
+        let dest = spawn_destination(b, key(), Limits::default(), Arc::new(Held::default()));
+        let config = SenderConfig {
+            batch: 32,
+            window,
+            ..SenderConfig::default()
+        };
+        let mut s = Sender::connect(Plain(a), &key(), config).unwrap();
+        s.describe(&guest.desc()).unwrap();
+        let read = |gfn, out: &mut Page| guest.read(gfn, out);
+        s.round(guest.identities(), &read).unwrap();
+        s.finish(std::iter::empty(), &read, b"").unwrap();
+        let dest = dest.join().unwrap();
+        assert_same_memory(&guest, &dest);
+    }
+}
