@@ -33,8 +33,10 @@
 //!  source VMM exits; before Ack it resumes its guest on any error
 //! ```
 //!
-//! Either side may send `Abort{reason}` instead of its next message; the other side's call
-//! then fails with [`MigrationError::PeerAborted`].
+//! Every offer that carries identities gets one `Need` (offers of zero runs only get
+//! none), and a batch whose `Need` asks for nothing gets no `Pages`. Either side may send
+//! `Abort{reason}` instead of its next message; the other side's call then fails with
+//! [`MigrationError::PeerAborted`].
 //!
 //! # Wire format (version 1)
 //!
@@ -110,6 +112,24 @@
 //!
 //! Timeouts are the transport's: the VMM sets socket timeouts, and a read or write that
 //! times out surfaces as [`MigrationError::TimedOut`].
+//!
+//! # What the VMM does
+//!
+//! Source: connect, set read and write timeouts and `TCP_NODELAY` (answers are small
+//! writes), [`Sender::connect`], [`Sender::describe`]; start dirty logging and clear the
+//! log, then [`Sender::round`] over [`identities`] of every region; then, round after
+//! round, take the dirty set (KVM's log OR the VMM's own write bitmap), and offer those
+//! frames with fresh identities until the set fits the downtime budget at the bandwidth
+//! the last [`RoundStats`] show; pause the vCPUs and devices, take the last dirty set,
+//! save the state and [`Sender::finish`]. `Ok` means the destination runs the guest: exit.
+//! `Err` means resume the guest here.
+//!
+//! Destination: accept, set timeouts and `TCP_NODELAY`, [`Receiver::accept`]; check the
+//! description and allocate zero-filled guest memory (or [`Receiver::abort`] with the
+//! reason); [`Receiver::receive`] with a [`PageSource`] over the store (implemented
+//! here) and sibling VMs, and a [`GuestSink`] over guest memory; restore the returned
+//! state (or abort); [`Receiver::ready`]; resume the vCPUs; [`Receiver::confirm_resumed`]
+//! (on failure, stop the guest). The returned manifest can seed the store.
 
 mod channel;
 mod error;
@@ -398,7 +418,7 @@ fn hex_value(c: u8) -> u8 {
 const LAZY_CHUNK_PAGES: usize = 1024;
 
 /// `(gfn, identity)` of every page of `mem` (a region starting at frame `first_gfn`),
-/// `None` for zero pages, hashed lazily: one chunk of [`LAZY_CHUNK_PAGES`] pages at a
+/// `None` for zero pages, hashed lazily: one chunk of 1024 pages (4 MiB) at a
 /// time, on all cores, as the iterator is drawn. Feeding it to [`Sender::round`] starts
 /// the first round before the region is hashed. A trailing partial page is ignored.
 pub fn identities(first_gfn: u64, mem: &[u8]) -> impl Iterator<Item = (u64, Option<PageId>)> + '_ {
