@@ -332,9 +332,11 @@ fn a_stalled_link_times_out_distinctly() {
     a.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
     let dest = thread::spawn(move || {
-        let (r, _desc) = Receiver::accept(b, &key(), Limits::default()).unwrap();
-        thread::sleep(Duration::from_secs(2));
-        drop(r);
+        // (Under heavy load the source may time out in the handshake already.)
+        if let Ok((r, _desc)) = Receiver::accept(b, &key(), Limits::default()) {
+            thread::sleep(Duration::from_secs(2));
+            drop(r);
+        }
     });
     let err = send_all(a, &key(), SenderConfig::default(), &guest, b"").unwrap_err();
     assert!(err.is_timeout(), "{err:?}");

@@ -429,3 +429,64 @@ fn any_stream_works_without_input_polling() {
         assert_same_memory(&guest, &dest);
     }
 }
+
+/// Holds everything and notes when it is first asked.
+struct Watching {
+    held: Held,
+    asked: std::sync::atomic::AtomicBool,
+}
+
+impl PageSource for Watching {
+    fn fetch(&self, id: &PageId, out: &mut Page) -> bool {
+        self.asked.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.held.fetch(id, out)
+    }
+}
+
+#[test]
+fn the_first_round_starts_before_memory_is_hashed() {
+    use std::sync::atomic::Ordering;
+    let mut guest = Guest::sized(8);
+    fill(&mut guest, Content::Random);
+    let source = Arc::new(Watching {
+        held: Held::from_guest(&guest, |_| true),
+        asked: false.into(),
+    });
+    let (a, b) = socket_pair();
+    let dest = {
+        let source = source.clone();
+        thread::spawn(move || {
+            let (mut r, desc) = Receiver::accept(b, &key(), Limits::default()).unwrap();
+            let mut memory = Guest::new(desc.regions.clone());
+            r.receive(&*source, &mut memory).unwrap();
+            r.ready().unwrap();
+            r.confirm_resumed().unwrap();
+        })
+    };
+    let config = SenderConfig {
+        batch: 256,
+        ..SenderConfig::default()
+    };
+    let mut s = Sender::connect(a, &key(), config).unwrap();
+    s.describe(&guest.desc()).unwrap();
+    // The identities stop half way until the destination has taken pages from its host:
+    // offers must already be on their way while the rest is still to be hashed.
+    let half = guest.total() / 2;
+    let lazy = guest.identities().enumerate().map(|(i, entry)| {
+        if i as u64 == half {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while !source.asked.load(Ordering::SeqCst) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no offer reached the destination"
+                );
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+        entry
+    });
+    let read = |gfn, out: &mut Page| guest.read(gfn, out);
+    s.round(lazy, &read).unwrap();
+    s.finish(std::iter::empty(), &read, b"").unwrap();
+    dest.join().unwrap();
+}
