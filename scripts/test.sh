@@ -14,7 +14,7 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --workspace --all-targets --quiet
 # Benchmarks in quick mode (a few minutes): only that they run and write their files. Bounded
 # in time, and reported loudly rather than failing the test run: figures are not assertions.
-if ! timeout 1200 python3 bench/run.py --quick; then
+if ! timeout 600 python3 bench/run.py --quick; then
 	echo "!!! bench/run.py --quick FAILED or timed out (exit $?): see its output above !!!" >&2
 fi
 exec cargo nextest run --workspace --no-fail-fast
