@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Build fabvm's Debian guest: kernel (bzImage + extracted ELF vmlinux) and a
-# small busybox initramfs carrying the virtio modules.
+# Build fabvm's Debian guest: kernel (bzImage + extracted ELF vmlinux), a
+# small busybox initramfs carrying the virtio modules, and an ext4 root image
+# with a busybox userland for it to mount from virtio-blk.
 #
 #   guest-images/debian-kernel.sh [--locked] [--update-lock] [OUTDIR]
 #
 # OUTDIR (default guest-images/out/debian) receives vmlinuz, vmlinux,
-# initramfs.cpio.gz, config, VERSION and SHA256SUMS. Packages are cached in
+# initramfs.cpio.gz, root.ext4, config, VERSION and SHA256SUMS. Packages are cached in
 # $FABVM_CACHE_DIR (default guest-images/out/cache). See guest-images/README.md,
 # section "Debian kernel and initramfs".
 set -euo pipefail
@@ -17,6 +18,13 @@ PROG=debian-kernel.sh
 SCRIPT_PATH=$(readlink -f "${BASH_SOURCE[0]}")
 SCRIPT_DIR=$(dirname "$SCRIPT_PATH")
 INITRAMFS_SRC=$SCRIPT_DIR/initramfs
+ROOTFS_SRC=$SCRIPT_DIR/rootfs
+# The root image: size, label (what the initramfs's fabvm.root=auto looks for),
+# and fixed UUID and directory hash seed, so that the same inputs give the same bytes.
+ROOT_SIZE=32M
+ROOT_LABEL=fabvm-root
+ROOT_UUID=6fab0000-0000-4000-8000-000000000001
+ROOT_HASH_SEED=6fab0000-0000-4000-8000-000000000002
 LOCK_FILE=$SCRIPT_DIR/debian-kernel.lock
 META=${FABVM_DEBIAN_KERNEL_META:-linux-image-cloud-amd64}
 BUSYBOX_PKG=busybox-static
@@ -84,7 +92,8 @@ ensure_tool() { # command package
 	fi
 	command -v "$1" >/dev/null || die "'$1' still missing after installing '$2'"
 }
-for t in sha256sum:coreutils od:coreutils dd:coreutils flock:util-linux; do
+# e2fsprogs early: its version is one of the inputs of the root image.
+for t in sha256sum:coreutils od:coreutils dd:coreutils flock:util-linux mke2fs:e2fsprogs mkfs.ext4:e2fsprogs debugfs:e2fsprogs; do
 	ensure_tool "${t%%:*}" "${t#*:}"
 done
 
@@ -233,11 +242,12 @@ summary() {
 	echo "busybox   $(vget busybox_package) $(vget busybox_version)"
 	echo "bzImage   payload $(vget kernel_compression); vmlinux PVH entry $(vget pvh_entry)"
 	echo "modules   $(vget initramfs_modules)"
+	echo "root      ext4 $(vget root_size), label $(vget root_label)"
 	case "$K_PIN/$B_PIN" in
 	matches/matches) echo "lock      matches debian-kernel.lock" ;;
 	*) echo "lock      kernel: $K_PIN, busybox: $B_PIN (see warnings; record with --update-lock)" ;;
 	esac
-	for f in vmlinuz vmlinux initramfs.cpio.gz config; do
+	for f in vmlinuz vmlinux initramfs.cpio.gz root.ext4 config; do
 		printf '%-18s %10s bytes\n' "$f" "$(stat -c %s "$OUTDIR/$f")"
 	done
 }
@@ -254,6 +264,8 @@ compute_inputs() {
 		echo "kernel $K_PKG $K_VER $K_SHA busybox $B_VER $B_SHA root $(is_root && echo 1 || echo 0)"
 		cd "$SCRIPT_DIR" && sha256sum "$(basename "$SCRIPT_PATH")"
 		cd "$INITRAMFS_SRC" && find . -type f -print0 | sort -z | xargs -0 sha256sum
+		cd "$ROOTFS_SRC" && find . -type f -print0 | sort -z | xargs -0 sha256sum
+		mke2fs -V 2>&1 | head -n 1
 	} | sha256sum | cut -d' ' -f1
 }
 INPUTS=$(compute_inputs)
@@ -423,17 +435,27 @@ grep -q '^CONFIG_PVH=y' "$KCONFIG" || warn "kernel config does not say CONFIG_PV
 info "vmlinux: $(stat -c %s "$NEW/vmlinux") bytes, PVH entry $PVH_ENTRY"
 
 # ---------------------------------------------------------------- initramfs
+# A busybox userland in DIR: the usual directories, /bin/busybox and a symlink per applet.
+stage_busybox() { # dir
+	local dir=$1 a
+	[ -n "$dir" ] || die "stage_busybox: no directory"
+	mkdir -p "$dir"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,mnt,root,etc}
+	chmod 1777 "$dir/tmp"
+	chmod 0700 "$dir/root"
+	install -m 0755 "$BUSYBOX" "$dir/bin/busybox"
+	while read -r a; do
+		case "$a" in */*) ;; *) continue ;; esac # skip /linuxrc
+		[ "$a" = bin/busybox ] || [ -L "$dir/$a" ] || [ -e "$dir/$a" ] || ln -s /bin/busybox "$dir/$a"
+	done < <("$dir/bin/busybox" --list-full)
+	# The applets the two init scripts use.
+	for a in sh insmod switch_root mount findfs ip ping poweroff setsid cttyhack readlink; do
+		[ -L "$dir/bin/$a" ] || [ -L "$dir/sbin/$a" ] || [ -L "$dir/usr/bin/$a" ] || [ -L "$dir/usr/sbin/$a" ] ||
+			die "busybox lacks the '$a' applet"
+	done
+}
 STAGE=$WORK/initramfs
 info "building initramfs"
-mkdir -p "$STAGE"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,mnt,root,etc}
-chmod 1777 "$STAGE/tmp"
-chmod 0700 "$STAGE/root"
-install -m 0755 "$BUSYBOX" "$STAGE/bin/busybox"
-while read -r a; do
-	case "$a" in */*) ;; *) continue ;; esac # skip /linuxrc
-	[ "$a" = bin/busybox ] || [ -L "$STAGE/$a" ] || [ -e "$STAGE/$a" ] || ln -s /bin/busybox "$STAGE/$a"
-done < <("$STAGE/bin/busybox" --list-full)
-[ -L "$STAGE/bin/sh" ] && [ -L "$STAGE/sbin/insmod" ] || die "busybox lacks sh or insmod applets"
+stage_busybox "$STAGE"
 install -m 0755 "$INITRAMFS_SRC/init" "$STAGE/init"
 install -m 0644 "$INITRAMFS_SRC/modules" "$STAGE/etc/fabvm-modules"
 if is_root; then
@@ -524,6 +546,41 @@ find "$STAGE" -exec touch -h -d @0 {} +
 (cd "$STAGE" && find . -mindepth 1 -printf '%P\n' | sort | cpio -o -H newc -R 0:0 --reproducible --quiet) |
 	gzip -9 -n >"$NEW/initramfs.cpio.gz"
 
+# ---------------------------------------------------------------- root image
+# ext4 made from a directory (mkfs.ext4 -d: no loop device, no mount). mkfs
+# copies each file's ctime and owner from the staging directory, which touch
+# cannot set: debugfs sets them to 0 afterwards, and E2FSPROGS_FAKE_TIME fixes
+# the times mkfs and debugfs stamp themselves, so the same inputs give the same
+# bytes (as root or not).
+RSTAGE=$WORK/rootfs
+info "building root.ext4"
+stage_busybox "$RSTAGE"
+mkdir -p "$RSTAGE/var/log" "$RSTAGE/lib/modules"
+rm -f "$RSTAGE/sbin/init" # busybox's init applet: ours replaces it
+install -m 0755 "$ROOTFS_SRC/init" "$RSTAGE/sbin/init"
+printf '# fabvm root image (guest-images/debian-kernel.sh)\nkernel_release=%s\nbusybox_version=%s\n' \
+	"$KREL" "$B_VER" >"$RSTAGE/etc/fabvm-root"
+printf 'fabvm\n' >"$RSTAGE/etc/hostname"
+printf 'root:x:0:0:root:/root:/bin/sh\n' >"$RSTAGE/etc/passwd"
+printf 'root:x:0:\n' >"$RSTAGE/etc/group"
+find "$RSTAGE" -exec touch -h -d @0 {} +
+mkfs_log=$WORK/mkfs.log
+E2FSPROGS_FAKE_TIME=1 mkfs.ext4 -q -F -t ext4 -L "$ROOT_LABEL" -U "$ROOT_UUID" \
+	-E "hash_seed=$ROOT_HASH_SEED,root_owner=0:0" -d "$RSTAGE" "$NEW/root.ext4" "$ROOT_SIZE" \
+	</dev/null >"$mkfs_log" 2>&1 || die "mkfs.ext4 -d failed: $(head -c 500 "$mkfs_log")"
+(cd "$RSTAGE" && find . -mindepth 1 -printf '%P\n' | sort) |
+	awk '{ for (k = 1; k <= 3; k++) print "set_inode_field /" $0 " " (k == 1 ? "ctime" : k == 2 ? "uid" : "gid") " 0" }' \
+		>"$WORK/debugfs.cmds"
+printf 'set_inode_field / ctime 0\n' >>"$WORK/debugfs.cmds"
+E2FSPROGS_FAKE_TIME=1 debugfs -w -f "$WORK/debugfs.cmds" "$NEW/root.ext4" >"$WORK/debugfs.log" 2>&1 ||
+	die "debugfs on root.ext4 failed: $(head -c 500 "$WORK/debugfs.log")"
+# debugfs exits 0 even when a command fails: every line but the command echoes is an error.
+if grep -v '^debugfs' "$WORK/debugfs.log" | grep -q .; then
+	die "debugfs on root.ext4: $(grep -v '^debugfs' "$WORK/debugfs.log" | head -n 3 | tr '\n' ' ')"
+fi
+e2fsck -fn "$NEW/root.ext4" >"$WORK/fsck.log" 2>&1 ||
+	die "root.ext4 fails e2fsck: $(tail -n 5 "$WORK/fsck.log" | tr '\n' ' ')"
+
 cp "$BZIMAGE" "$NEW/vmlinuz"
 cp "$KCONFIG" "$NEW/config"
 
@@ -541,13 +598,16 @@ busybox_sha256=$B_SHA
 kernel_compression=$KCOMP
 pvh_entry=$PVH_ENTRY
 initramfs_modules=${ORDER[*]}${BUILTIN[*]:+ (built in: ${BUILTIN[*]})}
+root_size=$ROOT_SIZE
+root_label=$ROOT_LABEL
+root_uuid=$ROOT_UUID
 build_inputs=$INPUTS
 EOF
 rm -f "$OUTDIR/SHA256SUMS" # invalidate first, so an interrupted publish is rebuilt
-for f in vmlinuz vmlinux initramfs.cpio.gz config VERSION; do
+for f in vmlinuz vmlinux initramfs.cpio.gz root.ext4 config VERSION; do
 	mv -f "$NEW/$f" "$OUTDIR/$f"
 done
-(cd "$OUTDIR" && sha256sum vmlinuz vmlinux initramfs.cpio.gz config VERSION >SHA256SUMS.tmp && mv SHA256SUMS.tmp SHA256SUMS)
+(cd "$OUTDIR" && sha256sum vmlinuz vmlinux initramfs.cpio.gz root.ext4 config VERSION >SHA256SUMS.tmp && mv SHA256SUMS.tmp SHA256SUMS)
 if [ "$UPDATE_LOCK" = 1 ]; then write_lock; K_PIN=matches B_PIN=matches; fi
 [ "$K_PIN" != differs ] || warn "built with $K_PKG $K_VER, not the locked $L_PKG $L_VER; run '$PROG --update-lock' and commit guest-images/debian-kernel.lock"
 info "done in ${SECONDS}s"
