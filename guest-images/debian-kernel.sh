@@ -265,7 +265,7 @@ compute_inputs() {
 		cd "$SCRIPT_DIR" && sha256sum "$(basename "$SCRIPT_PATH")"
 		cd "$INITRAMFS_SRC" && find . -type f -print0 | sort -z | xargs -0 sha256sum
 		cd "$ROOTFS_SRC" && find . -type f -print0 | sort -z | xargs -0 sha256sum
-		mke2fs -V 2>&1 | head -n 1
+		mke2fs -V 2>&1 | sed -n 1p # (head would SIGPIPE mke2fs under pipefail)
 	} | sha256sum | cut -d' ' -f1
 }
 INPUTS=$(compute_inputs)

@@ -1,6 +1,7 @@
 //! Helpers for fabvm's integration tests: find (or build) the `fabvm` binary and the guest
 //! images, check for KVM loudly, and run a VM while watching its serial console.
 
+pub mod debian;
 pub mod netns;
 
 use std::fs::File;
@@ -74,6 +75,21 @@ pub fn debian_kernel() -> PathBuf {
     let dir = workspace().join("guest-images/out/debian");
     build_image("debian-kernel.sh", &dir.join("vmlinux"));
     dir
+}
+
+/// QEMU (`qemu-system-x86_64`, Debian package `qemu-system-x86`, installed by
+/// `scripts/setup.sh`): `$FABVM_QEMU` or the one in PATH.
+pub fn qemu() -> PathBuf {
+    if let Some(q) = std::env::var_os("FABVM_QEMU") {
+        return PathBuf::from(q);
+    }
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join("qemu-system-x86_64"))
+                .find(|p| p.is_file())
+        })
+        .expect("qemu-system-x86_64 not found: run scripts/setup.sh (installs qemu-system-x86)")
 }
 
 /// Which kind of KVM runs the tests.

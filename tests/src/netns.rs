@@ -1,6 +1,7 @@
-//! Two test "hosts" on one machine: network namespaces joined by a veth pair, each with its
-//! own fabvm VM registry (so a destination sees only the VMs on its own host). Removed on
-//! drop. Bytes on the wire are read from the veth counters.
+//! Network namespaces for tests, removed on drop: two test "hosts" on one machine joined by a
+//! veth pair, each with its own fabvm VM registry (so a destination sees only the VMs on its
+//! own host; bytes on the wire are read from the veth counters); and [`TapNs`], a namespace
+//! holding the tap a guest's virtio-net is backed by.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -214,4 +215,133 @@ impl Drop for TwoHosts {
             run(&["ip", "netns", "del", name]);
         }
     }
+}
+
+/// A network namespace with a tap `vtap0` (10.0.0.1/24, up) in it, deleted on drop: the
+/// host side of a guest's `--net tap=vtap0`. Run the VMM with [`TapNs::command`].
+#[derive(Debug)]
+pub struct TapNs {
+    name: String,
+}
+
+impl TapNs {
+    /// The tap's name inside the namespace (`--net tap=vtap0`).
+    pub const TAP: &'static str = "vtap0";
+    /// The host's address on the tap (a /24).
+    pub const HOST_IP: &'static str = "10.0.0.1";
+
+    /// None (with a SKIPPED notice) when namespaces cannot be made here.
+    pub fn new(test: &str) -> Option<TapNs> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("fabvm-test-{}-{n}", std::process::id());
+        if !ip_quiet(&["netns", "add", &name]) {
+            eprintln!("!!! {test}: SKIPPED, cannot create a network namespace (need root and iproute2) !!!");
+            return None;
+        }
+        let ns = TapNs { name };
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["tuntap", "add", "dev", "vtap0", "mode", "tap"],
+            &["addr", "add", "10.0.0.1/24", "dev", "vtap0"],
+            &["link", "set", "vtap0", "up"],
+        ] {
+            let mut full = vec!["-n", ns.name.as_str()];
+            full.extend_from_slice(args);
+            assert!(ip_quiet(&full), "ip {full:?} failed");
+        }
+        Some(ns)
+    }
+
+    /// A command run inside the namespace.
+    pub fn command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// A UDP socket bound to `addr` inside the namespace, counting what arrives until
+    /// [`UdpReceiver::finish`], and how many datagrams differ from what the test guest's
+    /// `netbench` sends (1472 bytes, byte k = 42 + k).
+    pub fn udp_receiver(&self, addr: &str) -> UdpReceiver {
+        let netns = std::fs::File::open(format!("/var/run/netns/{}", self.name)).unwrap();
+        let addr = addr.to_owned();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let done = stop.clone();
+        let thread = std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns only switches this thread's network namespace to the one the open
+            // file refers to; no memory is shared with the kernel.
+            let ret = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
+            let socket = std::net::UdpSocket::bind(&addr).expect("bind in the namespace");
+            socket
+                .set_read_timeout(Some(std::time::Duration::from_millis(100)))
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            let (mut datagrams, mut bad) = (0u64, 0u64);
+            let mut buf = [0u8; 2048];
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(n) = socket.recv(&mut buf) else {
+                    continue;
+                };
+                datagrams += 1;
+                let intact = n == 1472
+                    && buf[..n]
+                        .iter()
+                        .enumerate()
+                        .all(|(k, &b)| b == (42 + k) as u8);
+                bad += u64::from(!intact);
+            }
+            (datagrams, bad)
+        });
+        ready.recv().expect("the receiver thread failed");
+        UdpReceiver { stop, thread }
+    }
+
+    /// A file under /sys/class/net/vtap0 as seen inside the namespace.
+    pub fn tap_attr(&self, attr: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "cat"])
+            .arg(format!("/sys/class/net/vtap0/{attr}"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "cannot read vtap0/{attr}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+/// See [`TapNs::udp_receiver`].
+#[derive(Debug)]
+pub struct UdpReceiver {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, u64)>,
+}
+
+impl UdpReceiver {
+    /// Datagrams received, and how many of them had an unexpected payload.
+    pub fn finish(self) -> (u64, u64) {
+        // Let the last datagrams in the socket's buffer be read.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("receiver thread")
+    }
+}
+
+impl Drop for TapNs {
+    fn drop(&mut self) {
+        if !ip_quiet(&["netns", "del", &self.name]) {
+            eprintln!("could not delete network namespace {}", self.name);
+        }
+    }
+}
+
+fn ip_quiet(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use fabvm_tests::netns::TapNs;
 use fabvm_tests::{ctl, fabvm, lines_with, require_kvm, test_guest, wait_for_socket, Vm};
 
 const EXIT: Duration = Duration::from_secs(60);
@@ -262,126 +263,6 @@ fn restored_vm_with_a_disk_keeps_doing_round_trips() {
     }
 }
 
-/// A network namespace with a tap `vtap0` (10.0.0.1/24, up) in it, deleted on drop.
-struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    /// None (with a SKIPPED notice) when namespaces cannot be made here.
-    fn new(test: &str) -> Option<NetNs> {
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name = format!("fabvm-test-{}-{n}", std::process::id());
-        if !ip(&["netns", "add", &name]) {
-            eprintln!("!!! {test}: SKIPPED, cannot create a network namespace (need root and iproute2) !!!");
-            return None;
-        }
-        let ns = NetNs { name };
-        for args in [
-            &["link", "set", "lo", "up"][..],
-            &["tuntap", "add", "dev", "vtap0", "mode", "tap"],
-            &["addr", "add", "10.0.0.1/24", "dev", "vtap0"],
-            &["link", "set", "vtap0", "up"],
-        ] {
-            let mut full = vec!["-n", ns.name.as_str()];
-            full.extend_from_slice(args);
-            assert!(ip(&full), "ip {full:?} failed");
-        }
-        Some(ns)
-    }
-
-    /// A command run inside the namespace.
-    fn command(&self, program: &Path) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).arg(program);
-        cmd
-    }
-
-    /// A UDP socket bound to `addr` inside the namespace, counting what arrives until
-    /// [`UdpReceiver::finish`].
-    fn udp_receiver(&self, addr: &str) -> UdpReceiver {
-        let netns = std::fs::File::open(format!("/var/run/netns/{}", self.name)).unwrap();
-        let addr = addr.to_owned();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (ready_tx, ready) = std::sync::mpsc::channel();
-        let done = stop.clone();
-        let thread = std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns only switches this thread's network namespace to the one the open
-            // file refers to; no memory is shared with the kernel.
-            let ret = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
-            let socket = std::net::UdpSocket::bind(&addr).expect("bind in the namespace");
-            socket
-                .set_read_timeout(Some(Duration::from_millis(100)))
-                .unwrap();
-            ready_tx.send(()).unwrap();
-            let (mut datagrams, mut bad) = (0u64, 0u64);
-            let mut buf = [0u8; 2048];
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                let Ok(n) = socket.recv(&mut buf) else {
-                    continue;
-                };
-                datagrams += 1;
-                let intact = n == 1472
-                    && buf[..n]
-                        .iter()
-                        .enumerate()
-                        .all(|(k, &b)| b == (42 + k) as u8);
-                bad += u64::from(!intact);
-            }
-            (datagrams, bad)
-        });
-        ready.recv().expect("the receiver thread failed");
-        UdpReceiver { stop, thread }
-    }
-
-    /// A file under /sys/class/net/vtap0 as seen inside the namespace.
-    fn tap_attr(&self, attr: &str) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name, "cat"])
-            .arg(format!("/sys/class/net/vtap0/{attr}"))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "cannot read vtap0/{attr}");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-}
-
-/// See [`NetNs::udp_receiver`].
-struct UdpReceiver {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<(u64, u64)>,
-}
-
-impl UdpReceiver {
-    /// Datagrams received, and how many of them had an unexpected payload.
-    fn finish(self) -> (u64, u64) {
-        // Let the last datagrams in the socket's buffer be read.
-        std::thread::sleep(Duration::from_millis(300));
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread.join().expect("receiver thread")
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        if !ip(&["netns", "del", &self.name]) {
-            eprintln!("could not delete network namespace {}", self.name);
-        }
-    }
-}
-
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 fn field(line: &str, key: &str) -> u64 {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key))
@@ -394,7 +275,7 @@ fn frames_cross_a_tap_in_a_network_namespace() {
     if require_kvm("net_tap").is_none() {
         return;
     }
-    let Some(ns) = NetNs::new("frames_cross_a_tap") else {
+    let Some(ns) = TapNs::new("frames_cross_a_tap") else {
         return;
     };
     let host_mac = ns.tap_attr("address");
@@ -454,7 +335,7 @@ fn restored_vm_reattaches_its_tap() {
     if require_kvm("net_restore").is_none() {
         return;
     }
-    let Some(ns) = NetNs::new("restored_vm_reattaches_its_tap") else {
+    let Some(ns) = TapNs::new("restored_vm_reattaches_its_tap") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
