@@ -13,6 +13,7 @@ set -euo pipefail
 shopt -s inherit_errexit
 umask 022
 export LC_ALL=C
+export PATH=$PATH:/usr/sbin:/sbin # mkfs.ext4, debugfs, e2fsck live there
 
 PROG=debian-kernel.sh
 SCRIPT_PATH=$(readlink -f "${BASH_SOURCE[0]}")

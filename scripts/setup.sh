@@ -5,14 +5,18 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PATH=$PATH:/usr/sbin:/sbin # mkfs.ext4, debugfs, e2fsck live there
 
 setup_log() { echo "setup: $*" >&2; }
 
 # Debian packages: compiler and binutils for the test guest; busybox-static, cpio, xz and
-# zstd for the initramfs; util-linux (unshare, setpriv) and iproute2 for the tests.
+# zstd for the initramfs; e2fsprogs for the ext4 root image (mkfs.ext4 -d, debugfs) and
+# the tests' checks of it; util-linux (unshare, setpriv) and iproute2 for the tests; QEMU
+# for the Debian image's TCG test and the side-by-side benchmarks.
 need_pkgs=()
 for pair in gcc:gcc ld:binutils readelf:binutils busybox:busybox-static cpio:cpio \
-	xz:xz-utils zstd:zstd lz4:lz4 objcopy:binutils unshare:util-linux setpriv:util-linux ip:iproute2 dpkg-deb:dpkg iasl:acpica-tools nft:nftables; do
+	xz:xz-utils zstd:zstd lz4:lz4 objcopy:binutils unshare:util-linux setpriv:util-linux ip:iproute2 dpkg-deb:dpkg iasl:acpica-tools nft:nftables \
+	mkfs.ext4:e2fsprogs debugfs:e2fsprogs e2fsck:e2fsprogs qemu-system-x86_64:qemu-system-x86; do
 	cmd="${pair%%:*}" pkg="${pair#*:}"
 	if [ "$cmd" = busybox ]; then
 		[ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || need_pkgs+=("$pkg")
