@@ -122,15 +122,14 @@ fn pages(c: &mut Criterion) {
     let mut out = Vec::new();
     let encode_raw = |out: &mut Vec<u8>| {
         out.clear();
-        let at = wire::begin_pages(out, 0, 0);
-        for p in random.chunks_exact(PAGE_SIZE) {
-            let entry = PageEntry {
+        let entries: Vec<PageEntry> = random
+            .chunks_exact(PAGE_SIZE)
+            .map(|p| PageEntry {
                 new_id: None,
                 body: Body::Raw(as_page(p)),
-            };
-            wire::push_page(out, &entry);
-        }
-        wire::end_pages(out, at, n as u32);
+            })
+            .collect();
+        wire::encode_pages(out, 0, 0, &entries);
     };
     g.bench_function("encode_raw_256", |b| b.iter(|| encode_raw(&mut out)));
     let mut raw_msg = Vec::new();
@@ -150,15 +149,18 @@ fn pages(c: &mut Criterion) {
     let mut comp = vec![[0u8; wire::COMPRESS_BUF]; n];
     let mut encode_lz4 = |out: &mut Vec<u8>, src: &[u8]| {
         out.clear();
-        let at = wire::begin_pages(out, 0, 0);
-        for (p, buf) in src.chunks_exact(PAGE_SIZE).zip(comp.iter_mut()) {
-            let body = match wire::compress_page(as_page(p), buf) {
-                Some(len) => Body::Lz4(&buf[..len]),
-                None => Body::Raw(as_page(p)),
-            };
-            wire::push_page(out, &PageEntry { new_id: None, body });
-        }
-        wire::end_pages(out, at, n as u32);
+        let entries: Vec<PageEntry> = src
+            .chunks_exact(PAGE_SIZE)
+            .zip(comp.iter_mut())
+            .map(|(p, buf)| {
+                let body = match wire::compress_page(as_page(p), buf) {
+                    Some(len) => Body::Lz4(&buf[..len]),
+                    None => Body::Raw(as_page(p)),
+                };
+                PageEntry { new_id: None, body }
+            })
+            .collect();
+        wire::encode_pages(out, 0, 0, &entries);
     };
     g.bench_function("encode_lz4_text_256", |b| {
         b.iter(|| encode_lz4(&mut out, &text))

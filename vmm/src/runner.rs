@@ -53,6 +53,9 @@ pub enum RunError {
         index: u32,
         source: crate::vcpu::state::StateError,
     },
+    /// The saved state has another number of vCPUs than the VM built for it.
+    #[error("the saved state has {saved} vCPUs, the VM was built with {built}")]
+    VcpuCount { built: usize, saved: usize },
     /// A KVM vCPU call outside register setup.
     #[error("vCPU {index}: KVM {what} failed: {source}")]
     Kvm {
@@ -278,8 +281,57 @@ pub fn restore_machine(
     memory: crate::memory::GuestMemory,
     sink: &StopSink,
 ) -> Result<Built, RunError> {
-    let vm = Vm::with_memory(memory, state.cpus)?;
-    vm.register_memory()?;
+    restore_into(Shell::build(memory, state.cpus)?, state, sink)
+}
+
+/// A VM whose machine state has not arrived yet: KVM VM, irqchip, memory slots and vCPUs
+/// made, so that a migration destination builds it while pages arrive and only sets state
+/// while the guest is paused.
+#[derive(Debug)]
+pub struct Shell {
+    vm: Vm,
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
+}
+
+impl Shell {
+    /// Creates the VM around `memory` with `cpus` vCPUs.
+    pub fn build(memory: crate::memory::GuestMemory, cpus: u32) -> Result<Shell, RunError> {
+        let vm = Vm::with_memory(memory, cpus)?;
+        vm.register_memory()?;
+        let vcpus = (0..cpus)
+            .map(|index| {
+                vm.fd
+                    .create_vcpu(u64::from(index))
+                    .map_err(|source| RunError::Kvm {
+                        index,
+                        what: "CREATE_VCPU",
+                        source,
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Shell { vm, vcpus })
+    }
+
+    /// The guest memory, to fill before [`restore_into`].
+    pub fn memory(&self) -> &crate::memory::GuestMemory {
+        &self.vm.memory
+    }
+}
+
+/// Sets `state` into `shell`, in the order KVM needs (irqchip and PIT exist before their
+/// state is set; vCPU state last, see [`crate::vcpu::state::VcpuState::restore`]).
+pub fn restore_into(
+    shell: Shell,
+    state: &SnapshotState,
+    sink: &StopSink,
+) -> Result<Built, RunError> {
+    let Shell { vm, vcpus } = shell;
+    if vcpus.len() != state.vcpus.len() {
+        return Err(RunError::VcpuCount {
+            built: vcpus.len(),
+            saved: state.vcpus.len(),
+        });
+    }
     state.vm.restore(&vm.fd)?;
     let saved = DeviceStates {
         serial: &state.serial,
@@ -290,16 +342,8 @@ pub fn restore_machine(
         DeviceManager::with_virtio(&vm.fd, Box::new(std::io::stdout()), Some(saved), virtio)?;
     let save = save_context(&vm)?;
     let mut prepared = Vec::with_capacity(state.vcpus.len());
-    for (index, vcpu_state) in state.vcpus.iter().enumerate() {
+    for (index, (fd, vcpu_state)) in vcpus.into_iter().zip(&state.vcpus).enumerate() {
         let index = index as u32;
-        let fd = vm
-            .fd
-            .create_vcpu(u64::from(index))
-            .map_err(|source| RunError::Kvm {
-                index,
-                what: "CREATE_VCPU",
-                source,
-            })?;
         vcpu_state
             .restore(&fd, save.xsave2_size)
             .map_err(|source| RunError::VcpuState { index, source })?;

@@ -1,6 +1,7 @@
 //! The authenticated message channel under both state machines: the hello exchange and
-//! key proofs, then frames with a sequence number and a keyed-blake3 MAC each, with every
-//! payload length bounded before it is read. Counts bytes as the protocol sees them.
+//! key proofs, then frames with a sequence number and a keyed-blake3 MAC each (over all
+//! of the payload but page bodies, see [`super::wire::sealed_len`]), with every payload
+//! length bounded before it is read. Counts bytes as the protocol sees them.
 
 use std::io::{ErrorKind, Read, Write};
 
@@ -84,7 +85,7 @@ impl Session {
     }
 }
 
-/// MAC of a frame: keyed blake3 over header and payload.
+/// MAC of a frame: keyed blake3 over the header and the payload's sealed part.
 pub(crate) fn frame_mac(key: &[u8; 32], header: &[u8], payload: &[u8]) -> blake3::Hash {
     let mut h = blake3::Hasher::new_keyed(key);
     h.update(header);
@@ -107,7 +108,10 @@ pub(crate) fn encode_frame(key: &[u8; 32], kind: u8, seq: u64, payload: &[u8]) -
         seq,
     }
     .encode();
-    let mac = frame_mac(key, &header, payload);
+    let sealed = MsgType::from_u8(kind)
+        .and_then(|kind| super::wire::sealed_len(kind, payload).ok())
+        .unwrap_or(payload.len());
+    let mac = frame_mac(key, &header, &payload[..sealed]);
     let mut frame = Vec::with_capacity(HEADER_LEN + payload.len() + MAC_LEN);
     frame.extend_from_slice(&header);
     frame.extend_from_slice(payload);
@@ -261,7 +265,13 @@ impl<S: Read + Write> Channel<S> {
         }
         .encode();
         self.frame[..HEADER_LEN].copy_from_slice(&header);
-        let mac = frame_mac(&self.send_key, &header, &self.frame[HEADER_LEN..]);
+        let sealed = super::wire::sealed_len(kind, &self.frame[HEADER_LEN..])
+            .map_err(|_| MigrationError::Misuse("Pages payload without its sealed length"))?;
+        let mac = frame_mac(
+            &self.send_key,
+            &header,
+            &self.frame[HEADER_LEN..HEADER_LEN + sealed],
+        );
         self.frame.extend_from_slice(mac.as_bytes());
         let written = self
             .stream
@@ -344,7 +354,11 @@ impl<S: Read + Write> Channel<S> {
         read?;
         let mut mac = [0u8; MAC_LEN];
         self.read_exact(&mut mac)?;
-        if frame_mac(&self.recv_key, &hb, &self.payload[..len]) != blake3::Hash::from_bytes(mac) {
+        // A sealed length that does not parse cannot be authenticated either.
+        let sealed = super::wire::sealed_len(kind, &self.payload[..len])
+            .map_err(|_| MigrationError::BadMac { seq: h.seq })?;
+        if frame_mac(&self.recv_key, &hb, &self.payload[..sealed]) != blake3::Hash::from_bytes(mac)
+        {
             return Err(MigrationError::BadMac { seq: h.seq });
         }
         if h.seq != self.recv_seq {

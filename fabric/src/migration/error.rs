@@ -97,7 +97,7 @@ pub enum MigrationError {
         /// The round.
         round: u32,
     },
-    /// A page does not match its identity; it was not installed.
+    /// A page did not match its identity and was not sent again; it was not installed.
     #[error("page for guest frame {gfn:#x} does not match its identity")]
     BadPage {
         /// The frame the page was for.

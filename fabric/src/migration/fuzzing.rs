@@ -347,24 +347,25 @@ pub fn seed_inputs() -> Vec<Vec<u8>> {
     let mut block = [0u8; wire::COMPRESS_BUF];
     let len = wire::compress_page(&text, &mut block).expect("compresses");
     let mut pages = Vec::new();
-    let at = wire::begin_pages(&mut pages, 0, 0);
-    for entry in [
-        wire::PageEntry {
-            new_id: None,
-            body: wire::Body::Lz4(&block[..len]),
-        },
-        wire::PageEntry {
-            new_id: None,
-            body: wire::Body::Raw(&random),
-        },
-        wire::PageEntry {
-            new_id: None,
-            body: wire::Body::Known,
-        },
-    ] {
-        wire::push_page(&mut pages, &entry);
-    }
-    wire::end_pages(&mut pages, at, 3);
+    wire::encode_pages(
+        &mut pages,
+        0,
+        0,
+        &[
+            wire::PageEntry {
+                new_id: None,
+                body: wire::Body::Lz4(&block[..len]),
+            },
+            wire::PageEntry {
+                new_id: None,
+                body: wire::Body::Raw(&random),
+            },
+            wire::PageEntry {
+                new_id: None,
+                body: wire::Body::Known,
+            },
+        ],
+    );
     let mut end1 = Vec::new();
     wire::encode_round_end(&mut end1, 1, 1);
 

@@ -83,6 +83,20 @@ impl Bitmap {
         was
     }
 
+    /// Clears bit `i`.
+    pub(crate) fn unset(&mut self, i: u64) {
+        self.words[(i / 64) as usize] &= !(1 << (i % 64));
+    }
+
+    /// The first index set, if any.
+    pub(crate) fn first_set(&self) -> Option<u64> {
+        self.words
+            .iter()
+            .enumerate()
+            .find(|(_, &w)| w != 0)
+            .map(|(i, w)| i as u64 * 64 + u64::from(w.trailing_zeros()))
+    }
+
     pub(crate) fn clear(&mut self) {
         self.words.fill(0);
     }

@@ -71,6 +71,9 @@ struct RxState {
     covered: Bitmap,
     /// Frames offered in the current round.
     seen: Bitmap,
+    /// Frames whose last page arrived not matching its identity (changed at the source
+    /// after it was offered, or damaged on the way): a later round must offer them again.
+    stale: Bitmap,
     /// A frame holding each identity received in this migration (the newest).
     have: HashMap<PageId, u64>,
     /// Current round, from 1.
@@ -90,6 +93,7 @@ struct RxState {
     fetch_result: Vec<Fetched>,
     need_bits: Vec<u8>,
     page_buf: Vec<u8>,
+    verified: Vec<bool>,
     tmp: Box<Page>,
 }
 
@@ -194,6 +198,7 @@ impl<S: Read + Write> Receiver<S> {
                 manifest,
                 covered: Bitmap::new(total),
                 seen: Bitmap::new(total),
+                stale: Bitmap::new(total),
                 have: HashMap::new(),
                 round: 1,
                 round_open: false,
@@ -208,6 +213,7 @@ impl<S: Read + Write> Receiver<S> {
                 fetch_result: Vec::new(),
                 need_bits: Vec::new(),
                 page_buf: vec![0; PAGES_PER_MESSAGE * PAGE_SIZE],
+                verified: vec![false; PAGES_PER_MESSAGE],
                 tmp: Box::new([0; PAGE_SIZE]),
             }));
             r.ch.send(MsgType::Accept, &[])?;
@@ -223,7 +229,7 @@ impl<S: Read + Write> Receiver<S> {
                             r.ch.commit(MsgType::Need)?;
                         }
                     }
-                    (MsgType::Pages, payload) => rx.pages(payload, stats, sink)?,
+                    (MsgType::Pages, payload) => rx.pages(payload, &r.layout, stats, sink)?,
                     (MsgType::RoundEnd, payload) => rx.round_end(payload, &r.limits, stats)?,
                     (MsgType::State, payload) => rx.state(payload, &r.limits)?,
                     (MsgType::Complete, payload) => {
@@ -372,6 +378,7 @@ impl RxState {
                     });
                 }
                 self.covered.test_and_set(base + k);
+                self.stale.unset(base + k);
                 let current = self.manifest.get(gfn).flatten();
                 if run.zero {
                     stats.pages_zero += 1;
@@ -486,11 +493,16 @@ impl RxState {
         Ok((n > 0).then_some((offer.batch, n)))
     }
 
-    /// Handles pages the source sent: decodes and verifies them all (on all cores)
-    /// before installing any, in order.
+    /// Handles pages the source sent: decodes and verifies them all against their
+    /// identities (on all cores) before installing any, in order. A page that does not
+    /// match is not installed: its frame is zeroed and marked stale until a later round
+    /// offers it again (the source sends pages as they read at sending time, and one
+    /// written since its offer is dirty, so offered again; a damaged one never is, and
+    /// [`RxState::complete`] refuses the migration).
     fn pages(
         &mut self,
         payload: &[u8],
+        layout: &Layout,
         stats: &mut ReceiverStats,
         sink: &mut dyn GuestSink,
     ) -> Result<(), MigrationError> {
@@ -520,28 +532,39 @@ impl RxState {
             .par_chunks_mut(PAGE_SIZE)
             .zip(entries.par_iter())
             .zip(targets.par_iter())
-            .try_for_each(|((buf, entry), &(gfn, offered))| {
-                if matches!(entry.body, Body::Zero | Body::Known) {
-                    return Ok(());
-                }
+            .zip(self.verified[..n].par_iter_mut())
+            .with_min_len(16)
+            .for_each(|(((buf, entry), &(_, offered)), ok)| {
+                let id = entry.new_id.unwrap_or(offered);
                 let page: &mut Page = buf.try_into().expect("a page");
-                wire::decode_page(&entry.body, page)?;
-                if entry.new_id.unwrap_or(offered).matches(page) {
-                    Ok(())
-                } else {
-                    Err(MigrationError::BadPage { gfn })
-                }
-            })?;
+                *ok = match entry.body {
+                    Body::Zero | Body::Known => true,
+                    Body::Raw(raw) => id.matches(raw),
+                    Body::Lz4(_) => {
+                        wire::decode_page(&entry.body, page).is_ok() && id.matches(page)
+                    }
+                };
+            });
 
         for (i, (entry, &(gfn, offered))) in entries.iter().zip(&targets).enumerate() {
             let id = entry.new_id.unwrap_or(offered);
+            if !self.verified[i] {
+                self.spoil(gfn, layout, sink);
+                stats.pages_mismatched += 1;
+                continue;
+            }
             match entry.body {
-                Body::Raw(_) | Body::Lz4(_) => {
+                Body::Raw(raw) => {
+                    sink.write_page(gfn, raw);
+                    self.install(gfn, id);
+                    stats.pages_received += 1;
+                }
+                Body::Lz4(_) => {
                     let page = &self.page_buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
                     sink.write_page(gfn, page.try_into().expect("a page"));
                     self.install(gfn, id);
                     stats.pages_received += 1;
-                    stats.pages_compressed += u64::from(matches!(entry.body, Body::Lz4(_)));
+                    stats.pages_compressed += 1;
                 }
                 Body::Zero => {
                     if self.manifest.get(gfn).flatten().is_some() {
@@ -549,19 +572,34 @@ impl RxState {
                     }
                     self.manifest.set(gfn, None);
                 }
-                Body::Known => {
-                    let &from = self
-                        .have
-                        .get(&id)
-                        .ok_or(bad("Pages", "reference to a page not received"))?;
-                    sink.read_page(from, &mut self.tmp);
-                    sink.write_page(gfn, &self.tmp);
-                    self.install(gfn, id);
-                    stats.pages_deduplicated += 1;
-                }
+                Body::Known => match self.have.get(&id) {
+                    Some(&from) => {
+                        sink.read_page(from, &mut self.tmp);
+                        sink.write_page(gfn, &self.tmp);
+                        self.install(gfn, id);
+                        stats.pages_deduplicated += 1;
+                    }
+                    // The page it refers to did not match: neither does this one.
+                    None => {
+                        self.spoil(gfn, layout, sink);
+                        stats.pages_mismatched += 1;
+                    }
+                },
             }
         }
         Ok(())
+    }
+
+    /// `gfn` got a page that did not match its identity: it holds zeros until offered again.
+    fn spoil(&mut self, gfn: u64, layout: &Layout, sink: &mut dyn GuestSink) {
+        if let Some(old) = self.manifest.get(gfn).flatten() {
+            self.forget(old, gfn);
+            sink.zero_page(gfn);
+            self.manifest.set(gfn, None);
+        }
+        if let Some(index) = layout.index(gfn) {
+            self.stale.test_and_set(index);
+        }
     }
 
     fn round_end(
@@ -642,6 +680,11 @@ impl RxState {
         }
         if let Some(index) = self.covered.first_clear() {
             return Err(MigrationError::Incomplete {
+                gfn: layout.gfn(index),
+            });
+        }
+        if let Some(index) = self.stale.first_set() {
+            return Err(MigrationError::BadPage {
                 gfn: layout.gfn(index),
             });
         }

@@ -1,5 +1,5 @@
 //! The source end: offers page identities in pipelined batches, sends the pages the
-//! destination asks for (re-identified and, when it pays, compressed, in parallel), then
+//! destination asks for (read and, when it pays, compressed, in parallel), then
 //! the state, and returns only once the destination has acknowledged resuming the guest.
 
 use std::collections::{HashSet, VecDeque};
@@ -15,7 +15,7 @@ use super::wire::{
     MAX_RUN, PAGES_PER_MESSAGE, STATE_CHUNK, VERSION_MAX, VERSION_MIN,
 };
 use super::{Compression, MigrationError, MigrationKey, SenderConfig, Transport, VmDescription};
-use crate::identity::{identify, Page, PageId, PAGE_SIZE};
+use crate::identity::{is_zero, Page, PageId, PAGE_SIZE};
 
 /// When compression is sparse, one page in this many is tried.
 const SPARSE_PROBE: usize = 16;
@@ -82,8 +82,8 @@ struct Scratch {
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Slot {
-    /// Identity of the content read (`None`: zero).
-    actual: Option<PageId>,
+    /// The page read is zero (now).
+    zero: bool,
     /// Length of the lz4 block in `comp`, when compression paid.
     compressed: Option<usize>,
     tried: bool,
@@ -429,6 +429,11 @@ impl<S: Transport> Sender<S> {
     }
 
     /// Sends one `Pages` message for `chunk`, needed entries `first..` of `batch`.
+    ///
+    /// Pages go as they read now, under the identity they were offered with: one changed
+    /// since will not match it, and the destination drops it and waits for the next round,
+    /// which offers it again (every write after the dirty log was taken is in that round;
+    /// the last round runs paused). So no page is hashed twice here.
     fn send_pages<F>(
         &mut self,
         batch: u32,
@@ -440,48 +445,36 @@ impl<S: Transport> Sender<S> {
         F: Fn(u64, &mut Page) + Sync,
     {
         self.prepare(chunk, read_page);
-        let buf = self.ch.begin();
-        let at = wire::begin_pages(buf, batch, first);
+        let mut entries = Vec::with_capacity(chunk.len());
         for (i, &(_, offered)) in chunk.iter().enumerate() {
             let slot = self.scratch.slots[i];
-            let entry = match slot.actual {
-                None => {
-                    self.stats.pages_changed += 1;
-                    PageEntry {
-                        new_id: None,
-                        body: Body::Zero,
-                    }
-                }
-                Some(actual) => {
-                    let new_id = (actual != offered).then_some(actual);
-                    self.stats.pages_changed += u64::from(new_id.is_some());
-                    let body = if !self.sent.insert(actual) {
-                        self.stats.pages_deduplicated += 1;
-                        Body::Known
-                    } else if let Some(len) = slot.compressed {
-                        self.stats.pages_sent += 1;
-                        self.stats.pages_compressed += 1;
-                        self.stats.compression_saved_bytes += (PAGE_SIZE - len - 2) as u64;
-                        Body::Lz4(&self.scratch.comp[i][..len])
-                    } else {
-                        self.stats.pages_sent += 1;
-                        Body::Raw(
-                            self.scratch.pages[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
-                                .try_into()
-                                .expect("a page"),
-                        )
-                    };
-                    PageEntry { new_id, body }
-                }
+            let body = if slot.zero {
+                self.stats.pages_changed += 1;
+                Body::Zero
+            } else if !self.sent.insert(offered) {
+                self.stats.pages_deduplicated += 1;
+                Body::Known
+            } else if let Some(len) = slot.compressed {
+                self.stats.pages_sent += 1;
+                self.stats.pages_compressed += 1;
+                self.stats.compression_saved_bytes += (PAGE_SIZE - len - 2) as u64;
+                Body::Lz4(&self.scratch.comp[i][..len])
+            } else {
+                self.stats.pages_sent += 1;
+                Body::Raw(
+                    self.scratch.pages[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+                        .try_into()
+                        .expect("a page"),
+                )
             };
-            wire::push_page(buf, &entry);
+            entries.push(PageEntry { new_id: None, body });
         }
-        wire::end_pages(buf, at, chunk.len() as u32);
+        wire::encode_pages(self.ch.begin(), batch, first, &entries);
         self.ch.commit(MsgType::Pages)
     }
 
-    /// Reads, identifies and (when enabled) compresses the pages of `chunk` on all cores,
-    /// into the scratch buffers; adapts how many pages compression is tried on.
+    /// Reads and (when enabled) compresses the pages of `chunk` on all cores, into the
+    /// scratch buffers; adapts how many pages compression is tried on.
     fn prepare<F>(&mut self, chunk: &[(u64, PageId)], read_page: &F)
     where
         F: Fn(u64, &mut Page) + Sync,
@@ -506,14 +499,14 @@ impl<S: Transport> Sender<S> {
             .zip(sc.slots[..n].par_iter_mut())
             .zip(chunk.par_iter())
             .enumerate()
-            .with_min_len(4)
+            .with_min_len(16)
             .for_each(|(i, (((page, comp), slot), &(gfn, _)))| {
                 let page: &mut Page = page.try_into().expect("a page");
                 read_page(gfn, page);
-                let actual = identify(page);
-                let tried = every != 0 && i % every == 0 && actual.is_some();
+                let zero = is_zero(page);
+                let tried = every != 0 && i % every == 0 && !zero;
                 *slot = Slot {
-                    actual,
+                    zero,
                     compressed: if tried {
                         wire::compress_page(page, comp)
                     } else {

@@ -54,7 +54,7 @@ pub struct MigrationStats {
     /// Pages the destination asked for that repeat one sent earlier in the round
     /// (sent as a reference, no content).
     pub pages_deduplicated: u64,
-    /// Asked-for pages that had changed since they were offered (re-identified on send).
+    /// Asked-for pages that were zero by the time they were sent.
     pub pages_changed: u64,
     /// Bytes compression saved against sending those pages raw.
     pub compression_saved_bytes: u64,
@@ -116,6 +116,9 @@ pub struct ReceiverStats {
     pub pages_compressed: u64,
     /// Asked-for pages that arrived as a reference to one sent earlier in the round.
     pub pages_deduplicated: u64,
+    /// Pages that arrived not matching their identity (changed at the source after the
+    /// offer, or damaged): not installed, and needed again in a later round.
+    pub pages_mismatched: u64,
     /// Bytes of vCPU and device state received.
     pub state_bytes: u64,
     /// Rounds completed.

@@ -1,4 +1,4 @@
-//! The bytes of the migration protocol, version 1: the hello, the frame header and every
+//! The bytes of the migration protocol, version 2: the hello, the frame header and every
 //! message's payload, encoded and decoded without I/O. Decoders check every count against
 //! the limits and the bytes present before allocating, and reject anything not exactly as
 //! specified (unknown flags, trailing bytes).
@@ -15,17 +15,23 @@
 //!           | (first gfn u64 | count u32, bit 31 = zero run) × runs | id × id count
 //!           (a data run of n pages takes the next n ids, in order)
 //! Need      batch u32 | 0 = none, 1 = all, 2 = bitmap u8 | bitmap over the offer's ids
-//! Pages     batch u32 | first u32 | count u32 | entry × count (≤ 256), for the needed
-//!           ids of the batch in order, starting at needed index `first`
+//! Pages     sealed length u32 | batch u32 | first u32 | count u32 | entry × count (≤ 256)
+//!           | body × count, for the needed ids of the batch in order, starting at needed
+//!           index `first`; the frame MAC covers the first `sealed length` bytes (up to
+//!           the bodies), and each body is checked against its authenticated identity
 //!   entry   tag u8 (bits 0-1: 0 raw, 1 lz4, 2 zero, 3 known; bit 2: new id follows)
-//!           | [id, when the page changed since it was offered]
-//!           | raw: 4096 bytes | lz4: length u16 (1..=3968) + block | zero, known: nothing
+//!           | [id, when the page changed since it was offered] | [lz4: length u16]
+//!   body    raw: 4096 bytes | lz4: a block of its length (1..=3968) | zero, known: none
 //! RoundEnd  round u32 | offers in the round u32
 //! State     total length u64 | offset u64 | bytes (≤ 1 MiB)
 //! Complete  rounds u32 | 0 u32 | state length u64 | blake3 of the state [32]
 //! ```
 //!
 //! `known` means "a page with this identity that I sent you earlier in this round".
+//!
+//! Version 2 leaves page bodies out of the frame MAC: a body is worth nothing unless it
+//! hashes to the identity the MAC'd offer (or entry) gave, so MAC'ing it too would be a
+//! second blake3 pass over every page on each end (see [`super`]).
 
 use crate::codec::{CodecError, Reader};
 use crate::identity::{Page, PageId, PAGE_SIZE};
@@ -36,9 +42,9 @@ use super::{Limits, MigrationError, VmDescription};
 /// First bytes of every migration stream.
 pub const MAGIC: [u8; 8] = *b"FABVMMIG";
 /// Oldest protocol version spoken.
-pub const VERSION_MIN: u16 = 1;
+pub const VERSION_MIN: u16 = 2;
 /// Newest protocol version spoken.
-pub const VERSION_MAX: u16 = 1;
+pub const VERSION_MAX: u16 = 2;
 /// Bytes of a hello.
 pub const HELLO_LEN: usize = 64;
 /// Bytes of a frame header.
@@ -241,7 +247,7 @@ impl MsgType {
             Abort => MAX_REASON as u64,
             Describe => 16 + u64::from(limits.max_regions) * 16 + u64::from(limits.max_config),
             Offer => 16 + u64::from(limits.max_runs) * 12 + u64::from(limits.max_batch) * 32,
-            Pages => 12 + PAGES_PER_MESSAGE as u64 * page_entry,
+            Pages => 16 + PAGES_PER_MESSAGE as u64 * page_entry,
             RoundEnd => 8,
             State => 16 + STATE_CHUNK as u64,
             Complete => 48,
@@ -256,9 +262,9 @@ impl MsgType {
 pub struct Header {
     /// Message type value (checked by the receiver).
     pub kind: u8,
-    /// Must be zero in version 1.
+    /// Must be zero.
     pub flags: u8,
-    /// Must be zero in version 1.
+    /// Must be zero.
     pub reserved: u16,
     /// Payload bytes.
     pub len: u32,
@@ -585,44 +591,59 @@ const TAG_ZERO: u8 = 2;
 const TAG_KNOWN: u8 = 3;
 const TAG_NEW_ID: u8 = 4;
 
-/// Starts a `Pages` payload; finish it with [`end_pages`] after pushing entries.
-pub fn begin_pages(out: &mut Vec<u8>, batch: u32, first: u32) -> usize {
+/// Appends a `Pages` payload: the sealed part (header and entries), then the bodies.
+pub fn encode_pages(out: &mut Vec<u8>, batch: u32, first: u32, entries: &[PageEntry<'_>]) {
     let at = out.len();
+    put_u32(out, 0);
     put_u32(out, batch);
     put_u32(out, first);
-    put_u32(out, 0);
-    at
-}
-
-/// Appends one page entry.
-pub fn push_page(out: &mut Vec<u8>, entry: &PageEntry<'_>) {
-    let (tag, id) = match entry.new_id {
-        Some(id) => (TAG_NEW_ID, Some(id)),
-        None => (0, None),
-    };
-    let kind = match entry.body {
-        Body::Raw(_) => TAG_RAW,
-        Body::Lz4(_) => TAG_LZ4,
-        Body::Zero => TAG_ZERO,
-        Body::Known => TAG_KNOWN,
-    };
-    out.push(tag | kind);
-    if let Some(id) = id {
-        out.extend_from_slice(&id.0);
-    }
-    match entry.body {
-        Body::Raw(page) => out.extend_from_slice(page),
-        Body::Lz4(block) => {
-            put_u16(out, block.len() as u16);
-            out.extend_from_slice(block);
+    put_u32(out, entries.len() as u32);
+    for entry in entries {
+        let kind = match entry.body {
+            Body::Raw(_) => TAG_RAW,
+            Body::Lz4(_) => TAG_LZ4,
+            Body::Zero => TAG_ZERO,
+            Body::Known => TAG_KNOWN,
+        };
+        out.push(
+            kind | if entry.new_id.is_some() {
+                TAG_NEW_ID
+            } else {
+                0
+            },
+        );
+        if let Some(id) = entry.new_id {
+            out.extend_from_slice(&id.0);
         }
-        Body::Zero | Body::Known => {}
+        if let Body::Lz4(block) = entry.body {
+            put_u16(out, block.len() as u16);
+        }
+    }
+    let sealed = (out.len() - at) as u32;
+    out[at..at + 4].copy_from_slice(&sealed.to_le_bytes());
+    for entry in entries {
+        match entry.body {
+            Body::Raw(page) => out.extend_from_slice(page),
+            Body::Lz4(block) => out.extend_from_slice(block),
+            Body::Zero | Body::Known => {}
+        }
     }
 }
 
-/// Writes the entry count into a `Pages` payload begun at `at`.
-pub fn end_pages(out: &mut [u8], at: usize, count: u32) {
-    out[at + 8..at + 12].copy_from_slice(&count.to_le_bytes());
+/// How many leading bytes of a `kind` payload the frame MAC covers: all of them, except
+/// for `Pages`, whose bodies follow the sealed length its first four bytes give.
+pub fn sealed_len(kind: MsgType, payload: &[u8]) -> Result<usize, MigrationError> {
+    if kind != MsgType::Pages {
+        return Ok(payload.len());
+    }
+    let sealed = payload
+        .get(..4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+        .ok_or(bad("Pages", "truncated"))?;
+    if !(16..=payload.len()).contains(&sealed) {
+        return Err(bad("Pages", "sealed length out of range"));
+    }
+    Ok(sealed)
 }
 
 /// A decoded `Pages` header; the entries go into the caller's vector.
@@ -641,7 +662,10 @@ pub fn decode_pages<'a>(
 ) -> Result<PagesHeader, MigrationError> {
     const WHAT: &str = "Pages";
     let m = malformed(WHAT);
-    let mut r = Reader::new(payload);
+    let sealed = sealed_len(MsgType::Pages, payload)?;
+    let (meta, bodies) = payload.split_at(sealed);
+    let mut r = Reader::new(&meta[4..]);
+    let mut b = Reader::new(bodies);
     let batch = r.u32(WHAT).map_err(&m)?;
     let first = r.u32(WHAT).map_err(&m)?;
     let count = r.u32(WHAT).map_err(&m)?;
@@ -662,7 +686,7 @@ pub fn decode_pages<'a>(
         };
         let body = match tag & 3 {
             TAG_RAW => {
-                let bytes = r.take(PAGE_SIZE, WHAT).map_err(&m)?;
+                let bytes = b.take(PAGE_SIZE, WHAT).map_err(&m)?;
                 Body::Raw(bytes.try_into().expect("PAGE_SIZE bytes"))
             }
             TAG_LZ4 => {
@@ -670,7 +694,7 @@ pub fn decode_pages<'a>(
                 if len == 0 || len > LZ4_MAX {
                     return Err(bad(WHAT, "compressed length out of range"));
                 }
-                Body::Lz4(r.take(len, WHAT).map_err(&m)?)
+                Body::Lz4(b.take(len, WHAT).map_err(&m)?)
             }
             TAG_ZERO if new_id.is_some() => return Err(bad(WHAT, "zero page with an id")),
             TAG_ZERO => Body::Zero,
@@ -679,6 +703,7 @@ pub fn decode_pages<'a>(
         entries.push(PageEntry { new_id, body });
     }
     r.finish().map_err(&m)?;
+    b.finish().map_err(&m)?;
     Ok(PagesHeader { batch, first })
 }
 
@@ -1046,11 +1071,7 @@ mod tests {
             },
         ];
         let mut out = Vec::new();
-        let at = begin_pages(&mut out, 5, 256);
-        for e in &entries {
-            push_page(&mut out, e);
-        }
-        end_pages(&mut out, at, entries.len() as u32);
+        encode_pages(&mut out, 5, 256, &entries);
         assert!(out.len() as u64 <= MsgType::Pages.max_payload(&Limits::default()));
         let mut got = Vec::new();
         let h = decode_pages(&out, &mut got).unwrap();
@@ -1073,12 +1094,29 @@ mod tests {
         bad_block[0] ^= 0xff;
         bad_block.truncate(3);
         assert!(decode_page(&Body::Lz4(&bad_block), &mut p).is_err());
-        for (offset, value) in [(12usize, 0x80u8), (12, 6)] {
+        for (offset, value) in [(16usize, 0x80u8), (16, 6)] {
             let mut bad = out.clone();
             bad[offset] = value;
             assert!(decode_pages(&bad, &mut Vec::new()).is_err());
         }
         assert!(decode_pages(&out[..out.len() - 1], &mut Vec::new()).is_err());
+
+        // The sealed part ends where the entries do: not before, not after, not past
+        // the payload.
+        let sealed = sealed_len(MsgType::Pages, &out).unwrap();
+        assert_eq!(sealed, 16 + 1 + (1 + 32 + 2) + 1 + (1 + 32));
+        for wrong in [
+            0u32,
+            15,
+            sealed as u32 - 1,
+            sealed as u32 + 1,
+            out.len() as u32 + 1,
+        ] {
+            let mut bad = out.clone();
+            bad[..4].copy_from_slice(&wrong.to_le_bytes());
+            assert!(decode_pages(&bad, &mut Vec::new()).is_err(), "{wrong}");
+        }
+        assert_eq!(sealed_len(MsgType::State, &out).unwrap(), out.len());
     }
 
     #[test]

@@ -112,7 +112,15 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
         host_index::running_vms(Some(std::process::id())).len(),
         hosted.running.bytes_hashed >> 20
     );
-    let mut sink = GuestPages::new(&memory);
+    // The VM is built while pages arrive, so the guest's downtime only sets state.
+    let shell = match runner::Shell::build(memory, description.vcpus) {
+        Ok(shell) => shell,
+        Err(e) => {
+            receiver.abort("destination cannot create the VM");
+            return Err(e.into());
+        }
+    };
+    let mut sink = GuestPages::new(shell.memory());
     let received = receiver.receive(&hosted, &mut sink)?;
     drop(hosted); // release the store for others
     let state = match format::decode(&received.state) {
@@ -123,7 +131,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
         }
     };
     let ctx = RunContext::new()?;
-    let built = match runner::restore_machine(&state, memory, &ctx.sink) {
+    let built = match runner::restore_into(shell, &state, &ctx.sink) {
         Ok(built) => built,
         Err(e) => {
             receiver.abort("destination cannot restore the machine state");

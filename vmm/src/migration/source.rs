@@ -189,9 +189,17 @@ fn precopy<'a>(
     loop {
         let dirty = dirty_frames(machine)?;
         let last = rounds.last().expect("one round done");
-        let bandwidth = last.bytes_sent as f64 / (last.duration_us.max(1) as f64 / 1e6); // bytes/s
+        // Over all rounds: a round of mostly unchanged dirty pages is bound by hashing,
+        // and would say the link is slow.
+        let bandwidth = rounds.iter().map(|r| r.bytes_sent).sum::<u64>() as f64
+            / (rounds.iter().map(|r| r.duration_us).sum::<u64>().max(1) as f64 / 1e6); // bytes/s
         let expected =
             Duration::from_secs_f64(dirty.len() as f64 * PAGE_SIZE as f64 / bandwidth.max(1.0));
+        // The destination may still be installing the last round's pages (as many as the
+        // socket buffers hold); the final round queues behind them, guest paused. So stop
+        // only after a round whose pages fit the budget too: after a big first round, one
+        // more short round lets the destination catch up while the guest runs.
+        let backlog = Duration::from_secs_f64(last.bytes_sent as f64 / bandwidth.max(1.0));
         let sent: u64 = rounds.iter().map(|r| r.bytes_sent).sum();
         progress(serde_json::json!({
             "round": rounds.len(),
@@ -212,8 +220,9 @@ fn precopy<'a>(
             bandwidth / 1e6,
             expected
         );
-        if expected <= req.downtime || rounds.len() as u32 >= req.max_rounds {
-            let converged = expected <= req.downtime;
+        let fits = expected + backlog <= req.downtime;
+        if fits || rounds.len() as u32 >= req.max_rounds {
+            let converged = fits;
             // The final round starts from this dirty set plus what is dirtied until pause.
             let mut report = finish(
                 machine, was_paused, sender, guest, dirty, converged, started, req,
