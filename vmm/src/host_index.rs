@@ -46,6 +46,25 @@ pub struct RegisteredVm {
     pub regions: Vec<RegisteredRegion>,
 }
 
+impl RegisteredVm {
+    /// Copies the page at guest frame `gfn` of this VM into `out` (one page); false when
+    /// the frame is not in its RAM or the VM is gone.
+    pub fn read_page(&self, gfn: u64, out: &mut [u8]) -> bool {
+        let addr = gfn * PAGE_SIZE as u64;
+        self.regions
+            .iter()
+            .find(|r| addr >= r.guest_addr && addr - r.guest_addr < r.len)
+            .is_some_and(|r| {
+                read_remote(
+                    self.pid,
+                    r.host_addr + (addr - r.guest_addr),
+                    &mut out[..PAGE_SIZE],
+                )
+                .is_ok()
+            })
+    }
+}
+
 /// The registry directory: `$FABVM_RUNTIME_DIR`, else `/run/fabvm/vms` as root, else
 /// `$XDG_RUNTIME_DIR/fabvm/vms`, else the temp dir.
 pub fn registry_dir() -> PathBuf {

@@ -225,12 +225,30 @@ pub trait PageSource: Sync {
     /// when this host does not hold it. Need not verify: the receiver hashes every page it
     /// is given and asks the source for it when the content does not match.
     fn fetch(&self, id: &PageId, out: &mut Page) -> bool;
+
+    /// Like [`PageSource::fetch`], for the page offered at guest frame `gfn` (a source
+    /// may look there first: a VM started from the same image often holds the same page
+    /// at the same frame).
+    fn fetch_at(&self, gfn: u64, id: &PageId, out: &mut Page) -> bool {
+        let _ = gfn;
+        self.fetch(id, out)
+    }
+
+    /// True when every page this source returns has been checked against its identity
+    /// as it was copied: the receiver then does not hash it a second time.
+    fn verifies(&self) -> bool {
+        false
+    }
 }
 
-/// The host store holds the pages in it.
+/// The host store holds the pages in it (and checks each as it reads it).
 impl PageSource for Store {
     fn fetch(&self, id: &PageId, out: &mut Page) -> bool {
         self.get(id, out).is_ok()
+    }
+
+    fn verifies(&self) -> bool {
+        true
     }
 }
 

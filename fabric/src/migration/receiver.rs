@@ -420,16 +420,17 @@ impl RxState {
         }
         self.fetch_result.clear();
         self.fetch_result.resize(m, Fetched::Absent);
+        let verified_by_source = source.verifies();
         self.fetch_buf[..m * PAGE_SIZE]
             .par_chunks_mut(PAGE_SIZE)
             .zip(self.fetch.par_iter())
             .zip(self.fetch_result.par_iter_mut())
             .with_min_len(4)
-            .for_each(|((buf, (_, id)), result)| {
+            .for_each(|((buf, (gfn, id)), result)| {
                 let page: &mut Page = buf.try_into().expect("a page");
-                *result = if !source.fetch(id, page) {
+                *result = if !source.fetch_at(*gfn, id, page) {
                     Fetched::Absent
-                } else if id.matches(page) {
+                } else if verified_by_source || id.matches(page) {
                     Fetched::Verified
                 } else {
                     Fetched::Mismatch
