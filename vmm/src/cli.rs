@@ -69,6 +69,14 @@ pub struct RunArgs {
     #[arg(long, conflicts_with = "restore")]
     pub no_hugepages: bool,
 
+    /// Share identical pages with other VMs on this host through the kernel's KSM (off by
+    /// default: merged pages are a timing side channel between VMs, see README). `guided`
+    /// (what `--share` alone means) marks only pages with twins in other VMs and runs ksmd
+    /// fast while they merge; `plain` marks all guest memory. Turns transparent huge pages off.
+    #[arg(long, value_name = "MODE", num_args = 0..=1, require_equals = true,
+          default_missing_value = "guided", value_enum, conflicts_with = "lazy")]
+    pub share: Option<crate::sharing::ShareMode>,
+
     /// A virtio-blk disk on a raw image (repeatable); `,ro` refuses guest writes.
     #[arg(long = "disk", value_name = "PATH[,ro]", value_parser = spec::parse_disk, conflicts_with = "restore")]
     pub disks: Vec<DiskArg>,
@@ -99,6 +107,27 @@ pub enum Command {
     Store(StoreArgs),
     /// Be the destination of a live migration: wait for one VM, then run it.
     Receive(ReceiveArgs),
+    /// Figures about every VM running on this host (page sharing).
+    Host(HostArgs),
+}
+
+/// `fabvm host`.
+#[derive(Debug, Args)]
+pub struct HostArgs {
+    /// Print the report as one line of JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub op: HostOp,
+}
+
+/// Operations of `fabvm host`.
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum HostOp {
+    /// Hash every running VM's memory now: pages identical to another VM's (potential),
+    /// pages KSM has merged, zero pages, per VM and in total.
+    Stats,
 }
 
 /// `fabvm receive`.

@@ -96,6 +96,8 @@ pub struct Launch {
     pub api_sock: Option<PathBuf>,
     /// Host page store directory given with --store (else the default, or a snapshot's own).
     pub store: Option<PathBuf>,
+    /// Page sharing with other VMs (--share).
+    pub share: Option<crate::sharing::ShareMode>,
 }
 
 /// Where the VM comes from.
@@ -133,7 +135,7 @@ impl Launch {
                     args.cpus.unwrap_or(1),
                     args.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
                 )?
-                .with_hugepages(!args.no_hugepages)
+                .with_hugepages(!args.no_hugepages && args.share.is_none())
                 .with_devices(devices_from_args(
                     &args.disks,
                     &args.nets,
@@ -146,6 +148,7 @@ impl Launch {
             source,
             api_sock: args.api_sock,
             store: args.store,
+            share: args.share,
         })
     }
 }

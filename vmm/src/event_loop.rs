@@ -38,6 +38,8 @@ pub struct Services {
     pub api_sock: Option<std::path::PathBuf>,
     /// The host store snapshots go to.
     pub store: std::path::PathBuf,
+    /// Page sharing with other VMs on this host (`--share`).
+    pub share: Option<crate::sharing::ShareMode>,
 }
 
 /// A running VM and what the loop needs to serve it.
@@ -76,6 +78,7 @@ pub fn run(
         store: services.store.clone(),
         manifest: None,
         migrated: false,
+        sharing: None,
     };
     let api_wake = std::sync::Arc::new(EventFd::new(EFD_NONBLOCK)?);
     let (calls_tx, calls) = channel();
@@ -88,6 +91,10 @@ pub fn run(
     let _registration = crate::host_index::Registration::new(&state.machine.vm.memory)
         .map_err(|e| log::warn!("{e}"))
         .ok();
+    state.sharing = Some(crate::sharing::Sharing::start(
+        &state.machine.vm.memory,
+        services.share,
+    ));
     let _raw = RawStdin::new();
     let result = state.serve(stop_evt, stops, &api_wake, &calls);
     state.machine.vcpus.stop();
@@ -102,6 +109,8 @@ struct LoopState {
     manifest: Option<fabric::Manifest>,
     /// The VM now runs at a migration destination: stop here.
     migrated: bool,
+    /// Page sharing with other VMs (`--share`) and its figures.
+    sharing: Option<crate::sharing::Sharing>,
 }
 
 impl LoopState {
@@ -287,6 +296,9 @@ impl LoopState {
             "pss_bytes": rollup.get("Pss").copied().unwrap_or(0),
             "anonymous_bytes": rollup.get("Anonymous").copied().unwrap_or(0),
         });
+        if let Some(sharing) = &self.sharing {
+            stats["sharing"] = sharing.report();
+        }
         stats
     }
 

@@ -14,6 +14,7 @@ pub mod layout;
 pub mod memory;
 pub mod migration;
 pub mod runner;
+pub mod sharing;
 pub mod snapshot;
 pub mod vcpu;
 pub mod virtio;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::error::ErrorKind;
 use clap::Parser;
 use vmm::api::{client, Request};
-use vmm::cli::{Cli, Command, CtlArgs, CtlOp, ReceiveArgs, StoreArgs, StoreOp};
+use vmm::cli::{Cli, Command, CtlArgs, CtlOp, HostArgs, HostOp, ReceiveArgs, StoreArgs, StoreOp};
 use vmm::config::Launch;
 use vmm::vcpu::exit::StopReason;
 
@@ -34,11 +34,17 @@ fn main() {
         Some(Command::Ctl(args)) => ctl(args),
         Some(Command::Store(args)) => store(args),
         Some(Command::Receive(args)) => receive(args),
+        Some(Command::Host(args)) => host(args),
         None => run(cli.run),
     }
 }
 
 fn run(args: vmm::cli::RunArgs) {
+    if args.share.is_some() {
+        if let Err(e) = vmm::sharing::check_available() {
+            fail(&e.to_string(), 2);
+        }
+    }
     let launch = match Launch::from_args(args) {
         Ok(launch) => launch,
         Err(e) => fail(&e.to_string(), 2),
@@ -133,6 +139,7 @@ fn store(args: StoreArgs) {
             "store": dir,
             "stats": store.stats(),
             "roots": store.roots(),
+            "host": vmm::sharing::host_summary(),
         }),
         StoreOp::Verify => match store.verify() {
             Ok(report) if report.is_clean() => serde_json::to_value(report).unwrap_or_default(),
@@ -149,6 +156,13 @@ fn store(args: StoreArgs) {
             Ok(report) => serde_json::to_value(report).unwrap_or_default(),
             Err(e) => fail(&format!("store {}: {e}", dir.display()), 1),
         },
+    };
+    print_value(&value, args.json);
+}
+
+fn host(args: HostArgs) {
+    let value = match args.op {
+        HostOp::Stats => serde_json::to_value(vmm::sharing::host_report()).unwrap_or_default(),
     };
     print_value(&value, args.json);
 }

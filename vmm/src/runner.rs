@@ -78,6 +78,7 @@ pub fn run(launch: &Launch) -> Result<StopReason, RunError> {
     let services = event_loop::Services {
         api_sock: launch.api_sock.clone(),
         store: launch.store_dir(),
+        share: launch.share,
     };
     ctx.run(built, &services, || Ok(()))
 }

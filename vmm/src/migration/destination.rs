@@ -221,6 +221,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
     let services = Services {
         api_sock: args.api_sock.clone(),
         store: args.store.clone().unwrap_or_else(fabric::default_dir),
+        share: None,
     };
     let json = args.json;
     let reason = ctx.run(built, &services, move || {

@@ -1,0 +1,684 @@
+//! The sharing leader: one fabvm per host (whichever guided VM holds the registry's lock)
+//! keeps the identity index of the guided VMs, writes each one's plan of ranges to mark
+//! mergeable (see [`super::plan`]), and tunes ksmd: a fast scan while known potential is
+//! not merged yet, back to the host's own settings once it is (or once merging stops
+//! making progress). The leader runs on the agent thread of its VM; when that VM exits,
+//! another guided VM takes the lock and carries on from the files in the registry.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use fabric::PAGE_SIZE;
+use serde::{Deserialize, Serialize};
+
+use super::index::{self, Effort, Key, VmPages};
+use super::ksm::{self, ProcessStat};
+use super::plan::{self, VmPlan};
+use super::{Registered, ShareMode};
+use crate::host_index::{self, RegisteredVm};
+
+/// A VM is sampled (every [`SAMPLE_STRIDE`]th page) until its memory holds still: two
+/// samples taken [`SAMPLE_CPU_MS`] of the VM's own CPU time apart differ in at most
+/// [`SETTLED_CHANGE`] of their pages. Counting the VM's CPU time rather than wall time
+/// keeps a VM the host hardly ran (a loaded host, a niced VM) from looking settled.
+const SAMPLE_STRIDE: usize = 64;
+/// CPU time a VM must have used between two samples.
+const SAMPLE_CPU_MS: u64 = 100;
+/// Sampled pages that may change between two samples of a VM that holds still.
+const SETTLED_CHANGE: f64 = 0.001;
+/// A VM that never holds still is planned anyway after this many samples...
+const MAX_SAMPLES: u32 = 20;
+/// ...or this long.
+const MAX_SETTLE: Duration = Duration::from_secs(60);
+/// When KSM has merged more than this much beyond the target, the index is behind the
+/// guests: every VM is hashed again (at most every [`FIRST_REFRESH`]).
+const STALE: f64 = 1.01;
+/// Full hashes per tick stop after this many bytes (at least one VM is hashed), so the
+/// leader keeps releasing stages and tuning while a host full of VMs is indexed.
+const HASH_PER_TICK: u64 = 512 << 20;
+/// Settled VMs are hashed again this often (guests change what they hold)...
+const REFRESH: Duration = Duration::from_secs(120);
+/// ...and once soon after the first hash, in case they were still filling.
+const FIRST_REFRESH: Duration = Duration::from_secs(10);
+/// A refresh that finds more than this fraction of pages changed re-plans.
+const REPLAN_CHANGE: f64 = 0.02;
+/// Plans are rewritten at most this often while VMs keep arriving.
+const REPLAN_EVERY: Duration = Duration::from_secs(1);
+/// Stage 2 starts when the anchors have merged this fraction of their stage-1 pages...
+const STAGE1_DONE: f64 = 0.9;
+/// ...or after this many passes over the marked pages since stage 1 was marked.
+const STAGE1_PASSES: u64 = 3;
+/// Merged pages within this fraction of the target count as converged.
+const CONVERGED: f64 = 0.99;
+/// Passes over the marked pages without progress after which the fast scan stops.
+const PLATEAU_PASSES: u64 = 4;
+/// Fast scan: ksmd's batch is this fraction of the marked pages (clamped below)...
+const FAST_BATCH_DIVISOR: u64 = 20;
+const FAST_BATCH_MIN: u64 = 1_000;
+const FAST_BATCH_MAX: u64 = 50_000;
+/// ...with this sleep between batches.
+const FAST_SLEEP_MS: u64 = 10;
+
+/// The leader's published state (`sharing.status` in the registry), for `fabvm host stats`
+/// and the benchmark.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The leader's pid.
+    pub leader: u32,
+    /// Plan generation.
+    pub epoch: u64,
+    /// Guided VMs known.
+    pub vms: usize,
+    /// Of those, settled and planned.
+    pub planned_vms: usize,
+    /// Pages the plan expects KSM to merge (pages with a twin, zero pages included).
+    pub target_pages: u64,
+    /// Pages of the planned VMs KSM has merged (`ksm_merging_pages` + `ksm_zero_pages`).
+    pub merged_pages: u64,
+    /// Pages marked mergeable in the planned VMs, as written in their plans.
+    pub marked_pages: u64,
+    /// Stage-1 pages.
+    pub stage1_pages: u64,
+    /// Whether stage 2 has been released.
+    pub stage2: bool,
+    /// Whether ksmd runs at the fast rate now.
+    pub fast: bool,
+    /// Bytes read and hashed so far by this leader (samples included).
+    pub hashed_bytes: u64,
+    /// Time spent hashing so far.
+    pub hash_ms: u64,
+}
+
+/// KSM settings saved before the leader raised them (`ksm.tuning` in the registry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Saved {
+    /// The host's `pages_to_scan`.
+    pub pages_to_scan: u64,
+    /// The host's `sleep_millisecs`.
+    pub sleep_millisecs: u64,
+}
+
+/// A plan file (`PID.plan`): frame ranges to mark mergeable.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanFile {
+    /// Plan generation.
+    pub epoch: u64,
+    /// `(first guest frame, frames)`.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+/// The file names in the registry directory.
+pub fn plan_path(dir: &Path, pid: u32) -> PathBuf {
+    dir.join(format!("{pid}.plan"))
+}
+fn status_path(dir: &Path) -> PathBuf {
+    dir.join("sharing.status")
+}
+fn tuning_path(dir: &Path) -> PathBuf {
+    dir.join("ksm.tuning")
+}
+
+/// Reads the leader's last published status.
+pub fn read_status(dir: &Path) -> Option<Status> {
+    serde_json::from_slice(&fs::read(status_path(dir)).ok()?).ok()
+}
+
+/// One guided VM as the leader follows it.
+#[derive(Debug)]
+struct Tracked {
+    vm: RegisteredVm,
+    started_ms: u64,
+    sample: Option<Vec<Key>>,
+    samples: u32,
+    /// The VM's CPU time at the last sample.
+    cpu_ms: u64,
+    first_seen: Instant,
+    hashes: u32,
+    next_look: Instant,
+    /// Its memory held still between two samples (or it was sampled often enough).
+    ready: bool,
+    pages: Option<VmPages>,
+    plan: VmPlan,
+    released: bool,
+    /// The ranges last written to its plan file.
+    written: Vec<(u64, u64)>,
+}
+
+impl Tracked {
+    fn settled(&self) -> bool {
+        self.pages.is_some()
+    }
+}
+
+/// How far ksmd has scanned: its `full_scans` and `pages_scanned` counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Scans {
+    /// Full scans of every mergeable area.
+    pub full: u64,
+    /// Pages scanned (0 where the kernel does not count them).
+    pub pages: u64,
+}
+
+impl Scans {
+    /// The counters now.
+    pub fn of(global: &ksm::Global) -> Self {
+        Self {
+            full: global.full_scans,
+            pages: global.pages_scanned,
+        }
+    }
+
+    /// Complete passes over `marked` pages since `since`: full scans that ended, but no more
+    /// than the pages scanned allow (a scan that was half done when the pages were marked
+    /// ends without having seen them all).
+    pub fn passes_since(&self, since: Scans, marked: u64) -> u64 {
+        let full = self.full.saturating_sub(since.full);
+        if self.pages == 0 {
+            return full.saturating_sub(1);
+        }
+        full.min(self.pages.saturating_sub(since.pages) / marked.max(1))
+    }
+}
+
+/// What the ksmd tuning wants now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// Scan fast: `(pages_to_scan, sleep_millisecs)`.
+    Fast(u64, u64),
+    /// The host's own settings.
+    Normal,
+}
+
+/// Decides the scan rate from the target and progress; pure, so it is tested alone.
+#[derive(Debug, Default)]
+pub struct Tuner {
+    best_merged: u64,
+    at_best: Scans,
+}
+
+impl Tuner {
+    /// Starts over (pages newly marked): progress is measured from here.
+    pub fn reset(&mut self, scans: Scans) {
+        self.best_merged = 0;
+        self.at_best = scans;
+    }
+
+    /// The rate for `merged` of `target` pages merged, ksmd at `scans`, with `marked` pages
+    /// mergeable in the planned VMs.
+    pub fn want(&mut self, target: u64, merged: u64, scans: Scans, marked: u64) -> Want {
+        if merged > self.best_merged + target / 1000 {
+            self.best_merged = merged;
+            self.at_best = scans;
+        }
+        let converged = merged as f64 >= CONVERGED * target as f64;
+        let plateau = scans.passes_since(self.at_best, marked) >= PLATEAU_PASSES;
+        if target == 0 || converged || plateau {
+            return Want::Normal;
+        }
+        let batch = (marked / FAST_BATCH_DIVISOR).clamp(FAST_BATCH_MIN, FAST_BATCH_MAX);
+        Want::Fast(batch, FAST_SLEEP_MS)
+    }
+}
+
+/// The leader's state.
+#[derive(Debug)]
+pub struct Leader {
+    dir: PathBuf,
+    tracked: HashMap<u32, Tracked>,
+    replan: bool,
+    planned_at: Instant,
+    stage1_at: Scans,
+    stage1_marked: u64,
+    tuner: Tuner,
+    saved: Option<Saved>,
+    tuning_failed: bool,
+    status: Status,
+}
+
+impl Leader {
+    /// Becomes the leader for the registry `dir` (the caller holds its lock).
+    pub fn new(dir: PathBuf) -> Self {
+        // A leader that died with ksmd raised left the host's settings here.
+        let saved = fs::read(tuning_path(&dir))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let status = Status {
+            leader: std::process::id(),
+            epoch: read_status(&dir).map_or(0, |s| s.epoch),
+            ..Status::default()
+        };
+        Self {
+            dir,
+            tracked: HashMap::new(),
+            replan: false,
+            planned_at: Instant::now(),
+            stage1_at: Scans::default(),
+            stage1_marked: 0,
+            tuner: Tuner::default(),
+            saved,
+            tuning_failed: false,
+            status,
+        }
+    }
+
+    /// One round: follow the guided VMs, hash what is due, plan, release stage 2, tune.
+    pub fn tick(&mut self) {
+        let now = Instant::now();
+        self.follow(now);
+        self.look(now);
+        let global = ksm::Global::read().unwrap_or_default();
+        let scans = Scans::of(&global);
+        if self.replan && now.duration_since(self.planned_at) >= REPLAN_EVERY {
+            self.plan(scans);
+            self.planned_at = now;
+        }
+        let merged: HashMap<u32, u64> = self
+            .tracked
+            .iter()
+            .filter(|(_, t)| t.settled())
+            .map(|(&pid, _)| (pid, ProcessStat::read(pid).merged()))
+            .collect();
+        self.release_stage2(&merged, scans);
+        self.status.merged_pages = merged.values().sum();
+        let target = self.status.target_pages as f64;
+        if target > 0.0
+            && self.status.merged_pages as f64 > STALE * target
+            && now.duration_since(self.planned_at) >= FIRST_REFRESH
+        {
+            log::debug!("sharing: KSM merged beyond the plan's target: hashing every VM again");
+            for t in self.tracked.values_mut().filter(|t| t.settled()) {
+                t.next_look = now;
+            }
+            self.planned_at = now;
+        }
+        let want = self.tuner.want(
+            self.status.target_pages,
+            self.status.merged_pages,
+            scans,
+            self.status.marked_pages,
+        );
+        log::debug!(
+            "sharing: epoch {} target {} merged {} scans {scans:?} -> {want:?}",
+            self.status.epoch,
+            self.status.target_pages,
+            self.status.merged_pages,
+        );
+        self.tune(want, &global);
+        self.status.vms = self.tracked.len();
+        self.status.planned_vms = self.tracked.values().filter(|t| t.settled()).count();
+        write_json(&status_path(&self.dir), &self.status);
+    }
+
+    /// Gives the host its ksmd settings back (the leader's VM is exiting).
+    pub fn step_down(&mut self) {
+        self.tune(Want::Normal, &ksm::Global::read().unwrap_or_default());
+    }
+
+    /// Adds new guided VMs, forgets the ones that are gone.
+    fn follow(&mut self, now: Instant) {
+        let registered = super::registered(&self.dir);
+        let guided: HashMap<u32, (&RegisteredVm, &Registered)> = registered
+            .iter()
+            .filter(|(_, r)| r.mode == ShareMode::Guided)
+            .map(|(vm, r)| (vm.pid, (vm, r)))
+            .collect();
+        let before = self.tracked.len();
+        self.tracked.retain(|pid, t| {
+            let keep = guided.contains_key(pid);
+            if !keep && t.settled() {
+                let _ = fs::remove_file(plan_path(&self.dir, *pid));
+            }
+            keep
+        });
+        if self.tracked.len() != before {
+            self.replan = true;
+        }
+        for (pid, (vm, registered)) in guided {
+            self.tracked.entry(pid).or_insert_with(|| Tracked {
+                vm: vm.clone(),
+                started_ms: registered.started_ms,
+                sample: None,
+                samples: 0,
+                cpu_ms: 0,
+                hashes: 0,
+                first_seen: now,
+                next_look: now,
+                ready: false,
+                pages: None,
+                plan: VmPlan::default(),
+                released: false,
+                written: Vec::new(),
+            });
+        }
+    }
+
+    /// Samples VMs that are settling; hashes those that hold still (all cores: planning
+    /// waits for it) and those due a refresh (one core), [`HASH_PER_TICK`] at a time.
+    fn look(&mut self, now: Instant) {
+        let started = Instant::now();
+        let mut gone = Vec::new();
+        for (&pid, t) in self.tracked.iter_mut() {
+            if t.ready {
+                continue;
+            }
+            let Some(cpu_ms) = ksm::cpu_ms(pid) else {
+                gone.push(pid);
+                continue;
+            };
+            let overdue = now.duration_since(t.first_seen) >= MAX_SETTLE;
+            if t.sample.is_some() && cpu_ms < t.cpu_ms + SAMPLE_CPU_MS && !overdue {
+                continue;
+            }
+            let Some(sample) = sample(&t.vm) else {
+                gone.push(pid);
+                continue;
+            };
+            self.status.hashed_bytes += (sample.len() * PAGE_SIZE) as u64;
+            let still = t
+                .sample
+                .as_ref()
+                .is_some_and(|old| changed(old, &sample) <= SETTLED_CHANGE);
+            t.cpu_ms = cpu_ms;
+            t.samples += 1;
+            t.sample = Some(sample);
+            t.ready = still || t.samples >= MAX_SAMPLES || overdue;
+            if t.ready {
+                log::debug!("sharing: VM {pid} settled after {} samples", t.samples);
+                t.next_look = now;
+            }
+        }
+        // VMs never hashed first, oldest first (they anchor the plan); then refreshes.
+        let mut due: Vec<u32> = self
+            .tracked
+            .iter()
+            .filter(|(_, t)| (t.ready && !t.settled()) || (t.settled() && t.next_look <= now))
+            .map(|(&pid, _)| pid)
+            .collect();
+        due.sort_by_key(|pid| (self.tracked[pid].settled(), self.tracked[pid].started_ms));
+        let mut budget = 0;
+        due.retain(|pid| {
+            let take = budget < HASH_PER_TICK;
+            budget += index::vm_bytes(&self.tracked[pid].vm);
+            take
+        });
+        let vms: Vec<RegisteredVm> = due.iter().map(|pid| self.tracked[pid].vm.clone()).collect();
+        // The first hash of a VM is what planning waits for: all cores. Refreshes: one.
+        let effort = if due.iter().any(|pid| !self.tracked[pid].settled()) {
+            Effort::AllCores
+        } else {
+            Effort::OneCore
+        };
+        let hashed = index::hash_vms(&vms, effort);
+        for (pid, pages) in due.into_iter().zip(hashed) {
+            let Some(pages) = pages else {
+                gone.push(pid);
+                continue;
+            };
+            self.status.hashed_bytes += (pages.keys.len() * PAGE_SIZE) as u64;
+            let t = self.tracked.get_mut(&pid).expect("tracked");
+            let moved = t
+                .pages
+                .as_ref()
+                .is_none_or(|old| changed(&old.keys, &pages.keys) > REPLAN_CHANGE);
+            log::debug!(
+                "sharing: hashed VM {pid} (hash {}), {}",
+                t.hashes + 1,
+                if moved { "changed" } else { "unchanged" }
+            );
+            if moved {
+                self.replan = true;
+            }
+            t.pages = Some(pages);
+            t.hashes += 1;
+            t.next_look = now + if t.hashes == 1 { FIRST_REFRESH } else { REFRESH };
+        }
+        for pid in gone {
+            self.tracked.remove(&pid);
+            self.replan = true;
+        }
+        self.status.hash_ms += started.elapsed().as_millis() as u64;
+    }
+
+    /// Splits the settled VMs' pages into stages (oldest VMs anchor) and writes the plans.
+    fn plan(&mut self, scans: Scans) {
+        let mut order: Vec<u32> = self
+            .tracked
+            .iter()
+            .filter(|(_, t)| t.settled())
+            .map(|(&pid, _)| pid)
+            .collect();
+        order.sort_by_key(|pid| (self.tracked[pid].started_ms, *pid));
+        let keys: Vec<&[Key]> = order
+            .iter()
+            .map(|pid| {
+                self.tracked[pid]
+                    .pages
+                    .as_ref()
+                    .expect("settled")
+                    .keys
+                    .as_slice()
+            })
+            .collect();
+        let plans = plan::stages(&keys);
+        self.status.epoch += 1;
+        self.status.target_pages = plans.iter().map(VmPlan::twins).sum();
+        self.status.stage1_pages = plans.iter().map(|p| p.stage1.len() as u64).sum();
+        for (pid, plan) in order.iter().zip(plans) {
+            self.tracked.get_mut(pid).expect("tracked").plan = plan;
+        }
+        self.replan = false;
+        self.write_plans();
+        log::debug!(
+            "sharing: plan {} for {} VMs: target {}, stage 1 {}, marked {}",
+            self.status.epoch,
+            order.len(),
+            self.status.target_pages,
+            self.status.stage1_pages,
+            self.status.marked_pages
+        );
+        self.stage1_at = scans;
+        self.stage1_marked = self.status.marked_pages;
+        self.tuner.reset(scans);
+    }
+
+    /// Releases stage 2 once the anchors have merged (or enough scans went by).
+    fn release_stage2(&mut self, merged: &HashMap<u32, u64>, scans: Scans) {
+        let anchors: Vec<(&u32, &Tracked)> = self
+            .tracked
+            .iter()
+            .filter(|(_, t)| !t.plan.stage1.is_empty())
+            .collect();
+        let stage1: u64 = anchors
+            .iter()
+            .map(|(_, t)| t.plan.stage1.len() as u64)
+            .sum();
+        let anchors_merged: u64 = anchors
+            .iter()
+            .map(|(pid, _)| merged.get(pid).copied().unwrap_or(0))
+            .sum();
+        let done = anchors_merged as f64 >= STAGE1_DONE * stage1 as f64
+            || scans.passes_since(self.stage1_at, self.stage1_marked) >= STAGE1_PASSES;
+        let pending = self
+            .tracked
+            .values()
+            .any(|t| !t.released && !t.plan.stage2.is_empty());
+        if done && pending {
+            for t in self.tracked.values_mut() {
+                t.released = true;
+            }
+            self.status.stage2 = true;
+            self.write_plans();
+            self.tuner.reset(scans);
+        }
+    }
+
+    /// Writes every planned VM's plan file: stage 1, plus stage 2 once released.
+    fn write_plans(&mut self) {
+        let mut marked = 0;
+        for (pid, t) in self.tracked.iter_mut() {
+            let Some(pages) = &t.pages else { continue };
+            let stage1 = t.plan.stage1.iter().chain(&t.plan.zero);
+            let mut gfns: Vec<u64> = stage1.map(|&i| pages.gfn(i)).collect();
+            if t.released {
+                gfns.extend(t.plan.stage2.iter().map(|&i| pages.gfn(i)));
+            }
+            gfns.sort_unstable();
+            let ranges = plan::ranges(&gfns, plan::MAX_RANGES);
+            marked += ranges.iter().map(|r| r.1).sum::<u64>();
+            if ranges == t.written {
+                continue;
+            }
+            let file = PlanFile {
+                epoch: self.status.epoch,
+                ranges,
+            };
+            write_json(&plan_path(&self.dir, *pid), &file);
+            t.written = file.ranges;
+        }
+        self.status.marked_pages = marked;
+    }
+
+    /// Applies the wanted ksmd rate, saving the host's settings first.
+    fn tune(&mut self, want: Want, global: &ksm::Global) {
+        if self.tuning_failed {
+            return;
+        }
+        let result = match (want, self.saved) {
+            (Want::Fast(batch, sleep), saved) => {
+                if saved.is_none() {
+                    let saved = Saved {
+                        pages_to_scan: global.pages_to_scan,
+                        sleep_millisecs: global.sleep_millisecs,
+                    };
+                    write_json(&tuning_path(&self.dir), &saved);
+                    self.saved = Some(saved);
+                }
+                let sleep = sleep.min(self.saved.map_or(sleep, |s| s.sleep_millisecs));
+                let mut result = Ok(());
+                if global.pages_to_scan != batch {
+                    result = ksm::write("pages_to_scan", batch);
+                }
+                if result.is_ok() && global.sleep_millisecs != sleep {
+                    result = ksm::write("sleep_millisecs", sleep);
+                }
+                result
+            }
+            (Want::Normal, Some(saved)) => {
+                let result = ksm::write("pages_to_scan", saved.pages_to_scan)
+                    .and_then(|()| ksm::write("sleep_millisecs", saved.sleep_millisecs));
+                if result.is_ok() {
+                    self.saved = None;
+                    let _ = fs::remove_file(tuning_path(&self.dir));
+                }
+                result
+            }
+            (Want::Normal, None) => Ok(()),
+        };
+        match result {
+            Ok(()) => self.status.fast = self.saved.is_some(),
+            Err(e) => {
+                log::warn!("sharing: cannot tune ksmd, leaving its settings alone: {e}");
+                self.tuning_failed = true;
+                self.status.fast = false;
+            }
+        }
+    }
+}
+
+/// Keys of every [`SAMPLE_STRIDE`]th page of `vm` (None when it cannot be read).
+fn sample(vm: &RegisteredVm) -> Option<Vec<Key>> {
+    let mut page = vec![0u8; PAGE_SIZE];
+    let mut keys = Vec::new();
+    for region in &vm.regions {
+        let pages = (region.len / PAGE_SIZE as u64) as usize;
+        for i in (0..pages).step_by(SAMPLE_STRIDE) {
+            let addr = region.host_addr + (i * PAGE_SIZE) as u64;
+            host_index::read_remote(vm.pid, addr, &mut page).ok()?;
+            keys.push(index::key_of(fabric::identify(
+                page.as_slice().try_into().expect("one page"),
+            )));
+        }
+    }
+    Some(keys)
+}
+
+/// Fraction of positions where two key lists differ.
+fn changed(old: &[Key], new: &[Key]) -> f64 {
+    if old.len() != new.len() || new.is_empty() {
+        return 1.0;
+    }
+    let differ = old.iter().zip(new).filter(|(a, b)| a != b).count();
+    differ as f64 / new.len() as f64
+}
+
+/// Writes a small JSON file atomically (temp file, rename); failures are logged.
+pub(crate) fn write_json(path: &Path, value: &impl Serialize) {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let result = serde_json::to_vec(value)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| fs::write(&tmp, bytes))
+        .and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = result {
+        log::warn!("sharing: cannot write {}: {e}", path.display());
+        let _ = fs::remove_file(&tmp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scans(full: u64, pages: u64) -> Scans {
+        Scans { full, pages }
+    }
+
+    #[test]
+    fn fast_until_converged() {
+        let mut tuner = Tuner::default();
+        tuner.reset(scans(10, 0));
+        assert_eq!(tuner.want(0, 0, scans(10, 0), 0), Want::Normal, "nothing to merge");
+        assert_eq!(
+            tuner.want(100_000, 0, scans(10, 0), 200_000),
+            Want::Fast(10_000, FAST_SLEEP_MS)
+        );
+        assert_eq!(
+            tuner.want(100_000, 50_000, scans(11, 0), 4_000),
+            Want::Fast(FAST_BATCH_MIN, FAST_SLEEP_MS)
+        );
+        assert_eq!(tuner.want(100_000, 99_500, scans(12, 0), 4_000), Want::Normal);
+    }
+
+    #[test]
+    fn a_plateau_stops_the_fast_scan_until_pages_are_marked_again() {
+        let mut tuner = Tuner::default();
+        tuner.reset(scans(0, 0));
+        let fast = |tuner: &mut Tuner, full, pages| {
+            matches!(tuner.want(1000, 500, scans(full, pages), 2000), Want::Fast(..))
+        };
+        assert!(fast(&mut tuner, 1, 2000), "progress");
+        // Quick full scans that cannot have seen the marked pages are not passes.
+        assert!(fast(&mut tuner, 30, 2100));
+        assert!(fast(&mut tuner, 31, 9000));
+        assert!(!fast(&mut tuner, 32, 10_000), "four passes without progress");
+        tuner.reset(scans(32, 10_000));
+        assert!(fast(&mut tuner, 33, 11_000));
+    }
+
+    #[test]
+    fn passes_need_whole_scans_and_enough_pages() {
+        let since = scans(5, 1000);
+        assert_eq!(scans(9, 1000 + 2 * 500).passes_since(since, 500), 2);
+        assert_eq!(scans(6, 1000 + 10 * 500).passes_since(since, 500), 1);
+        // Without a pages counter the scan under way when pages were marked does not count.
+        assert_eq!(scans(8, 0).passes_since(scans(5, 0), 500), 2);
+    }
+
+    #[test]
+    fn change_fraction() {
+        assert_eq!(changed(&[1, 2, 3, 4], &[1, 2, 3, 4]), 0.0);
+        assert_eq!(changed(&[1, 2, 3, 4], &[1, 0, 3, 4]), 0.25);
+        assert_eq!(changed(&[1], &[1, 2]), 1.0);
+    }
+}
