@@ -2,6 +2,7 @@
 //! images, check for KVM loudly, and run a VM while watching its serial console.
 
 pub mod debian;
+pub mod ksm;
 pub mod netns;
 
 use std::fs::File;
@@ -227,6 +228,11 @@ impl Vm {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Time since the process started.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
@@ -323,4 +329,29 @@ pub fn wait_for_socket(path: &Path, timeout: Duration) -> bool {
 /// How many times `needle` occurs in `haystack`.
 pub fn count(haystack: &str, needle: &str) -> usize {
     haystack.matches(needle).count()
+}
+
+/// Waits for a fabvm that was given bad input and checks the failure contract: a non-zero
+/// exit within 30 s, no panic, exactly one line on stderr starting `fabvm: `, no console
+/// output. Returns the error line.
+pub fn expect_error(mut vm: Vm) -> String {
+    let status = vm
+        .wait_exit(Duration::from_secs(30))
+        .expect("fabvm hung on bad input");
+    let stderr = vm.stderr();
+    assert!(
+        !status.success(),
+        "exit status {status:?} for bad input; stderr: {stderr}"
+    );
+    assert_ne!(status.code(), Some(101), "panicked: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    let lines: Vec<_> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "want one error line, got: {stderr:?}");
+    assert!(lines[0].starts_with("fabvm: "), "error line: {}", lines[0]);
+    assert!(
+        vm.stdout().is_empty(),
+        "console output on bad input: {}",
+        vm.stdout()
+    );
+    lines[0].to_string()
 }

@@ -6,31 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use fabvm_tests::{fabvm, test_guest, Vm};
-
-/// Runs fabvm and checks the failure contract; returns the error line.
-fn expect_error(vm: Vm) -> String {
-    let mut vm = vm;
-    let status = vm
-        .wait_exit(Duration::from_secs(30))
-        .expect("fabvm hung on bad input");
-    let stderr = vm.stderr();
-    assert!(
-        !status.success(),
-        "exit status {status:?} for bad input; stderr: {stderr}"
-    );
-    assert_ne!(status.code(), Some(101), "panicked: {stderr}");
-    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
-    let lines: Vec<_> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "want one error line, got: {stderr:?}");
-    assert!(lines[0].starts_with("fabvm: "), "error line: {}", lines[0]);
-    assert!(
-        vm.stdout().is_empty(),
-        "console output on bad input: {}",
-        vm.stdout()
-    );
-    lines[0].to_string()
-}
+use fabvm_tests::{expect_error, fabvm, test_guest, Vm};
 
 fn run(args: &[&str]) -> String {
     expect_error(Vm::start(args))
