@@ -149,3 +149,51 @@ def micro(report, out):
     axes[1].set_title("per element")
     fig.tight_layout()
     return [_save(fig, out, "micro.png")]
+
+
+SHARE_COLORS = {"guided": "#1f77b4", "plain-fast": "#ff7f0e", "plain": "#8c564b"}
+SHARE_LABELS = {"guided": "fabric-guided (--share)", "plain-fast": "plain KSM, fast scan",
+                "plain": "plain KSM, host settings"}
+
+
+def sharing(report, out):
+    """Per set of VMs and share: time to merge 99%, host memory used, CPU spent, per mode."""
+    results = report["results"]
+    groups = []
+    for r in results:
+        key = (r["vms"], r["mem_mib"], r["share"])
+        if key not in groups:
+            groups.append(key)
+    modes = [m for m in SHARE_COLORS if any(r["mode"] == m for r in results)]
+    width = 0.8 / len(modes)
+    labelled = set()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for i, key in enumerate(groups):
+        for j, mode in enumerate(modes):
+            r = next((r for r in results if (r["vms"], r["mem_mib"], r["share"]) == key and r["mode"] == mode), None)
+            if r is None:
+                continue
+            x = i + (j - (len(modes) - 1) / 2) * width
+            label = None if mode in labelled else SHARE_LABELS[mode]
+            labelled.add(mode)
+            conv = r["converge_s"] if r["converge_s"] is not None else r["timeout_s"]
+            axes[0].bar(x, conv, width, color=SHARE_COLORS[mode], label=label,
+                        hatch=None if r["converge_s"] is not None else "//", edgecolor="white")
+            axes[0].annotate(f"{conv:.0f}" + ("" if r["converge_s"] is not None else "+"), (x, conv),
+                             textcoords="offset points", xytext=(0, 2), ha="center", fontsize=6.5)
+            axes[1].bar(x, 100 * r["pss_fraction"], width, color=SHARE_COLORS[mode])
+            axes[1].plot([x - width / 2, x + width / 2], [100 * r["ideal_fraction"]] * 2, color="black", lw=1)
+            axes[2].bar(x, r["ksmd_cpu_s"], width, color=SHARE_COLORS[mode])
+            axes[2].bar(x, r["guide_cpu_s"], width, bottom=r["ksmd_cpu_s"], color=SHARE_COLORS[mode],
+                        alpha=0.45, hatch="..", edgecolor="white")
+    ticks = [f"{n}x{m} MiB\n{s}% shared" for n, m, s in groups]
+    for ax in axes:
+        ax.set_xticks(range(len(groups)), ticks, fontsize=7.5)
+    axes[0].set_ylabel("s from VM start")
+    axes[0].set_title("Time until 99% of twins merged\n(hatched: not reached by the timeout)")
+    axes[0].legend(loc="upper left", fontsize=7.5)
+    axes[1].set_ylabel("% of the guests' memory")
+    axes[1].set_title("Host memory used (PSS) when merged\n(line: every twin merged)")
+    axes[2].set_ylabel("CPU s")
+    axes[2].set_title("CPU until then: ksmd (solid)\n+ fabvm-share threads (dotted)")
+    return [_save(fig, out, "sharing.png")]

@@ -2,7 +2,7 @@
 """fabvm's benchmark harness: each scenario for fabvm and QEMU in one run, on the same test
 guest, with medians and ranges, written as JSON, Markdown tables and PNG plots.
 
-    python3 bench/run.py [--quick] [--only boot,snapshot,migrate,micro] [--runs N]
+    python3 bench/run.py [--quick] [--only boot,snapshot,migrate,sharing,micro] [--runs N]
                          [--links loopback,1g,100m,wan] [--out DIR]
 
 Scenarios (modules of bench/):
@@ -11,6 +11,8 @@ Scenarios (modules of bench/):
             to a file and back
   migrate   live migration over veth between network namespaces (loopback, tc-shaped links,
             delay from relay.py): total time, downtime, guest pause, bytes on the wire
+  sharing   N test guests sharing P% of their pages: fabric-guided KSM (`--share`) against
+            plain KSM: time to merge, host memory used, ksmd and fabvm CPU (root, KSM)
   micro     `cargo bench -p fabric --bench fabric` (criterion), full mode only
 Full mode (the default) writes bench/results/: <scenario>.json, <scenario>.md, PNGs and a
 README.md that gathers them with the machine and load. --quick (small guests, 1-3 runs,
@@ -31,7 +33,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-SCENARIOS = ["boot", "snapshot", "migrate", "micro"]
+SCENARIOS = ["boot", "snapshot", "migrate", "sharing", "micro"]
 QUICK_OUT = os.path.join(common.ROOT, "target", "bench-quick")
 
 
