@@ -13,8 +13,8 @@ const SAVED: [&str; 3] = ["run", "pages_to_scan", "sleep_millisecs"];
 /// Reads one KSM counter or knob.
 pub fn read(name: &str) -> u64 {
     let path = Path::new(SYSFS).join(name);
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     text.trim()
         .parse()
         .unwrap_or_else(|e| panic!("{}: {text:?}: {e}", path.display()))

@@ -49,7 +49,9 @@ impl Fleet {
                 .arg("--kernel")
                 .arg(&guest)
                 .args(["--mem", &format!("{MEM_MIB}M"), "--cmdline"])
-                .arg(format!("seed={seed} sseed=77 share={SHARE} passes=0 hb=1000"))
+                .arg(format!(
+                    "seed={seed} sseed=77 share={SHARE} passes=0 hb=1000"
+                ))
                 .arg("--api-sock")
                 .arg(&sock)
                 .env("FABVM_RUNTIME_DIR", &runtime);
@@ -198,7 +200,11 @@ fn ten_guests_sharing_90_percent_converge_under_half_and_keep_verifying() {
     );
     assert!(number(sharing, "merged_pages") > 0, "{sharing}");
     let store = fleet.fabvm_json(&["store", "--json", "stats"]);
-    assert_eq!(number(&store["host"], "sharing_vms"), GUESTS as u64, "{store}");
+    assert_eq!(
+        number(&store["host"], "sharing_vms"),
+        GUESTS as u64,
+        "{store}"
+    );
 
     fleet.keep_verifying(2);
     eprintln!("whole test: {:?}", started.elapsed());
@@ -292,8 +298,12 @@ fn number(value: &Value, key: &str) -> u64 {
 
 /// A process's PSS from `/proc/PID/smaps_rollup`, in bytes (0 once it is gone).
 fn pss_bytes(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("smaps_rollup"))
-        .unwrap_or_default();
+    let text = std::fs::read_to_string(
+        Path::new("/proc")
+            .join(pid.to_string())
+            .join("smaps_rollup"),
+    )
+    .unwrap_or_default();
     text.lines()
         .find_map(|l| l.strip_prefix("Pss:"))
         .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())

@@ -432,7 +432,12 @@ impl Leader {
             }
             t.pages = Some(pages);
             t.hashes += 1;
-            t.next_look = now + if t.hashes == 1 { FIRST_REFRESH } else { REFRESH };
+            t.next_look = now
+                + if t.hashes == 1 {
+                    FIRST_REFRESH
+                } else {
+                    REFRESH
+                };
         }
         for pid in gone {
             self.tracked.remove(&pid);
@@ -638,7 +643,11 @@ mod tests {
     fn fast_until_converged() {
         let mut tuner = Tuner::default();
         tuner.reset(scans(10, 0));
-        assert_eq!(tuner.want(0, 0, scans(10, 0), 0), Want::Normal, "nothing to merge");
+        assert_eq!(
+            tuner.want(0, 0, scans(10, 0), 0),
+            Want::Normal,
+            "nothing to merge"
+        );
         assert_eq!(
             tuner.want(100_000, 0, scans(10, 0), 200_000),
             Want::Fast(10_000, FAST_SLEEP_MS)
@@ -647,7 +656,10 @@ mod tests {
             tuner.want(100_000, 50_000, scans(11, 0), 4_000),
             Want::Fast(FAST_BATCH_MIN, FAST_SLEEP_MS)
         );
-        assert_eq!(tuner.want(100_000, 99_500, scans(12, 0), 4_000), Want::Normal);
+        assert_eq!(
+            tuner.want(100_000, 99_500, scans(12, 0), 4_000),
+            Want::Normal
+        );
     }
 
     #[test]
@@ -655,13 +667,19 @@ mod tests {
         let mut tuner = Tuner::default();
         tuner.reset(scans(0, 0));
         let fast = |tuner: &mut Tuner, full, pages| {
-            matches!(tuner.want(1000, 500, scans(full, pages), 2000), Want::Fast(..))
+            matches!(
+                tuner.want(1000, 500, scans(full, pages), 2000),
+                Want::Fast(..)
+            )
         };
         assert!(fast(&mut tuner, 1, 2000), "progress");
         // Quick full scans that cannot have seen the marked pages are not passes.
         assert!(fast(&mut tuner, 30, 2100));
         assert!(fast(&mut tuner, 31, 9000));
-        assert!(!fast(&mut tuner, 32, 10_000), "four passes without progress");
+        assert!(
+            !fast(&mut tuner, 32, 10_000),
+            "four passes without progress"
+        );
         tuner.reset(scans(32, 10_000));
         assert!(fast(&mut tuner, 33, 11_000));
     }
