@@ -1,6 +1,6 @@
 //! The VMs running on this host and the pages they hold. Each fabvm registers its guest RAM
 //! (host addresses) in a runtime directory; a reader (a migration destination, or the
-//! sharing report) hashes their memory with `process_vm_readv` and copies pages out of them,
+//! sharing report) hashes their memory through `/proc/PID/mem` and copies pages out of them,
 //! re-verifying each page against its identity at copy time, since a running guest may have
 //! rewritten it since it was hashed.
 
@@ -15,7 +15,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::memory::GuestMemory;
 
-/// Bytes hashed per `process_vm_readv` call.
+/// Bytes read and hashed at a time.
 const CHUNK: usize = 16 << 20;
 
 /// Errors from the host index.

@@ -1,5 +1,5 @@
 //! The host-wide index of page identities across the running VMs: every registered VM's
-//! memory is read with `process_vm_readv` (its own process included, so a guest writing
+//! memory is read through `/proc/PID/mem` (its own process included, so a guest writing
 //! while we read is never a data race in ours) and hashed into fabric identities, on
 //! request and spread over worker threads; the counts say which pages have twins.
 //!
