@@ -182,7 +182,8 @@ def sharing(report, out):
             axes[0].annotate(f"{conv:.0f}" + ("" if r["converge_s"] is not None else "+"), (x, conv),
                              textcoords="offset points", xytext=(0, 2), ha="center", fontsize=6.5)
             axes[1].bar(x, 100 * r["pss_fraction"], width, color=SHARE_COLORS[mode])
-            axes[1].plot([x - width / 2, x + width / 2], [100 * r["ideal_fraction"]] * 2, color="black", lw=1)
+            if r.get("ideal_fraction"):
+                axes[1].plot([x - width / 2, x + width / 2], [100 * r["ideal_fraction"]] * 2, color="black", lw=1)
             axes[2].bar(x, r["ksmd_cpu_s"], width, color=SHARE_COLORS[mode])
             axes[2].bar(x, r["guide_cpu_s"], width, bottom=r["ksmd_cpu_s"], color=SHARE_COLORS[mode],
                         alpha=0.45, hatch="..", edgecolor="white")
@@ -193,7 +194,7 @@ def sharing(report, out):
     axes[0].set_title("Time until 99% of twins merged\n(hatched: not reached by the timeout)")
     axes[0].legend(loc="upper left", fontsize=7.5)
     axes[1].set_ylabel("% of the guests' memory")
-    axes[1].set_title("Host memory used (PSS) when merged\n(line: every twin merged)")
+    axes[1].set_title("Host memory used (PSS) when merged\n(line: filled pages, every twin merged)")
     axes[2].set_ylabel("CPU s")
     axes[2].set_title("CPU until then: ksmd (solid)\n+ fabvm-share threads (dotted)")
     return [_save(fig, out, "sharing.png")]

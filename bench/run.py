@@ -127,7 +127,9 @@ def write_readme(out):
         path = os.path.join(out, f"{name}.json")
         if os.path.exists(path):
             with open(path) as f:
-                reports.append((name, json.load(f)))
+                report = json.load(f)
+            if "meta" in report:  # reports of older harness versions have none: left out
+                reports.append((name, report))
     if not reports:
         return
     m = max((r["meta"] for _, r in reports), key=lambda meta: meta["date"])["machine"]

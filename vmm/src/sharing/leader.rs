@@ -40,7 +40,8 @@ const STALE: f64 = 1.01;
 const HASH_PER_TICK: u64 = 512 << 20;
 /// Settled VMs are hashed again this often (guests change what they hold)...
 const REFRESH: Duration = Duration::from_secs(120);
-/// ...and once soon after the first hash, in case they were still filling.
+/// ...and once soon after the first hash, in case they were still filling (refreshes wait
+/// while ksmd runs fast).
 const FIRST_REFRESH: Duration = Duration::from_secs(10);
 /// A refresh that finds more than this fraction of pages changed re-plans.
 const REPLAN_CHANGE: f64 = 0.02;
@@ -389,11 +390,15 @@ impl Leader {
                 t.next_look = now;
             }
         }
-        // VMs never hashed first, oldest first (they anchor the plan); then refreshes.
+        // VMs never hashed first, oldest first (they anchor the plan); then refreshes, but not
+        // while ksmd runs fast for the plan: on a small host they would take its CPU.
+        let merging = self.status.fast;
         let mut due: Vec<u32> = self
             .tracked
             .iter()
-            .filter(|(_, t)| (t.ready && !t.settled()) || (t.settled() && t.next_look <= now))
+            .filter(|(_, t)| {
+                (t.ready && !t.settled()) || (t.settled() && t.next_look <= now && !merging)
+            })
             .map(|(&pid, _)| pid)
             .collect();
         due.sort_by_key(|pid| (self.tracked[pid].settled(), self.tracked[pid].started_ms));

@@ -270,7 +270,7 @@ fn agent_loop(
     is_leader: &AtomicBool,
 ) {
     let plan_path = leader::plan_path(dir, std::process::id());
-    let mut applied_epoch = None;
+    let mut applied = None;
     let mut lock: Option<fs::File> = None;
     let mut leader: Option<Leader> = None;
     while !stop.load(Ordering::Relaxed) {
@@ -286,11 +286,15 @@ fn agent_loop(
         if let Some(leader) = &mut leader {
             leader.tick();
         }
-        if let Some(plan) = fs::read(&plan_path)
+        // The plan file is replaced (renamed over) when it changes: read it only then.
+        let version = fs::metadata(&plan_path)
             .ok()
-            .and_then(|b| serde_json::from_slice::<PlanFile>(&b).ok())
-        {
-            if applied_epoch != Some((plan.epoch, plan.ranges.len())) {
+            .map(|m| (m.modified().ok(), m.len()));
+        if version.is_some() && version != applied {
+            if let Some(plan) = fs::read(&plan_path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<PlanFile>(&b).ok())
+            {
                 let pages = mark_mergeable(memory, &plan.ranges);
                 log::debug!(
                     "sharing: plan {} applied, {} ranges, {pages} pages mergeable",
@@ -298,7 +302,7 @@ fn agent_loop(
                     plan.ranges.len()
                 );
                 marked.store(pages, Ordering::Relaxed);
-                applied_epoch = Some((plan.epoch, plan.ranges.len()));
+                applied = version;
             }
         }
         std::thread::sleep(TICK);
