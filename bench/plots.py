@@ -167,7 +167,7 @@ def sharing(report, out):
     modes = [m for m in SHARE_COLORS if any(r["mode"] == m for r in results)]
     width = 0.8 / len(modes)
     labelled = set()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for i, key in enumerate(groups):
         for j, mode in enumerate(modes):
             r = next((r for r in results if (r["vms"], r["mem_mib"], r["share"]) == key and r["mode"] == mode), None)
@@ -187,9 +187,10 @@ def sharing(report, out):
             axes[2].bar(x, r["ksmd_cpu_s"], width, color=SHARE_COLORS[mode])
             axes[2].bar(x, r["guide_cpu_s"], width, bottom=r["ksmd_cpu_s"], color=SHARE_COLORS[mode],
                         alpha=0.45, hatch="..", edgecolor="white")
-    ticks = [f"{n}x{m} MiB\n{s}% shared" for n, m, s in groups]
+    ticks = [f"{n}x{m}M\n{s}%" for n, m, s in groups]
     for ax in axes:
         ax.set_xticks(range(len(groups)), ticks, fontsize=7.5)
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.08)
     axes[0].set_ylabel("s from VM start")
     axes[0].set_title("Time until 99% of twins merged\n(hatched: not reached by the timeout)")
     axes[0].legend(loc="upper left", fontsize=7.5)
