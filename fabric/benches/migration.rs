@@ -104,11 +104,10 @@ fn as_page(b: &[u8]) -> &Page {
     b.try_into().unwrap()
 }
 
-fn pages(c: &mut Criterion) {
-    let mut g = c.benchmark_group("pages");
-    let n = wire::PAGES_PER_MESSAGE;
-    let mut random = vec![0u8; n * PAGE_SIZE];
-    let mut text = vec![0u8; n * PAGE_SIZE];
+/// `bytes` of random pages and as many text-like pages, page `i` of each from seed `i`.
+fn random_and_text(bytes: usize) -> (Vec<u8>, Vec<u8>) {
+    let mut random = vec![0u8; bytes];
+    let mut text = vec![0u8; bytes];
     for (i, (r, t)) in random
         .chunks_exact_mut(PAGE_SIZE)
         .zip(text.chunks_exact_mut(PAGE_SIZE))
@@ -117,6 +116,13 @@ fn pages(c: &mut Criterion) {
         random_page(r, i as u64);
         text_page(t, i as u64);
     }
+    (random, text)
+}
+
+fn pages(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pages");
+    let n = wire::PAGES_PER_MESSAGE;
+    let (random, text) = random_and_text(n * PAGE_SIZE);
     g.throughput(Throughput::Bytes((n * PAGE_SIZE) as u64));
 
     let mut out = Vec::new();
@@ -261,16 +267,7 @@ fn whole_migrations(c: &mut Criterion) {
     let mut g = c.benchmark_group("migrate_64MiB");
     g.sample_size(10);
     g.throughput(Throughput::Bytes((64 * MIB) as u64));
-    let mut random = vec![0u8; 64 * MIB];
-    let mut text = vec![0u8; 64 * MIB];
-    for (i, (r, t)) in random
-        .chunks_exact_mut(PAGE_SIZE)
-        .zip(text.chunks_exact_mut(PAGE_SIZE))
-        .enumerate()
-    {
-        random_page(r, i as u64);
-        text_page(t, i as u64);
-    }
+    let (random, text) = random_and_text(64 * MIB);
     let all = Held(
         random
             .chunks_exact(PAGE_SIZE)

@@ -136,11 +136,14 @@ impl TwoHosts {
 
     /// Limits `host`'s outgoing rate (tc tbf).
     pub fn limit_rate(&self, host: Host, rate: &str) {
-        let (ns, dev) = (&self.names[Self::i(host)], &self.devs[Self::i(host)]);
-        must(&[
-            "ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
-            rate, "burst", "64k", "latency", "400ms",
-        ]);
+        let dev = &self.devs[Self::i(host)];
+        self.must_in(
+            host,
+            &[
+                "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", "64k",
+                "latency", "400ms",
+            ],
+        );
     }
 
     /// Takes `host`'s end of the link down.
@@ -158,39 +161,25 @@ impl TwoHosts {
 
     /// Silently drops everything `host` sends (the link stays up: a stall, not a cut).
     pub fn stall(&self, host: Host) {
-        let ns = &self.names[Self::i(host)];
-        must(&[
-            "ip",
-            "netns",
-            "exec",
-            ns,
-            "nft",
-            "add",
-            "table",
-            "inet",
-            "fabvmstall",
-        ]);
-        must(&[
-            "ip",
-            "netns",
-            "exec",
-            ns,
-            "nft",
-            "add chain inet fabvmstall out { type filter hook output priority 0 ; }",
-        ]);
-        must(&[
-            "ip",
-            "netns",
-            "exec",
-            ns,
-            "nft",
-            "add",
-            "rule",
-            "inet",
-            "fabvmstall",
-            "out",
-            "drop",
-        ]);
+        self.must_in(host, &["nft", "add", "table", "inet", "fabvmstall"]);
+        self.must_in(
+            host,
+            &[
+                "nft",
+                "add chain inet fabvmstall out { type filter hook output priority 0 ; }",
+            ],
+        );
+        self.must_in(
+            host,
+            &["nft", "add", "rule", "inet", "fabvmstall", "out", "drop"],
+        );
+    }
+
+    /// Runs `args` in `host`'s namespace; panics if it fails.
+    fn must_in(&self, host: Host, args: &[&str]) {
+        let mut all = vec!["ip", "netns", "exec", self.names[Self::i(host)].as_str()];
+        all.extend_from_slice(args);
+        must(&all);
     }
 }
 

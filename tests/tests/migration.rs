@@ -288,6 +288,11 @@ fn slow_link(s: &Setup) -> Option<Vm> {
     Some(s.receiver(&s.key, &[]).0)
 }
 
+/// A destination that dies at the failpoint `point` (`FABVM_TEST_FAILPOINT`).
+fn dying_receiver(s: &Setup, point: &str) -> Option<Vm> {
+    Some(s.receiver(&s.key, &[("FABVM_TEST_FAILPOINT", point)]).0)
+}
+
 #[test]
 fn destination_killed_during_first_round() {
     if require_kvm("migrate_dest_killed").is_none() {
@@ -304,15 +309,7 @@ fn destination_dies_during_stop_and_copy() {
     if require_kvm("migrate_dest_dies_before_ready").is_none() {
         return;
     }
-    failing_migration(
-        |s| {
-            Some(
-                s.receiver(&s.key, &[("FABVM_TEST_FAILPOINT", "before-ready")])
-                    .0,
-            )
-        },
-        |_, _| {},
-    );
+    failing_migration(|s| dying_receiver(s, "before-ready"), |_, _| {});
 }
 
 #[test]
@@ -320,15 +317,7 @@ fn destination_dies_just_before_acknowledging() {
     if require_kvm("migrate_dest_dies_before_ack").is_none() {
         return;
     }
-    failing_migration(
-        |s| {
-            Some(
-                s.receiver(&s.key, &[("FABVM_TEST_FAILPOINT", "before-ack")])
-                    .0,
-            )
-        },
-        |_, _| {},
-    );
+    failing_migration(|s| dying_receiver(s, "before-ack"), |_, _| {});
 }
 
 #[test]
