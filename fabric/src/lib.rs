@@ -3,6 +3,8 @@
 //!
 //! - [`identity`]: a page is known by blake3 of its 4 KiB; zero pages are recognised.
 //! - [`hashing`]: whole regions hashed on all cores; dirty pages rehashed incrementally.
+//! - [`live`]: identities kept current by each VM, published to the host, and the host
+//!   index over them.
 //! - [`manifest`]: a VM's memory as guest frame → identity, with a checked file format.
 //! - [`store`]: the host page store, content addressed, reference counted, crash safe.
 //! - [`migration`]: the live-migration wire protocol, sender and receiver state machines.
@@ -10,6 +12,7 @@
 mod codec;
 pub mod hashing;
 pub mod identity;
+pub mod live;
 pub mod manifest;
 pub mod migration;
 pub mod store;

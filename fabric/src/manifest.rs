@@ -167,6 +167,38 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// A manifest of `regions` with the given identities, one list per region and one
+    /// entry per page (`None` = zero page).
+    pub fn from_ids(
+        regions: &[Region],
+        ids: Vec<Vec<Option<PageId>>>,
+    ) -> Result<Self, ManifestError> {
+        validate_regions(regions)?;
+        check_count(regions.len(), ids.len())?;
+        if regions
+            .iter()
+            .zip(&ids)
+            .any(|(r, ids)| r.pages != ids.len() as u64)
+        {
+            return Err(ManifestError::Invalid(
+                "identity count differs from the region's pages",
+            ));
+        }
+        Ok(Manifest {
+            regions: regions
+                .iter()
+                .zip(ids)
+                .map(|(&region, ids)| RegionIds {
+                    region,
+                    ids: ids
+                        .into_iter()
+                        .map(|id| id.filter(|id| !id.is_zero_page()))
+                        .collect(),
+                })
+                .collect(),
+        })
+    }
+
     /// The regions, in address order.
     pub fn regions(&self) -> impl ExactSizeIterator<Item = &Region> + '_ {
         self.regions.iter().map(|r| &r.region)

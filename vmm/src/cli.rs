@@ -96,6 +96,55 @@ pub struct RunArgs {
     /// Host page store [default: $XDG_DATA_HOME/fabvm/store, or /var/lib/fabvm/store as root].
     #[arg(long, value_name = "DIR")]
     pub store: Option<PathBuf>,
+
+    /// How page identities are kept.
+    #[command(flatten)]
+    pub identities: IdentityArgs,
+}
+
+/// Live page identities (see `memory::identities`).
+#[derive(Debug, Clone, Args)]
+pub struct IdentityArgs {
+    /// Keep every page's identity current in the background (`off`: only when a snapshot or
+    /// migration needs them, which then hash what changed on the spot).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    pub identities: bool,
+    /// CPU budget of the background identity thread, in percent of one core.
+    #[arg(long, value_name = "PERCENT", default_value_t = 10.0,
+          value_parser = parse_percent)]
+    pub identity_budget: f64,
+    /// How often the dirty log is harvested for the identities, in ms (10 to 60000).
+    #[arg(long, value_name = "MS", default_value_t = 250,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub identity_period: u64,
+}
+
+impl IdentityArgs {
+    /// The configuration these options ask for.
+    pub fn config(&self) -> crate::memory::identities::IdentityConfig {
+        crate::memory::identities::IdentityConfig {
+            background: self.identities,
+            budget_percent: self.identity_budget,
+            period: std::time::Duration::from_millis(self.identity_period),
+        }
+    }
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("'{s}': expected on or off")),
+    }
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.trim_end_matches('%').parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 100.0 => Ok(p),
+        _ => Err(format!(
+            "'{s}': expected a percentage above 0 and at most 100"
+        )),
+    }
 }
 
 /// Subcommands.
@@ -151,6 +200,9 @@ pub struct ReceiveArgs {
     /// Print the migration report as one line of JSON on stderr when the VM starts here.
     #[arg(long)]
     pub json: bool,
+    /// How the received VM's page identities are kept.
+    #[command(flatten)]
+    pub identities: IdentityArgs,
 }
 
 /// `fabvm ctl`.
@@ -185,6 +237,9 @@ pub enum CtlOp {
     },
     /// Stop the VM (fabvm exits 0).
     Shutdown,
+    /// Check the live page identities against a fresh hash of every page (pauses the VM
+    /// meanwhile); mismatched_pages must be 0.
+    Identities,
     /// Live-migrate the VM to `fabvm receive` at HOST:PORT; fabvm exits 0 once it runs there.
     Migrate {
         /// The destination.

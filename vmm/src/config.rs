@@ -98,6 +98,8 @@ pub struct Launch {
     pub store: Option<PathBuf>,
     /// Page sharing with other VMs (--share).
     pub share: Option<crate::sharing::ShareMode>,
+    /// How live page identities are kept.
+    pub identities: crate::memory::identities::IdentityConfig,
 }
 
 /// Where the VM comes from.
@@ -149,6 +151,7 @@ impl Launch {
             api_sock: args.api_sock,
             store: args.store,
             share: args.share,
+            identities: args.identities.config(),
         })
     }
 }

@@ -40,6 +40,8 @@ pub struct Services {
     pub store: std::path::PathBuf,
     /// Page sharing with other VMs on this host (`--share`).
     pub share: Option<crate::sharing::ShareMode>,
+    /// How live page identities are kept.
+    pub identities: crate::memory::identities::IdentityConfig,
 }
 
 /// A running VM and what the loop needs to serve it.
@@ -47,6 +49,8 @@ pub struct Services {
 pub struct Machine {
     /// The VM.
     pub vm: Vm,
+    /// Its memory: dirty log and live identities.
+    pub memory: crate::memory::MemoryManager,
     /// Its devices.
     pub devices: DeviceManager,
     /// Its running vCPUs.
@@ -76,7 +80,7 @@ pub fn run(
         machine,
         paused: false,
         store: services.store.clone(),
-        manifest: None,
+        baseline: None,
         migrated: false,
         sharing: None,
     };
@@ -105,8 +109,8 @@ struct LoopState {
     machine: Machine,
     paused: bool,
     store: std::path::PathBuf,
-    /// The memory manifest, kept current from the dirty log after the first snapshot.
-    manifest: Option<fabric::Manifest>,
+    /// The previous snapshot (pages unchanged since are in its store).
+    baseline: Option<save::Baseline>,
     /// The VM now runs at a migration destination: stop here.
     migrated: bool,
     /// Page sharing with other VMs (`--share`) and its figures.
@@ -247,6 +251,7 @@ impl LoopState {
             Request::Status => Response::ok(self.status()),
             Request::Stats => Response::ok(self.stats()),
             Request::Snapshot { dir } => self.snapshot(std::path::Path::new(&dir)),
+            Request::Identities => self.check_identities(),
             Request::Shutdown => Response::ok(json!({ "state": "stopping" })),
             Request::Migrate {
                 dest,
@@ -262,8 +267,6 @@ impl LoopState {
                     max_rounds,
                     compress,
                 };
-                // Migration consumes the dirty log: the next snapshot hashes everything.
-                self.manifest = None;
                 match source::migrate(&self.machine, self.paused, &request, progress) {
                     Ok(report) => {
                         self.migrated = true;
@@ -299,7 +302,33 @@ impl LoopState {
         if let Some(sharing) = &self.sharing {
             stats["sharing"] = sharing.report();
         }
+        stats["identities"] =
+            serde_json::to_value(self.machine.memory.identities().stats()).unwrap_or_default();
         stats
+    }
+
+    /// Pauses (if running), compares every current identity with a fresh hash of its page,
+    /// and resumes (if it was running).
+    fn check_identities(&mut self) -> Response {
+        let was_running = !self.paused;
+        if was_running {
+            if let Err(e) = self.machine.vcpus.pause() {
+                return Response::error(e.to_string());
+            }
+        }
+        // No device writes guest memory while the lock is held.
+        let virtio = self.machine.devices.virtio.lock();
+        let result = self.machine.memory.identities().check();
+        drop(virtio);
+        if was_running {
+            if let Err(e) = self.machine.vcpus.resume() {
+                log::error!("resume after the identity check: {e}");
+            }
+        }
+        match result {
+            Ok(report) => Response::ok(serde_json::to_value(report).unwrap_or_default()),
+            Err(e) => Response::error(e.to_string()),
+        }
     }
 
     /// Pauses (if running), snapshots, and resumes (if it was running), whatever happened.
@@ -313,16 +342,19 @@ impl LoopState {
         let source = save::Source {
             vm: &self.machine.vm.fd,
             memory: &self.machine.vm.memory,
+            identities: self.machine.memory.identities(),
             vcpus: &self.machine.vcpus,
             devices: &self.machine.devices,
             meta: &self.machine.meta,
         };
-        let result = save::save(&source, dir, &self.store, &mut self.manifest);
-        if was_running {
-            if let Err(e) = self.machine.vcpus.resume() {
-                log::error!("resume after snapshot: {e}");
+        let vcpus = &self.machine.vcpus;
+        let result = save::save(&source, dir, &self.store, &mut self.baseline, || {
+            if was_running {
+                if let Err(e) = vcpus.resume() {
+                    log::error!("resume after snapshot: {e}");
+                }
             }
-        }
+        });
         match result {
             Ok(report) => Response::ok(serde_json::to_value(report).unwrap_or_default()),
             Err(e) => Response::error(e.to_string()),

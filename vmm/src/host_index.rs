@@ -1,22 +1,24 @@
 //! The VMs running on this host and the pages they hold. Each fabvm registers its guest RAM
-//! (host addresses) in a runtime directory; a reader (a migration destination, or the
-//! sharing report) hashes their memory through `/proc/PID/mem` and copies pages out of them,
-//! re-verifying each page against its identity at copy time, since a running guest may have
-//! rewritten it since it was hashed.
+//! (host addresses, `PID.json`) and publishes its live page identities (`PID.ids`, see
+//! `memory::identities`) in a runtime directory; a reader (a migration destination, the
+//! sharing leader, the host figures) learns what they hold from those tables, without
+//! hashing their memory, and copies pages out through `/proc/PID/mem`, re-verifying each
+//! page against its identity at copy time.
 
-use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use fabric::{hash_region, PageId, PAGE_SIZE};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fabric::live::{HostIndex, TableReader};
+use fabric::migration::{FetchResult, PageSource};
+use fabric::{Page, PageId, Store, PAGE_SIZE};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::memory::GuestMemory;
-
-/// Bytes read and hashed at a time.
-const CHUNK: usize = 16 << 20;
 
 /// Errors from the host index.
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +147,7 @@ pub fn running_vms(except: Option<u32>) -> Vec<RegisteredVm> {
         }
         if !Path::new(&format!("/proc/{}", vm.pid)).exists() {
             let _ = fs::remove_file(&path);
+            let _ = fs::remove_file(dir.join(format!("{}.ids", vm.pid)));
             continue;
         }
         vms.push(vm);
@@ -152,77 +155,226 @@ pub fn running_vms(except: Option<u32>) -> Vec<RegisteredVm> {
     vms
 }
 
-/// Where a page can be found in another VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Location {
-    /// The VM's process.
-    pub pid: u32,
-    /// Host address of the page in that process.
-    pub host_addr: u64,
+/// The pages this host holds, for a migration destination: the VMs running here (found
+/// through the identity tables they publish; nothing is hashed to learn what they hold) and
+/// the host store. Every page copied out of a running VM is verified against its identity,
+/// since the guest may have rewritten it after it was published; a page that does not
+/// match is reported as such and asked from the source instead.
+#[derive(Debug)]
+pub struct HostPages {
+    index: HostIndex,
+    pids: Vec<u32>,
+    store: Option<Store>,
+    counters: HostCounters,
 }
 
-/// Identities of the pages held by running VMs, hashed now.
-#[derive(Debug, Default)]
-pub struct RunningPages {
-    pages: HashMap<PageId, Location>,
-    /// Bytes of memory read and hashed to build the index.
-    pub bytes_hashed: u64,
+/// What [`HostPages`] did.
+#[derive(Debug, Default, Serialize)]
+pub struct HostCounters {
+    /// Running VMs whose tables were read.
+    pub vms: AtomicU64,
+    /// Pages found at the same frame of a running VM.
+    pub same_frame: AtomicU64,
+    /// Pages found elsewhere in a running VM (through the index).
+    pub elsewhere: AtomicU64,
+    /// Pages found in the store.
+    pub store: AtomicU64,
+    /// Pages copied from a running VM that no longer matched their identity.
+    pub mismatched: AtomicU64,
+    /// Reads of a running VM's memory that failed (it exited meanwhile).
+    pub read_failures: AtomicU64,
+    /// System calls made to copy pages out of running VMs.
+    pub reads: AtomicU64,
 }
 
-impl RunningPages {
-    /// Hashes the memory of `vms` (one location kept per distinct page).
-    pub fn hash(vms: &[RegisteredVm]) -> Self {
-        let mut index = Self::default();
-        let mut buf = vec![0u8; CHUNK];
-        for vm in vms {
-            for region in &vm.regions {
-                let mut offset = 0;
-                while offset < region.len {
-                    let len = (region.len - offset).min(CHUNK as u64) as usize;
-                    let host = region.host_addr + offset;
-                    if read_remote(vm.pid, host, &mut buf[..len]).is_err() {
-                        break; // the VM went away or unmapped: skip the rest of it
-                    }
-                    index.bytes_hashed += len as u64;
-                    if let Ok(ids) = hash_region(&buf[..len]) {
-                        for (i, id) in ids.into_iter().enumerate() {
-                            if let Some(id) = id {
-                                index.pages.entry(id).or_insert(Location {
-                                    pid: vm.pid,
-                                    host_addr: host + (i * PAGE_SIZE) as u64,
-                                });
-                            }
-                        }
-                    }
-                    offset += len as u64;
+impl HostPages {
+    /// The VMs registered on this host (but `except`) that publish identities, and `store`.
+    pub fn open(except: Option<u32>, store: Option<Store>) -> Self {
+        let mut index = HostIndex::new();
+        let mut pids = Vec::new();
+        for vm in running_vms(except) {
+            let path = registry_dir().join(format!("{}.ids", vm.pid));
+            match TableReader::open(&path) {
+                Ok(table) if table.pid() == vm.pid && table.owner_alive() => {
+                    let at = index.add(table);
+                    pids.resize(at + 1, 0);
+                    pids[at] = vm.pid;
                 }
+                Ok(_) => {}
+                Err(e) => log::debug!("VM {} not indexed: {e}", vm.pid),
             }
         }
-        index
+        let counters = HostCounters::default();
+        counters.vms.store(pids.len() as u64, Ordering::Relaxed);
+        HostPages {
+            index,
+            pids,
+            store,
+            counters,
+        }
     }
 
-    /// Distinct non-zero pages known.
-    pub fn len(&self) -> usize {
-        self.pages.len()
+    /// The host index over the running VMs.
+    pub fn index(&self) -> &HostIndex {
+        &self.index
     }
 
-    /// True when no page is known.
-    pub fn is_empty(&self) -> bool {
-        self.pages.is_empty()
+    /// Its figures.
+    pub fn counters(&self) -> &HostCounters {
+        &self.counters
     }
 
-    /// Whether a page with identity `id` was seen.
-    pub fn contains(&self, id: &PageId) -> bool {
-        self.pages.contains_key(id)
-    }
-
-    /// Copies the page `id` into `out` from the VM holding it, if it still has that content.
-    pub fn fetch(&self, id: &PageId, out: &mut [u8]) -> bool {
-        let Some(location) = self.pages.get(id) else {
-            return false;
+    /// Where `id` is in a running VM, preferring frame `gfn`: (pid, host address).
+    fn locate(&self, gfn: Option<u64>, id: &PageId) -> Option<(u32, u64)> {
+        let (loc, same) = match gfn.and_then(|gfn| self.index.lookup_at(gfn, id)) {
+            Some(loc) => (loc, true),
+            None => (self.index.lookup(id)?, false),
         };
-        read_remote(location.pid, location.host_addr, &mut out[..PAGE_SIZE]).is_ok()
-            && PageId::of(out[..PAGE_SIZE].try_into().expect("one page")) == *id
+        let table = self.index.table(loc.vm)?;
+        let addr = table.frames().host_addr(loc.page)?;
+        let counter = if same {
+            &self.counters.same_frame
+        } else {
+            &self.counters.elsewhere
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Some((self.pids[loc.vm], addr))
+    }
+
+    fn take_from_store(&self, id: &PageId, out: &mut Page) -> bool {
+        let found = self.store.as_ref().is_some_and(|s| s.get(id, out).is_ok());
+        if found {
+            self.counters.store.fetch_add(1, Ordering::Relaxed);
+        }
+        found
+    }
+
+    fn copy_from_vm(&self, gfn: Option<u64>, id: &PageId, out: &mut Page) -> FetchResult {
+        let Some((pid, addr)) = self.locate(gfn, id) else {
+            return FetchResult::Absent;
+        };
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        if read_remote(pid, addr, out).is_err() {
+            self.counters.read_failures.fetch_add(1, Ordering::Relaxed);
+            return FetchResult::Absent;
+        }
+        self.verify(id, out)
+    }
+
+    fn verify(&self, id: &PageId, page: &Page) -> FetchResult {
+        if id.matches(page) {
+            FetchResult::Verified
+        } else {
+            self.counters.mismatched.fetch_add(1, Ordering::Relaxed);
+            FetchResult::Mismatch
+        }
+    }
+}
+
+impl PageSource for HostPages {
+    fn fetch(&self, id: &PageId, out: &mut Page) -> bool {
+        self.copy_from_vm(None, id, out) == FetchResult::Verified || self.take_from_store(id, out)
+    }
+
+    fn fetch_at(&self, gfn: u64, id: &PageId, out: &mut Page) -> bool {
+        self.copy_from_vm(Some(gfn), id, out) == FetchResult::Verified
+            || self.take_from_store(id, out)
+    }
+
+    /// Copied pages are verified here; the store checks what it reads.
+    fn verifies(&self) -> bool {
+        true
+    }
+
+    /// Locates every page, copies runs that are contiguous in one VM's memory with one
+    /// read each, verifies every page on all cores, and takes what is still missing from
+    /// the store.
+    fn fetch_batch(&self, wanted: &[(u64, PageId)], out: &mut [u8], results: &mut [FetchResult]) {
+        let located: Vec<Option<(u32, u64)>> = wanted
+            .iter()
+            .map(|(gfn, id)| self.locate(Some(*gfn), id))
+            .collect();
+        // Runs of pages contiguous in one process's memory and in `out`.
+        let mut runs: Vec<Run> = Vec::new();
+        for (i, loc) in located.iter().enumerate() {
+            let Some((pid, addr)) = *loc else { continue };
+            match runs.last_mut() {
+                Some(run) if run.extends(pid, addr, i) => run.count += 1,
+                _ => runs.push(Run {
+                    pid,
+                    addr,
+                    first: i,
+                    count: 1,
+                }),
+            }
+        }
+        let read_ok: Vec<bool> = {
+            // Hand each run its own part of `out`.
+            let mut parts: Vec<(&Run, &mut [u8])> = Vec::new();
+            let mut rest = &mut *out;
+            let mut at = 0;
+            for run in &runs {
+                let (_, tail) =
+                    std::mem::take(&mut rest).split_at_mut((run.first - at) * PAGE_SIZE);
+                let (mine, tail) = tail.split_at_mut(run.count * PAGE_SIZE);
+                parts.push((run, mine));
+                rest = tail;
+                at = run.first + run.count;
+            }
+            parts
+                .into_par_iter()
+                .map(|(run, buf)| {
+                    self.counters.reads.fetch_add(1, Ordering::Relaxed);
+                    read_remote(run.pid, run.addr, buf).is_ok()
+                })
+                .collect()
+        };
+        let mut copied = vec![false; wanted.len()];
+        for (run, ok) in runs.iter().zip(read_ok) {
+            if ok {
+                copied[run.first..run.first + run.count].fill(true);
+            } else {
+                self.counters.read_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        out.par_chunks_mut(PAGE_SIZE)
+            .zip(wanted.par_iter())
+            .zip(results.par_iter_mut())
+            .zip(copied.par_iter())
+            .with_min_len(16)
+            .for_each(|(((buf, (_, id)), result), &copied)| {
+                let page: &mut Page = buf.try_into().expect("a page");
+                *result = if copied {
+                    self.verify(id, page)
+                } else {
+                    FetchResult::Absent
+                };
+                if *result != FetchResult::Verified && self.take_from_store(id, page) {
+                    *result = FetchResult::Verified;
+                }
+            });
+    }
+}
+
+/// Most pages copied by one read (4 MiB).
+const MAX_RUN_PAGES: usize = 1024;
+
+/// Pages `first..first + count` of a batch, contiguous at `addr` in process `pid`.
+#[derive(Debug)]
+struct Run {
+    pid: u32,
+    addr: u64,
+    first: usize,
+    count: usize,
+}
+
+impl Run {
+    /// Whether batch page `i` at `addr` in `pid` continues this run.
+    fn extends(&self, pid: u32, addr: u64, i: usize) -> bool {
+        self.pid == pid
+            && self.first + self.count == i
+            && self.addr + (self.count * PAGE_SIZE) as u64 == addr
+            && self.count < MAX_RUN_PAGES
     }
 }
 
@@ -269,41 +421,77 @@ pub(crate) fn read_remote(pid: u32, addr: u64, out: &mut [u8]) -> io::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fabric::live::{IdentityTable, PageState, TableRegion};
+
+    /// This process's own buffer, published as a running VM's memory at frame 0.
+    fn publish_own(mem: &[u8]) -> (Registration, IdentityTable) {
+        let memory = GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), PAGE_SIZE)]).unwrap();
+        let registration = Registration::new(&memory).unwrap();
+        let path = registry_dir().join(format!("{}.ids", std::process::id()));
+        let region = TableRegion {
+            guest_addr: 0,
+            pages: (mem.len() / PAGE_SIZE) as u64,
+            host_addr: mem.as_ptr() as u64,
+        };
+        let mut table = IdentityTable::create(Some(&path), &[region]).unwrap();
+        for (p, page) in mem.chunks(PAGE_SIZE).enumerate() {
+            let id = fabric::identify(page.try_into().unwrap());
+            let state = if id.is_some() {
+                PageState::Current
+            } else {
+                PageState::Zero
+            };
+            table.set(p, state, id);
+        }
+        (registration, table)
+    }
 
     #[test]
-    fn pages_of_a_registered_process_are_found_and_reverified() {
+    fn published_pages_are_copied_in_runs_and_reverified() {
         let dir = tempfile::tempdir().unwrap();
         // SAFETY: tests in this module set the variable before anything reads it.
         unsafe { std::env::set_var("FABVM_RUNTIME_DIR", dir.path()) };
-        let memory =
-            GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 16 * PAGE_SIZE)]).unwrap();
-        let page = [0x5au8; PAGE_SIZE];
-        vm_memory::Bytes::write_slice(
-            &memory,
-            &page,
-            vm_memory::GuestAddress(3 * PAGE_SIZE as u64),
-        )
-        .unwrap();
-        let registration = Registration::new(&memory).unwrap();
-        // Our own process is a fine "other VM" for the reader.
-        let vms = running_vms(None);
-        assert_eq!(vms.len(), 1);
-        let index = RunningPages::hash(&vms);
-        let id = PageId::of(&page);
-        assert!(index.contains(&id));
-        assert_eq!(index.len(), 1, "zero pages are not indexed");
+        let mut mem = vec![0u8; 64 * PAGE_SIZE];
+        for (i, page) in mem.chunks_mut(PAGE_SIZE).enumerate() {
+            page[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+        }
+        let (registration, table) = publish_own(&mem);
+        let id = |p: usize| PageId::of(mem[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].try_into().unwrap());
+        let host = HostPages::open(None, None);
+        assert_eq!(host.index().len(), 64);
+
+        // 32 pages at their own frames, then 8 asked at other frames (found elsewhere).
+        let mut wanted: Vec<(u64, PageId)> = (0..32).map(|p| (p as u64, id(p))).collect();
+        wanted.extend((40..48).map(|p| (p as u64 + 100, id(p))));
+        let mut out = vec![0u8; wanted.len() * PAGE_SIZE];
+        let mut results = vec![FetchResult::Absent; wanted.len()];
+        host.fetch_batch(&wanted, &mut out, &mut results);
+        assert!(
+            results.iter().all(|r| *r == FetchResult::Verified),
+            "{results:?}"
+        );
+        assert_eq!(&out[..32 * PAGE_SIZE], &mem[..32 * PAGE_SIZE]);
+        assert_eq!(&out[32 * PAGE_SIZE..], &mem[40 * PAGE_SIZE..48 * PAGE_SIZE]);
+        let c = host.counters();
+        assert_eq!(c.same_frame.load(Ordering::Relaxed), 32);
+        assert_eq!(c.elsewhere.load(Ordering::Relaxed), 8);
+        assert_eq!(
+            c.reads.load(Ordering::Relaxed),
+            2,
+            "two contiguous runs, two reads"
+        );
+
+        // The guest rewrites a page after publishing it: the copy is refused, not used.
+        let old = id(3);
+        mem[3 * PAGE_SIZE] ^= 0xff;
         let mut out = vec![0u8; PAGE_SIZE];
-        assert!(index.fetch(&id, &mut out));
-        assert_eq!(out, page);
-        // The page changes after indexing: fetch refuses it.
-        vm_memory::Bytes::write_slice(
-            &memory,
-            &[1u8],
-            vm_memory::GuestAddress(3 * PAGE_SIZE as u64),
-        )
-        .unwrap();
-        assert!(!index.fetch(&id, &mut out));
+        let mut results = vec![FetchResult::Absent];
+        host.fetch_batch(&[(3, old)], &mut out, &mut results);
+        assert_eq!(results[0], FetchResult::Mismatch);
+        assert_eq!(host.counters().mismatched.load(Ordering::Relaxed), 1);
+
         assert!(running_vms(Some(std::process::id())).is_empty());
+        drop(table);
         drop(registration);
         assert!(running_vms(None).is_empty());
     }

@@ -74,6 +74,7 @@ fn ctl(args: CtlArgs) {
         CtlOp::Status => Request::Status,
         CtlOp::Stats => Request::Stats,
         CtlOp::Shutdown => Request::Shutdown,
+        CtlOp::Identities => Request::Identities,
         CtlOp::Migrate {
             dest,
             key,

@@ -11,6 +11,8 @@ use crate::boot::{self, cpuid, regs, BootEntry, BootError};
 use crate::config::{Launch, Source, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager, DeviceStates};
 use crate::event_loop::{self, Machine};
+use crate::memory::identities::Initial;
+use crate::memory::MemoryManager;
 use crate::snapshot::format::SnapshotState;
 use crate::snapshot::restore::{self, RestoreError};
 use crate::snapshot::save::VmMeta;
@@ -19,6 +21,7 @@ use crate::vcpu::{SaveContext, StopSink, Vcpu, VcpuError, Vcpus};
 use crate::virtio::{VirtioDevices, VirtioError};
 use crate::vm::{Vm, VmError};
 use crate::vm_state::VmStateError;
+use fabric::Manifest;
 
 /// Errors from building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +69,9 @@ pub enum RunError {
     /// The event loop or the API socket.
     #[error(transparent)]
     EventLoop(#[from] event_loop::LoopError),
+    /// The memory manager.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
 }
 
 /// Builds the VM `launch` asks for and runs it to the end.
@@ -79,6 +85,7 @@ pub fn run(launch: &Launch) -> Result<StopReason, RunError> {
         api_sock: launch.api_sock.clone(),
         store: launch.store_dir(),
         share: launch.share,
+        identities: launch.identities,
     };
     ctx.run(built, &services, || Ok(()))
 }
@@ -115,7 +122,26 @@ impl RunContext {
         services: &event_loop::Services,
         started: impl FnOnce() -> Result<(), String>,
     ) -> Result<StopReason, RunError> {
-        let (vm, devices, prepared, meta) = built;
+        let Built {
+            vm,
+            devices,
+            vcpus: prepared,
+            meta,
+            contents,
+        } = built;
+        let initial = match &contents {
+            Some(manifest) => Initial::Manifest(manifest),
+            None => Initial::Zero,
+        };
+        let publish = crate::memory::publish_path();
+        let memory = MemoryManager::new(
+            vm.fd.clone(),
+            &vm.memory,
+            initial,
+            services.identities,
+            Some(&publish),
+        )?;
+        drop(contents);
         log::debug!(target: "fabvm::timing", "guest set up after {:?}", self.started.elapsed());
         let vcpus = start_vcpus(prepared)?;
         log::debug!(target: "fabvm::timing", "vcpus started after {:?}", self.started.elapsed());
@@ -125,6 +151,7 @@ impl RunContext {
         }
         let machine = Machine {
             vm,
+            memory,
             devices,
             vcpus,
             meta,
@@ -140,7 +167,20 @@ impl RunContext {
 }
 
 /// A VM ready to start: its devices and vCPUs created, the vCPUs not yet running.
-pub type Built = (Vm, DeviceManager, Vec<Vcpu>, VmMeta);
+#[derive(Debug)]
+pub struct Built {
+    /// The VM.
+    pub vm: Vm,
+    /// Its devices.
+    pub devices: DeviceManager,
+    /// Its vCPUs, not yet running.
+    pub vcpus: Vec<Vcpu>,
+    /// How it was started.
+    pub meta: VmMeta,
+    /// What guest memory holds, when known (restored or received): its identities start
+    /// from this instead of from zero memory.
+    pub contents: Option<Manifest>,
+}
 
 fn boot(config: &VmConfig, sink: &StopSink) -> Result<Built, RunError> {
     let vm = Vm::new(config.mem, config.cpus, config.hugepages)?;
@@ -161,7 +201,13 @@ fn boot(config: &VmConfig, sink: &StopSink) -> Result<Built, RunError> {
         cmdline: config.cmdline.clone(),
         kernel: config.kernel.display().to_string(),
     };
-    Ok((vm, devices, prepared, meta))
+    Ok(Built {
+        vm,
+        devices,
+        vcpus: prepared,
+        meta,
+        contents: None,
+    })
 }
 
 /// Builds the devices, loads the kernel (the ACPI tables and command line list the virtio
@@ -272,7 +318,9 @@ fn restore_snapshot(
         let image = restore::memory_image(&loaded, &store)?;
         restore::map_image(&image, state)?
     };
-    restore_machine(state, memory, sink)
+    let mut built = restore_machine(state, memory, sink)?;
+    built.contents = Some(loaded.manifest);
+    Ok(built)
 }
 
 /// Builds a VM from saved state and guest memory already holding its contents (a snapshot's
@@ -364,7 +412,13 @@ pub fn restore_into(
         cmdline: state.cmdline.clone(),
         kernel: state.kernel.clone(),
     };
-    Ok((vm, devices, prepared, meta))
+    Ok(Built {
+        vm,
+        devices,
+        vcpus: prepared,
+        meta,
+        contents: None,
+    })
 }
 
 /// Starts every vCPU thread. APs wait for INIT/SIPI; the guest wakes them through its LAPIC.

@@ -239,6 +239,41 @@ pub trait PageSource: Sync {
     fn verifies(&self) -> bool {
         false
     }
+
+    /// Fetches many pages at once: `wanted[i]` (guest frame, identity) into page `i` of
+    /// `out`, its outcome in `results[i]` (all three have one slot per page). The default
+    /// fetches page by page on all cores; a source that can copy many pages per system
+    /// call overrides it. Every `Verified` page must match its identity.
+    fn fetch_batch(&self, wanted: &[(u64, PageId)], out: &mut [u8], results: &mut [FetchResult]) {
+        use rayon::prelude::*;
+        let verified_by_source = self.verifies();
+        out.par_chunks_mut(PAGE_SIZE)
+            .zip(wanted.par_iter())
+            .zip(results.par_iter_mut())
+            .with_min_len(4)
+            .for_each(|((buf, (gfn, id)), result)| {
+                let page: &mut Page = buf.try_into().expect("a page");
+                *result = if !self.fetch_at(*gfn, id, page) {
+                    FetchResult::Absent
+                } else if verified_by_source || id.matches(page) {
+                    FetchResult::Verified
+                } else {
+                    FetchResult::Mismatch
+                };
+            });
+    }
+}
+
+/// What became of one page a [`PageSource`] was asked for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FetchResult {
+    /// Not held here.
+    #[default]
+    Absent,
+    /// Copied and matching its identity.
+    Verified,
+    /// Copied, but its content no longer matches (rewritten since it was indexed).
+    Mismatch,
 }
 
 /// The host store holds the pages in it (and checks each as it reads it).

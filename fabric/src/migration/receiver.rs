@@ -15,7 +15,9 @@ use super::wire::{
     self, Body, Complete, MsgType, OfferView, Role, FEATURE_LZ4, PAGES_PER_MESSAGE, VERSION_MAX,
     VERSION_MIN,
 };
-use super::{GuestSink, Limits, MigrationError, MigrationKey, PageSource, VmDescription};
+use super::{
+    FetchResult, GuestSink, Limits, MigrationError, MigrationKey, PageSource, VmDescription,
+};
 use crate::identity::{Page, PageId, PAGE_SIZE};
 use crate::manifest::Manifest;
 
@@ -90,7 +92,7 @@ struct RxState {
     actions: Vec<Action>,
     fetch: Vec<(u64, PageId)>,
     fetch_buf: Vec<u8>,
-    fetch_result: Vec<Fetched>,
+    fetch_result: Vec<FetchResult>,
     need_bits: Vec<u8>,
     page_buf: Vec<u8>,
     verified: Vec<bool>,
@@ -116,14 +118,6 @@ enum Action {
     Copy { from: u64, to: u64, id: PageId },
     /// Install fetch slot `slot` if it verified, else ask for offer id `entry`.
     Fetch { slot: usize, entry: usize },
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-enum Fetched {
-    #[default]
-    Absent,
-    Verified,
-    Mismatch,
 }
 
 impl<S: Read + Write> Receiver<S> {
@@ -419,23 +413,12 @@ impl RxState {
             self.fetch_buf.resize(m * PAGE_SIZE, 0);
         }
         self.fetch_result.clear();
-        self.fetch_result.resize(m, Fetched::Absent);
-        let verified_by_source = source.verifies();
-        self.fetch_buf[..m * PAGE_SIZE]
-            .par_chunks_mut(PAGE_SIZE)
-            .zip(self.fetch.par_iter())
-            .zip(self.fetch_result.par_iter_mut())
-            .with_min_len(4)
-            .for_each(|((buf, (gfn, id)), result)| {
-                let page: &mut Page = buf.try_into().expect("a page");
-                *result = if !source.fetch_at(*gfn, id, page) {
-                    Fetched::Absent
-                } else if verified_by_source || id.matches(page) {
-                    Fetched::Verified
-                } else {
-                    Fetched::Mismatch
-                };
-            });
+        self.fetch_result.resize(m, FetchResult::Absent);
+        source.fetch_batch(
+            &self.fetch,
+            &mut self.fetch_buf[..m * PAGE_SIZE],
+            &mut self.fetch_result,
+        );
 
         // Pass 2: act, in offer order.
         let mut needed = Vec::new();
@@ -460,14 +443,14 @@ impl RxState {
                 Action::Fetch { slot, entry } => {
                     let (gfn, id) = self.fetch[slot];
                     match self.fetch_result[slot] {
-                        Fetched::Verified => {
+                        FetchResult::Verified => {
                             let page = &self.fetch_buf[slot * PAGE_SIZE..(slot + 1) * PAGE_SIZE];
                             sink.write_page(gfn, page.try_into().expect("a page"));
                             self.install(gfn, id);
                             stats.pages_fetched += 1;
                         }
                         result => {
-                            stats.fetch_mismatches += u64::from(result == Fetched::Mismatch);
+                            stats.fetch_mismatches += u64::from(result == FetchResult::Mismatch);
                             stats.pages_needed += 1;
                             self.need_bits[entry / 8] |= 1 << (entry % 8);
                             needed.push((gfn, id));

@@ -10,7 +10,7 @@
 //! <- {"ok":false,"error":"bad request: unknown variant `frobnicate`, expected one of ..."}
 //! ```
 //!
-//! Operations: `pause`, `resume`, `status`, `stats`, `snapshot` (`dir`), `shutdown`,
+//! Operations: `pause`, `resume`, `status`, `stats`, `snapshot` (`dir`), `identities`, `shutdown`,
 //! `migrate` (`dest`, `key`, optional `downtime_ms`, `max_rounds`, `compress`). Requests
 //! longer than [`MAX_REQUEST`] bytes are refused and the connection closed. `fabvm ctl` speaks
 //! this protocol; so can `socat - UNIX-CONNECT:PATH`.
@@ -42,6 +42,9 @@ pub enum Request {
     },
     /// Stop the VM; the fabvm process exits 0.
     Shutdown,
+    /// Check the live page identities: pause, compare every current identity with a fresh
+    /// hash of its page (none may differ), resume.
+    Identities,
     /// Live-migrate to a `fabvm receive` destination; on success this fabvm exits 0.
     Migrate {
         /// HOST:PORT of the destination.

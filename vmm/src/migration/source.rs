@@ -17,7 +17,8 @@ use serde::Serialize;
 use super::guest::GuestPages;
 use super::{read_key, KeyFileError};
 use crate::event_loop::Machine;
-use crate::memory::{self, MemoryError};
+use crate::memory::dirty::DirtyView;
+use crate::memory::MemoryError;
 use crate::snapshot::format::{self, SnapshotState};
 use crate::vcpu::VcpuError;
 use crate::vm_state::{VmState, VmStateError};
@@ -135,14 +136,16 @@ pub fn migrate(
     };
     sender.describe(&description).map_err(protocol)?;
 
-    // Round 1: everything, hashed lazily as offered. Dirty logging starts first so that
-    // every write from here on is in a later round.
-    memory::enable_dirty_log(&machine.vm.fd, &machine.vm.memory)?;
-    memory::take_dirty(&machine.vm.fd, &machine.vm.memory)?;
-    let slices = guest.slices();
-    let all = slices
-        .iter()
-        .flat_map(|(gfn, bytes)| fabric::migration::identities(*gfn, bytes));
+    // Round 1: everything, from the live identities (only stale pages are hashed now). The
+    // migration's view of the dirty log opens first, so every write not yet in the
+    // identities is in a later round.
+    let view = machine.memory.dirty_view();
+    let (synced, all) = machine.memory.identities().sync_entries()?;
+    log::info!(
+        "migration round 1 offers the live identities: {} stale pages hashed in {:.1} ms",
+        synced.rehashed_pages,
+        synced.ms
+    );
     // While the guest is throttled a helper kicks its vCPUs every period.
     let throttle = machine.vcpus.throttle(0);
     let stop_kicks = std::sync::atomic::AtomicBool::new(false);
@@ -156,7 +159,7 @@ pub fn migrate(
             }
         });
         let result = precopy(
-            machine, was_paused, sender, &guest, all, req, started, progress,
+            machine, &view, was_paused, sender, &guest, all, req, started, progress,
         );
         stop_kicks.store(true, std::sync::atomic::Ordering::Relaxed);
         result
@@ -167,12 +170,13 @@ pub fn migrate(
 
 /// Pre-copy rounds until the rest fits the budget, throttling a guest that outruns the link.
 #[allow(clippy::too_many_arguments)]
-fn precopy<'a>(
+fn precopy(
     machine: &Machine,
+    view: &DirtyView,
     was_paused: bool,
     mut sender: Sender<TcpStream>,
     guest: &GuestPages,
-    all: impl Iterator<Item = (u64, Option<fabric::PageId>)> + 'a,
+    all: Vec<(u64, Option<fabric::PageId>)>,
     req: &MigrateRequest,
     started: Instant,
     progress: &dyn Fn(serde_json::Value),
@@ -187,7 +191,7 @@ fn precopy<'a>(
     let mut max_throttle = 0u32;
     let mut previous_dirty = usize::MAX;
     loop {
-        let dirty = dirty_frames(machine)?;
+        let dirty = view.take_frames()?;
         let last = rounds.last().expect("one round done");
         // Over all rounds: a round of mostly unchanged dirty pages is bound by hashing,
         // and would say the link is slow.
@@ -225,7 +229,7 @@ fn precopy<'a>(
             let converged = fits;
             // The final round starts from this dirty set plus what is dirtied until pause.
             let mut report = finish(
-                machine, was_paused, sender, guest, dirty, converged, started, req,
+                machine, view, was_paused, sender, guest, dirty, converged, started, req,
             )?;
             report.max_throttle_percent = max_throttle;
             return Ok(report);
@@ -246,6 +250,7 @@ fn precopy<'a>(
 #[allow(clippy::too_many_arguments)]
 fn finish(
     machine: &Machine,
+    view: &DirtyView,
     was_paused: bool,
     mut sender: Sender<TcpStream>,
     guest: &GuestPages,
@@ -273,7 +278,7 @@ fn finish(
     // No device touches guest memory from here on (requests are synchronous under this lock).
     let virtio = machine.devices.virtio.lock();
     let state = (|| -> Result<Vec<u8>, MigrateError> {
-        let mut more = dirty_frames(machine)?;
+        let mut more = view.take_frames()?;
         dirty.append(&mut more);
         dirty.sort_unstable();
         dirty.dedup();
@@ -356,24 +361,6 @@ fn connect(dest: &str) -> Result<TcpStream, MigrateError> {
     stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(err)?;
     stream.set_nodelay(true).map_err(err)?;
     Ok(stream)
-}
-
-/// Guest frames dirtied since the last call.
-fn dirty_frames(machine: &Machine) -> Result<Vec<u64>, MigrateError> {
-    let bitmaps = memory::take_dirty(&machine.vm.fd, &machine.vm.memory)?;
-    let guest = GuestPages::new(&machine.vm.memory);
-    let mut frames = Vec::new();
-    for ((first_gfn, _), words) in guest.slices().iter().zip(bitmaps) {
-        for (w, word) in words.iter().enumerate() {
-            let mut bits = *word;
-            while bits != 0 {
-                let bit = bits.trailing_zeros() as u64;
-                frames.push(first_gfn + w as u64 * 64 + bit);
-                bits &= bits - 1;
-            }
-        }
-    }
-    Ok(frames)
 }
 
 /// `(gfn, identity)` of each frame, hashed when drawn.

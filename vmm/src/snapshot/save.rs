@@ -1,8 +1,9 @@
-//! Taking a snapshot of a paused VM: device and vCPU state, a manifest of its memory, and the
-//! pages the store lacks. The state file is written last, so a snapshot directory either has
-//! a complete, checksummed state file or none.
+//! Taking a snapshot of a paused VM: device and vCPU state, a manifest of its memory (from the
+//! live identities), and the pages the store lacks (after the guest resumes, when a previous
+//! snapshot says which pages changed). The state file is written last, so a snapshot
+//! directory either has a complete, checksummed state file or none.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -13,7 +14,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use super::format::{self, SnapshotState};
 use super::{open_store, MANIFEST_FILE, STATE_FILE};
 use crate::device_manager::DeviceManager;
-use crate::memory::{self, GuestMemory};
+use crate::memory::identities::LiveIdentities;
+use crate::memory::GuestMemory;
 use crate::vcpu::{VcpuError, Vcpus};
 use crate::vm_state::{VmState, VmStateError};
 
@@ -35,12 +37,16 @@ pub enum SaveError {
     /// The manifest could not be built.
     #[error("cannot hash guest memory: {0}")]
     Manifest(#[from] fabric::ManifestError),
-    /// Dirty tracking failed.
+    /// Dirty tracking or the live identities failed.
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
     /// The store failed.
     #[error("page store: {0}")]
     Store(#[from] StoreError),
+    /// A page the store lacked changed before it could be stored (the previous snapshot's
+    /// pages are no longer in the store).
+    #[error("the page at guest frame {gfn} changed before the store had it (the store lacks pages of the previous snapshot); take the snapshot again")]
+    Changed { gfn: u64 },
     /// Writing the snapshot files failed.
     #[error("cannot write {path}: {source}")]
     Write {
@@ -85,9 +91,13 @@ pub struct SaveReport {
     pub state_ms: f64,
     /// Time to hash guest memory, ms.
     pub hash_ms: f64,
-    /// Time to write new pages and the root to the store, ms.
+    /// Time to write new pages to the store, ms.
     pub store_ms: f64,
-    /// Whole snapshot, ms (the guest is paused throughout).
+    /// Pages that changed since the previous snapshot, copied aside while paused.
+    pub copied_pages: u64,
+    /// Time the guest was paused for the snapshot, ms.
+    pub pause_ms: f64,
+    /// Whole snapshot, ms.
     pub total_ms: f64,
 }
 
@@ -98,6 +108,8 @@ pub struct Source<'a> {
     pub vm: &'a kvm_ioctls::VmFd,
     /// Guest memory.
     pub memory: &'a GuestMemory,
+    /// Its live identities: the manifest comes from them.
+    pub identities: &'a LiveIdentities,
     /// The (paused) vCPUs.
     pub vcpus: &'a Vcpus,
     /// Devices.
@@ -106,22 +118,57 @@ pub struct Source<'a> {
     pub meta: &'a VmMeta,
 }
 
-/// Snapshots a paused VM into `dir`, putting its pages into the store at `store_dir`.
+/// The manifest of this VM's previous snapshot and the store it went to: pages unchanged
+/// since are in that store already, so a snapshot into the same store copies only the pages
+/// that changed while the guest is paused, and writes them after it runs again.
+#[derive(Debug, Clone)]
+pub struct Baseline {
+    /// The store the previous snapshot's pages are in.
+    pub store: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+}
+
+/// Snapshots the VM into `dir`, its pages into the store at `store_dir`. The vCPUs are
+/// paused on entry; `resume` is called as soon as the guest may run again.
 ///
-/// `tracked` is the VM's manifest kept from an earlier snapshot, or `None` the first time.
-/// With one, only pages dirtied since (KVM's dirty log OR vm-memory's bitmap) are rehashed;
-/// without, all memory is hashed and dirty logging is switched on for next time. On return
-/// `tracked` holds the manifest of the memory just saved.
+/// The manifest comes from the VM's live identities: only pages written since they were
+/// last hashed (in the background, or by the previous snapshot) are hashed now. With a
+/// `baseline` for the same store, the pages that changed since it are copied aside, the
+/// guest resumes, and the store is written afterwards (a page the store turns out to lack
+/// that was not copied is read from the running guest and used only if it still has its
+/// identity); without one, new pages are written to the store while the guest is paused.
+/// On success `baseline` becomes this snapshot.
 pub fn save(
     source: &Source<'_>,
     dir: &Path,
     store_dir: &Path,
-    tracked: &mut Option<Manifest>,
+    baseline: &mut Option<Baseline>,
+    resume: impl FnOnce(),
 ) -> Result<SaveReport, SaveError> {
     let started = Instant::now();
+    let mut resume = Some(resume);
+    let mut resume_now = || {
+        if let Some(resume) = resume.take() {
+            resume();
+        }
+    };
+    let result = save_inner(source, dir, store_dir, baseline, started, &mut resume_now);
+    resume_now();
+    result
+}
+
+fn save_inner(
+    source: &Source<'_>,
+    dir: &Path,
+    store_dir: &Path,
+    baseline: &mut Option<Baseline>,
+    started: Instant,
+    resume: &mut dyn FnMut(),
+) -> Result<SaveReport, SaveError> {
     prepare_dir(dir)?;
-    // Held until the snapshot is written: no virtio device touches guest memory, its queues or
-    // the interrupt lines while vCPU, VM and memory state are taken.
+    // Held while paused: no virtio device touches guest memory, its queues or the
+    // interrupt lines while vCPU, VM and memory state are taken.
     let virtio_lock = source.devices.virtio.lock();
     let virtio = virtio_lock.state();
     let vcpus = source.vcpus.save_state()?;
@@ -131,56 +178,38 @@ pub fn save(
 
     let hashing = Instant::now();
     let (regions, slices) = memory_slices(source.memory);
-    let mut rehashed = 0;
-    match tracked.take() {
-        Some(mut manifest) => {
-            let dirty = memory::take_dirty(source.vm, source.memory)?;
-            for (index, words) in dirty.iter().enumerate() {
-                rehashed += manifest.update(index, slices[index], words)?.rehashed;
-            }
-            *tracked = Some(manifest);
-        }
-        None => {
-            let manifest = Manifest::from_memory(&regions, &slices)?;
-            rehashed = manifest.counts().total;
-            // From now on KVM logs guest writes; the VMM's own are in vm-memory's bitmap.
-            memory::enable_dirty_log(source.vm, source.memory)?;
-            memory::take_dirty(source.vm, source.memory)?;
-            *tracked = Some(manifest);
-        }
-    }
-    let manifest = tracked.as_ref().expect("set above");
-    let counts = manifest.counts();
+    let (synced, manifest) = source.identities.sync_manifest()?;
     let hash_ms = ms(hashing);
 
     let storing = Instant::now();
-    let mut store = open_store(store_dir)?;
-    let distinct = manifest.distinct_ids();
-    let mut missing: HashSet<PageId> = store.missing(&distinct).into_iter().collect();
-    let mut new_pages = 0;
-    let mut batch: Vec<(PageId, &[u8])> = Vec::with_capacity(BATCH);
-    for (index, mem) in slices.iter().enumerate() {
-        let ids = manifest.region_ids(index).expect("region exists");
-        for (page, id) in ids.iter().enumerate() {
-            let Some(id) = id else { continue };
-            if missing.remove(id) {
-                let offset = page * PAGE_SIZE;
-                batch.push((*id, &mem[offset..offset + PAGE_SIZE]));
-                if batch.len() == BATCH {
-                    new_pages += store.put_many(&batch)?;
-                    batch.clear();
-                }
-            }
+    let base = baseline
+        .as_ref()
+        .filter(|b| b.store == absolute(store_dir) && same_regions(&b.manifest, &manifest));
+    let (new_pages, copied_pages, pause_ms) = match base {
+        Some(base) => {
+            // Copy aside what changed since the baseline, then let the guest run.
+            let copied = changed_pages(&base.manifest, &manifest, &slices);
+            drop(virtio_lock);
+            let pause_ms = ms(started);
+            resume();
+            let copied_pages = copied.len() as u64;
+            let new = store_pages(store_dir, &manifest, &slices, Some(copied))?;
+            (new, copied_pages, pause_ms)
         }
-    }
-    new_pages += store.put_many(&batch)?;
-    let root = root_name();
-    store.add_root(&root, &distinct)?;
-    drop(store);
+        None => {
+            let new = store_pages(store_dir, &manifest, &slices, None)?;
+            drop(virtio_lock);
+            let pause_ms = ms(started);
+            resume();
+            (new, 0, pause_ms)
+        }
+    };
     let store_ms = ms(storing);
 
+    let counts = manifest.counts();
     let manifest_bytes = manifest.encode();
     write_atomic(&dir.join(MANIFEST_FILE), &manifest_bytes)?;
+    let root = root_name();
     let state = SnapshotState {
         mem: source.meta.mem,
         cpus: source.meta.cpus,
@@ -193,25 +222,118 @@ pub fn save(
         i8042,
         virtio,
         store: absolute(store_dir),
-        root,
+        root: root.clone(),
         manifest_blake3: blake3::hash(&manifest_bytes).to_hex().to_string(),
     };
+    {
+        let mut store = open_store(store_dir)?;
+        store.add_root(&root, &manifest.distinct_ids())?;
+    }
     write_atomic(&dir.join(STATE_FILE), &format::encode(&state))?;
-    drop(virtio_lock);
+    *baseline = Some(Baseline {
+        store: absolute(store_dir),
+        manifest,
+    });
     Ok(SaveReport {
         dir: absolute(dir),
         store: absolute(store_dir),
         pages: counts.total,
         zero_pages: counts.zero,
         distinct_pages: counts.distinct,
-        rehashed_pages: rehashed,
+        rehashed_pages: synced.rehashed_pages,
+        copied_pages,
         new_pages,
         bytes_written: new_pages * PAGE_SIZE as u64,
         state_ms,
         hash_ms,
         store_ms,
+        pause_ms,
         total_ms: ms(started),
     })
+}
+
+fn same_regions(a: &Manifest, b: &Manifest) -> bool {
+    a.regions().eq(b.regions())
+}
+
+/// The pages of `now` whose identity differs from `before`'s at the same frame, copied
+/// (each identity once).
+fn changed_pages(before: &Manifest, now: &Manifest, slices: &[&[u8]]) -> HashMap<PageId, Vec<u8>> {
+    let mut copied = HashMap::new();
+    for (index, mem) in slices.iter().enumerate() {
+        let (Some(old), Some(new)) = (before.region_ids(index), now.region_ids(index)) else {
+            continue;
+        };
+        for (page, (old, new)) in old.iter().zip(new).enumerate() {
+            let Some(id) = new else { continue };
+            if old != new {
+                copied
+                    .entry(*id)
+                    .or_insert_with(|| mem[page * PAGE_SIZE..(page + 1) * PAGE_SIZE].to_vec());
+            }
+        }
+    }
+    copied
+}
+
+/// Puts the pages of `manifest` that the store lacks into it: from `copied` when given
+/// (the guest runs meanwhile: a page not copied is read from guest memory and used only if
+/// it still has its identity), else straight from guest memory (the guest is paused).
+fn store_pages(
+    store_dir: &Path,
+    manifest: &Manifest,
+    slices: &[&[u8]],
+    copied: Option<HashMap<PageId, Vec<u8>>>,
+) -> Result<u64, SaveError> {
+    let mut store = open_store(store_dir)?;
+    let mut missing: HashSet<PageId> = store
+        .missing(&manifest.distinct_ids())
+        .into_iter()
+        .collect();
+    let mut new_pages = 0;
+    if let Some(copied) = &copied {
+        let mut batch: Vec<(PageId, &[u8])> = Vec::with_capacity(BATCH);
+        for (id, page) in copied {
+            if missing.remove(id) {
+                batch.push((*id, page));
+                if batch.len() == BATCH {
+                    new_pages += store.put_many(&batch)?;
+                    batch.clear();
+                }
+            }
+        }
+        new_pages += store.put_many(&batch)?;
+    }
+    let mut batch: Vec<(PageId, Vec<u8>)> = Vec::new();
+    for (index, mem) in slices.iter().enumerate() {
+        if missing.is_empty() {
+            break;
+        }
+        let ids = manifest.region_ids(index).expect("region exists");
+        for (page, id) in ids.iter().enumerate() {
+            let Some(id) = id else { continue };
+            if !missing.remove(id) {
+                continue;
+            }
+            let bytes = mem[page * PAGE_SIZE..(page + 1) * PAGE_SIZE].to_vec();
+            if copied.is_some() && !id.matches(bytes.as_slice().try_into().expect("a page")) {
+                let gfn = manifest.regions().nth(index).expect("region").first_gfn() + page as u64;
+                return Err(SaveError::Changed { gfn });
+            }
+            batch.push((*id, bytes));
+            if batch.len() == BATCH {
+                new_pages += put_owned(&mut store, &batch)?;
+                batch.clear();
+            }
+        }
+    }
+    new_pages += put_owned(&mut store, &batch)?;
+    Ok(new_pages)
+}
+
+fn put_owned(store: &mut fabric::Store, batch: &[(PageId, Vec<u8>)]) -> Result<u64, SaveError> {
+    let refs: Vec<(PageId, &[u8])> = batch.iter().map(|(id, b)| (*id, b.as_slice())).collect();
+    Ok(store.put_many(&refs)?)
 }
 
 /// The guest's RAM regions and their host bytes.
@@ -223,8 +345,9 @@ fn memory_slices(memory: &GuestMemory) -> (Vec<Region>, Vec<&[u8]>) {
             guest_addr: region.start_addr().0,
             pages: region.len() / PAGE_SIZE as u64,
         });
-        // SAFETY: the mapping is live for as long as `memory` is borrowed, and nothing writes
-        // guest memory while we read it: every vCPU is paused and no device does DMA.
+        // SAFETY: the mapping is live for as long as `memory` is borrowed. While the guest is
+        // paused nothing writes it; after it resumes, a page read here is stored only if it
+        // still has the identity the paused guest's manifest gave it.
         slices.push(unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) });
     }
     (regions, slices)

@@ -1,0 +1,17 @@
+//! Live page identities shared across the processes of one host.
+//!
+//! - [`table`]: a VM's identities in one mapping its memory manager writes and other fabvm
+//!   processes map read-only, with a generation per chunk so readers see whole updates.
+//! - [`index`]: the host index built from those tables: where on this host a page is.
+//!
+//! Keeping the tables current (harvesting the dirty log, rehashing under a CPU budget) is
+//! the VMM's memory manager's job; this module only holds the data and its protocol.
+
+pub mod index;
+pub mod table;
+
+pub use index::{key_of, HostIndex, Key, Location, RefreshStats, VmCounts, ZERO_KEY};
+pub use table::{
+    process_start_time, ChunkWriter, Entry, Frames, IdentityTable, PageState, TableError,
+    TableReader, TableRegion, CHUNK_PAGES,
+};
