@@ -1,60 +1,23 @@
-//! The host-wide index of page identities across the running VMs: every registered VM's
-//! memory is read through `/proc/PID/mem` (its own process included, so a guest writing
-//! while we read is never a data race in ours) and hashed into fabric identities, on
-//! request and spread over worker threads; the counts say which pages have twins.
+//! The host-wide view of page identities across the running VMs, for page sharing: every
+//! registered VM's keys are read from the identity table it publishes (its live identities,
+//! see `memory::identities`); nothing here reads or hashes another VM's memory. The counts
+//! say which pages have twins.
 //!
 //! Identities are kept as [`Key`]s, the first 8 bytes of the blake3 identity: across even
 //! 10^7 pages the chance of two different pages sharing a key is about 10^-5, and nothing
 //! here trusts a key for content (KSM compares pages byte by byte before it merges them).
+//! A page its VM has written since it was hashed keeps its last key: a hint, like the rest.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 
-use fabric::{identify, PageId, PAGE_SIZE};
+use fabric::live::{TableReader, CHUNK_PAGES};
+#[cfg(test)]
+use fabric::PageId;
+use fabric::PAGE_SIZE;
 
-use crate::host_index::{read_remote, RegisteredRegion, RegisteredVm};
+use crate::host_index::{RegisteredRegion, RegisteredVm};
 
-/// A page identity shortened to 64 bits; [`ZERO_KEY`] for a zero page.
-pub type Key = u64;
-
-/// The key of a zero page.
-pub const ZERO_KEY: Key = 0;
-
-/// Pages read and hashed per work item (4 MiB).
-const CHUNK_PAGES: usize = 1024;
-
-/// How hashing may use the CPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Effort {
-    /// On request: one worker per core.
-    AllCores,
-    /// In the background: one worker, so the cost stays under one core.
-    OneCore,
-}
-
-impl Effort {
-    fn workers(self, items: usize) -> usize {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        match self {
-            Effort::AllCores => cores.min(items).max(1),
-            Effort::OneCore => 1,
-        }
-    }
-}
-
-/// The key of a page's identity.
-pub fn key_of(id: Option<PageId>) -> Key {
-    match id {
-        None => ZERO_KEY,
-        Some(id) => {
-            let mut first = [0u8; 8];
-            first.copy_from_slice(&id.as_bytes()[..8]);
-            // A non-zero page never gets the zero page's key.
-            u64::from_le_bytes(first).max(1)
-        }
-    }
-}
+pub use fabric::live::{key_of, Key, ZERO_KEY};
 
 /// One VM's pages as keys, in the order of its registered regions.
 #[derive(Debug, Clone)]
@@ -96,86 +59,36 @@ pub fn vm_bytes(vm: &RegisteredVm) -> u64 {
     vm.regions.iter().map(|r| r.len).sum()
 }
 
-/// Hashes the memory of `vms`; a VM that cannot be read (it exited meanwhile, or we may not
-/// read it) is `None`.
-pub fn hash_vms(vms: &[RegisteredVm], effort: Effort) -> Vec<Option<VmPages>> {
-    let keys: Vec<Mutex<Vec<Key>>> = vms
-        .iter()
-        .map(|vm| Mutex::new(vec![ZERO_KEY; (vm_bytes(vm) / PAGE_SIZE as u64) as usize]))
-        .collect();
-    let ok = for_each_chunk(vms, effort, |vm, first, chunk| {
-        let mut keys = keys[vm].lock().unwrap_or_else(|e| e.into_inner());
-        keys[first..first + chunk.len()].copy_from_slice(chunk);
-    });
-    vms.iter()
-        .zip(keys)
-        .zip(ok)
-        .map(|((vm, keys), ok)| {
-            ok.then(|| VmPages {
-                pid: vm.pid,
-                regions: vm.regions.clone(),
-                keys: keys.into_inner().unwrap_or_else(|e| e.into_inner()),
-            })
-        })
-        .collect()
+/// The keys `vm` publishes in its identity table (`None`: no table, or its process is
+/// gone).
+pub fn vm_pages(vm: &RegisteredVm) -> Option<VmPages> {
+    let path = crate::host_index::registry_dir().join(format!("{}.ids", vm.pid));
+    let table = TableReader::open(&path).ok()?;
+    if table.pid() != vm.pid || !table.owner_alive() {
+        return None;
+    }
+    let mut keys = Vec::with_capacity(table.pages());
+    let mut entries = Vec::with_capacity(CHUNK_PAGES);
+    for chunk in 0..table.chunks() {
+        let first = chunk * CHUNK_PAGES;
+        let end = (first + CHUNK_PAGES).min(table.pages());
+        // A chunk its owner keeps rewriting counts as unknown this time (keys are hints).
+        if table.read_chunk(chunk, &mut entries).is_none() {
+            keys.extend(std::iter::repeat_n(ZERO_KEY, end - first));
+            continue;
+        }
+        keys.extend(entries.iter().map(|e| key_of(e.id)));
+    }
+    Some(VmPages {
+        pid: vm.pid,
+        regions: vm.regions.clone(),
+        keys,
+    })
 }
 
-/// Reads and hashes every VM of `vms` in chunks, calling `each(vm index, first page, keys)`
-/// from worker threads; returns, per VM, whether all of it could be read.
-pub fn for_each_chunk(
-    vms: &[RegisteredVm],
-    effort: Effort,
-    each: impl Fn(usize, usize, &[Key]) + Sync,
-) -> Vec<bool> {
-    // Work items: (vm, region, first page of the chunk in the region, first page in the VM).
-    let mut items = Vec::new();
-    for (v, vm) in vms.iter().enumerate() {
-        let mut base = 0;
-        for (r, region) in vm.regions.iter().enumerate() {
-            let pages = (region.len / PAGE_SIZE as u64) as usize;
-            for start in (0..pages).step_by(CHUNK_PAGES) {
-                items.push((v, r, start, base + start, (pages - start).min(CHUNK_PAGES)));
-            }
-            base += pages;
-        }
-    }
-    let failed: Vec<std::sync::atomic::AtomicBool> = vms
-        .iter()
-        .map(|_| std::sync::atomic::AtomicBool::new(false))
-        .collect();
-    let next = AtomicUsize::new(0);
-    let work = || {
-        let mut buf = vec![0u8; CHUNK_PAGES * PAGE_SIZE];
-        let mut keys = vec![ZERO_KEY; CHUNK_PAGES];
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(&(v, r, start, first, pages)) = items.get(i) else {
-                break;
-            };
-            if failed[v].load(Ordering::Relaxed) {
-                continue;
-            }
-            let region = &vms[v].regions[r];
-            let bytes = &mut buf[..pages * PAGE_SIZE];
-            let addr = region.host_addr + (start * PAGE_SIZE) as u64;
-            if read_remote(vms[v].pid, addr, bytes).is_err() {
-                failed[v].store(true, Ordering::Relaxed);
-                continue;
-            }
-            for (key, page) in keys.iter_mut().zip(bytes.chunks_exact(PAGE_SIZE)) {
-                *key = key_of(identify(page.try_into().expect("one page")));
-            }
-            each(v, first, &keys[..pages]);
-        }
-    };
-    let workers = effort.workers(items.len());
-    std::thread::scope(|scope| {
-        for _ in 1..workers {
-            scope.spawn(work);
-        }
-        work();
-    });
-    failed.iter().map(|f| !f.load(Ordering::Relaxed)).collect()
+/// [`vm_pages`] of each of `vms`.
+pub fn published(vms: &[RegisteredVm]) -> Vec<Option<VmPages>> {
+    vms.iter().map(vm_pages).collect()
 }
 
 /// How one identity is held across the indexed VMs.
@@ -277,24 +190,20 @@ impl Index {
     }
 }
 
-/// Potential of one VM against the others without indexing the others' pages: only this
-/// VM's keys are held, the others' are streamed past them.
-pub fn potential_against(own: &VmPages, others: &[RegisteredVm], effort: Effort) -> VmCounts {
+/// Potential of one VM against the others: only this VM's keys are indexed, the others'
+/// are streamed past them.
+pub fn potential_against(own: &VmPages, others: &[VmPages]) -> VmCounts {
     let mut slots: HashMap<Key, usize> = HashMap::new();
     for &key in own.keys.iter().filter(|&&k| k != ZERO_KEY) {
         let next = slots.len();
         slots.entry(key).or_insert(next);
     }
-    let twin: Vec<std::sync::atomic::AtomicBool> = (0..slots.len())
-        .map(|_| std::sync::atomic::AtomicBool::new(false))
-        .collect();
-    for_each_chunk(others, effort, |_, _, keys| {
-        for key in keys {
-            if let Some(&slot) = slots.get(key) {
-                twin[slot].store(true, Ordering::Relaxed);
-            }
+    let mut twin = vec![false; slots.len()];
+    for key in others.iter().flat_map(|o| &o.keys) {
+        if let Some(&slot) = slots.get(key) {
+            twin[slot] = true;
         }
-    });
+    }
     let mut seen = vec![0u32; slots.len()];
     for key in own.keys.iter().filter(|&&k| k != ZERO_KEY) {
         seen[slots[key]] += 1;
@@ -306,7 +215,7 @@ pub fn potential_against(own: &VmPages, others: &[RegisteredVm], effort: Effort)
     };
     for key in own.keys.iter().filter(|&&k| k != ZERO_KEY) {
         let slot = slots[key];
-        if twin[slot].load(Ordering::Relaxed) {
+        if twin[slot] {
             counts.potential_pages += 1;
         } else if seen[slot] > 1 {
             counts.duplicate_pages += 1;
@@ -357,43 +266,56 @@ mod tests {
     }
 
     #[test]
-    fn this_process_is_hashed_and_compared() {
-        // Two "VMs" in this process: the same pages at different addresses, one page apart.
-        let pages = 2 * CHUNK_PAGES + 3;
-        let mut a = vec![0u8; pages * PAGE_SIZE];
-        for (i, page) in a.chunks_exact_mut(PAGE_SIZE).enumerate() {
-            if i % 5 != 0 {
-                page[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+    fn potential_counts_twins_in_other_vms_only() {
+        let vm = |keys: &[Key]| VmPages {
+            pid: 1,
+            regions: Vec::new(),
+            keys: keys.to_vec(),
+        };
+        let own = vm(&[1, 2, 2, 0, 3]);
+        let counts = potential_against(&own, &[vm(&[3, 9]), vm(&[1])]);
+        assert_eq!(
+            counts,
+            VmCounts {
+                pages: 5,
+                zero_pages: 1,
+                potential_pages: 2,
+                duplicate_pages: 2,
             }
-        }
-        let mut b = a.clone();
-        b[PAGE_SIZE..PAGE_SIZE + 8].copy_from_slice(&u64::MAX.to_le_bytes());
-        let vm = |mem: &[u8]| RegisteredVm {
-            pid: std::process::id(),
+        );
+    }
+
+    #[test]
+    fn published_keys_are_read_back() {
+        use fabric::live::{IdentityTable, PageState, TableRegion};
+        let dir = tempfile::tempdir().unwrap();
+        // SAFETY: tests in this module set the variable before anything reads it.
+        unsafe { std::env::set_var("FABVM_RUNTIME_DIR", dir.path()) };
+        std::fs::create_dir_all(crate::host_index::registry_dir()).unwrap();
+        let pid = std::process::id();
+        let path = crate::host_index::registry_dir().join(format!("{pid}.ids"));
+        let region = TableRegion {
+            guest_addr: 0x10_0000,
+            pages: 600,
+            host_addr: 0,
+        };
+        let mut table = IdentityTable::create(Some(&path), &[region]).unwrap();
+        let id = PageId::of(&[7u8; PAGE_SIZE]);
+        table.set(513, PageState::Current, Some(id));
+        let vm = RegisteredVm {
+            pid,
             regions: vec![RegisteredRegion {
                 guest_addr: 0x10_0000,
-                host_addr: mem.as_ptr() as u64,
-                len: mem.len() as u64,
+                host_addr: 0,
+                len: 600 * PAGE_SIZE as u64,
             }],
         };
-        let vms = [vm(&a), vm(&b)];
-        for effort in [Effort::AllCores, Effort::OneCore] {
-            let hashed = hash_vms(&vms, effort);
-            let own = hashed[0].clone().unwrap();
-            assert_eq!(own.keys.len(), pages);
-            assert_eq!(own.gfn(0), 0x100);
-            let zero = pages.div_ceil(5) as u64;
-            assert_eq!(own.zero_pages(), zero);
-            let counts = potential_against(&own, &vms[1..], effort);
-            assert_eq!(counts.zero_pages, zero);
-            assert_eq!(counts.potential_pages, pages as u64 - zero - 1);
-            let index = Index::new(hashed.iter().map(|v| v.as_ref().unwrap().keys.as_slice()));
-            assert_eq!(index.vm_counts(&own.keys), counts);
-        }
-        let gone = RegisteredVm {
-            pid: u32::MAX / 2,
-            regions: vms[0].regions.clone(),
-        };
-        assert!(hash_vms(&[gone], Effort::OneCore)[0].is_none());
+        let pages = vm_pages(&vm).unwrap();
+        assert_eq!(pages.keys.len(), 600);
+        assert_eq!(pages.keys[513], key_of(Some(id)));
+        assert_eq!(pages.zero_pages(), 599);
+        assert_eq!(pages.gfn(513), 0x100 + 513);
+        let other = RegisteredVm { pid: pid + 1, ..vm };
+        assert!(vm_pages(&other).is_none(), "no table for that pid");
     }
 }

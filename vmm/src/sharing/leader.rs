@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 use fabric::PAGE_SIZE;
 use serde::{Deserialize, Serialize};
 
-use super::index::{self, Effort, Key, VmPages};
+use super::index::{self, Key, VmPages};
 use super::ksm::{self, ProcessStat};
 use super::plan::{self, VmPlan};
 use super::{Registered, ShareMode};
-use crate::host_index::{self, RegisteredVm};
+use crate::host_index::RegisteredVm;
 
 /// A VM is sampled (every [`SAMPLE_STRIDE`]th page) until its memory holds still: two
 /// samples taken [`SAMPLE_CPU_MS`] of the VM's own CPU time apart differ in at most
@@ -409,13 +409,8 @@ impl Leader {
             take
         });
         let vms: Vec<RegisteredVm> = due.iter().map(|pid| self.tracked[pid].vm.clone()).collect();
-        // The first hash of a VM is what planning waits for: all cores. Refreshes: one.
-        let effort = if due.iter().any(|pid| !self.tracked[pid].settled()) {
-            Effort::AllCores
-        } else {
-            Effort::OneCore
-        };
-        let hashed = index::hash_vms(&vms, effort);
+        // Their live identities, as they publish them (nothing is hashed here).
+        let hashed = index::published(&vms);
         for (pid, pages) in due.into_iter().zip(hashed) {
             let Some(pages) = pages else {
                 gone.push(pid);
@@ -597,21 +592,11 @@ impl Leader {
     }
 }
 
-/// Keys of every [`SAMPLE_STRIDE`]th page of `vm` (None when it cannot be read).
+/// Keys of every [`SAMPLE_STRIDE`]th page of `vm`, from its published identities (None when
+/// it publishes none).
 fn sample(vm: &RegisteredVm) -> Option<Vec<Key>> {
-    let mut page = vec![0u8; PAGE_SIZE];
-    let mut keys = Vec::new();
-    for region in &vm.regions {
-        let pages = (region.len / PAGE_SIZE as u64) as usize;
-        for i in (0..pages).step_by(SAMPLE_STRIDE) {
-            let addr = region.host_addr + (i * PAGE_SIZE) as u64;
-            host_index::read_remote(vm.pid, addr, &mut page).ok()?;
-            keys.push(index::key_of(fabric::identify(
-                page.as_slice().try_into().expect("one page"),
-            )));
-        }
-    }
-    Some(keys)
+    let pages = index::vm_pages(vm)?;
+    Some(pages.keys.into_iter().step_by(SAMPLE_STRIDE).collect())
 }
 
 /// Fraction of positions where two key lists differ.

@@ -31,7 +31,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::host_index::{self, RegisteredVm};
 use crate::memory::GuestMemory;
-use index::{Effort, Index, VmCounts};
+use index::{Index, VmCounts};
 use ksm::ProcessStat;
 use leader::{Leader, PlanFile};
 
@@ -182,10 +182,9 @@ impl Sharing {
                 .collect(),
         };
         let others = host_index::running_vms(Some(pid));
-        let counts = index::hash_vms(std::slice::from_ref(&own), Effort::AllCores)
-            .pop()
-            .flatten()
-            .map(|pages| index::potential_against(&pages, &others, Effort::AllCores))
+        let other_pages: Vec<_> = index::published(&others).into_iter().flatten().collect();
+        let counts = index::vm_pages(&own)
+            .map(|pages| index::potential_against(&pages, &other_pages))
             .unwrap_or_default();
         let hashed: u64 = index::vm_bytes(&own) + others.iter().map(index::vm_bytes).sum::<u64>();
         let stat = ProcessStat::read(pid);
@@ -447,10 +446,7 @@ pub fn host_report() -> HostReport {
     let started = Instant::now();
     let vms = host_index::running_vms(None);
     let modes = registered(&dir);
-    let hashed: Vec<_> = index::hash_vms(&vms, Effort::AllCores)
-        .into_iter()
-        .flatten()
-        .collect();
+    let hashed: Vec<_> = index::published(&vms).into_iter().flatten().collect();
     let index = Index::new(hashed.iter().map(|v| v.keys.as_slice()));
     let hash_ms = started.elapsed().as_millis() as u64;
     let reports: Vec<VmReport> = hashed
