@@ -107,7 +107,8 @@ pub struct RunArgs {
 pub struct IdentityArgs {
     /// Keep every page's identity current in the background (`off`: only when a snapshot or
     /// migration needs them, which then hash what changed on the spot).
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off,
+          action = clap::ArgAction::Set)]
     pub identities: bool,
     /// CPU budget of the background identity thread, in percent of one core.
     #[arg(long, value_name = "PERCENT", default_value_t = 10.0,

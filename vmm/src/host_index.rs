@@ -185,6 +185,9 @@ pub struct HostCounters {
     pub read_failures: AtomicU64,
     /// System calls made to copy pages out of running VMs.
     pub reads: AtomicU64,
+    /// Pages found in each running VM (by index), verified.
+    #[serde(skip)]
+    found_per_vm: Vec<AtomicU64>,
 }
 
 impl HostPages {
@@ -204,7 +207,10 @@ impl HostPages {
                 Err(e) => log::debug!("VM {} not indexed: {e}", vm.pid),
             }
         }
-        let counters = HostCounters::default();
+        let counters = HostCounters {
+            found_per_vm: pids.iter().map(|_| AtomicU64::new(0)).collect(),
+            ..HostCounters::default()
+        };
         counters.vms.store(pids.len() as u64, Ordering::Relaxed);
         HostPages {
             index,
@@ -224,8 +230,21 @@ impl HostPages {
         &self.counters
     }
 
-    /// Where `id` is in a running VM, preferring frame `gfn`: (pid, host address).
-    fn locate(&self, gfn: Option<u64>, id: &PageId) -> Option<(u32, u64)> {
+    /// Its figures as JSON, with the pages each running VM gave (by pid).
+    pub fn figures(&self) -> serde_json::Value {
+        let mut figures = serde_json::to_value(&self.counters).unwrap_or_default();
+        let per_vm: serde_json::Map<String, serde_json::Value> = self
+            .pids
+            .iter()
+            .zip(&self.counters.found_per_vm)
+            .map(|(pid, n)| (pid.to_string(), n.load(Ordering::Relaxed).into()))
+            .collect();
+        figures["found_per_vm"] = per_vm.into();
+        figures
+    }
+
+    /// Where `id` is in a running VM, preferring frame `gfn`: (VM index, pid, host address).
+    fn locate(&self, gfn: Option<u64>, id: &PageId) -> Option<(usize, u32, u64)> {
         let (loc, same) = match gfn.and_then(|gfn| self.index.lookup_at(gfn, id)) {
             Some(loc) => (loc, true),
             None => (self.index.lookup(id)?, false),
@@ -238,7 +257,7 @@ impl HostPages {
             &self.counters.elsewhere
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        Some((self.pids[loc.vm], addr))
+        Some((loc.vm, self.pids[loc.vm], addr))
     }
 
     fn take_from_store(&self, id: &PageId, out: &mut Page) -> bool {
@@ -250,7 +269,7 @@ impl HostPages {
     }
 
     fn copy_from_vm(&self, gfn: Option<u64>, id: &PageId, out: &mut Page) -> FetchResult {
-        let Some((pid, addr)) = self.locate(gfn, id) else {
+        let Some((vm, pid, addr)) = self.locate(gfn, id) else {
             return FetchResult::Absent;
         };
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
@@ -258,11 +277,14 @@ impl HostPages {
             self.counters.read_failures.fetch_add(1, Ordering::Relaxed);
             return FetchResult::Absent;
         }
-        self.verify(id, out)
+        self.verify(Some(vm), id, out)
     }
 
-    fn verify(&self, id: &PageId, page: &Page) -> FetchResult {
+    fn verify(&self, vm: Option<usize>, id: &PageId, page: &Page) -> FetchResult {
         if id.matches(page) {
+            if let Some(n) = vm.and_then(|vm| self.counters.found_per_vm.get(vm)) {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
             FetchResult::Verified
         } else {
             self.counters.mismatched.fetch_add(1, Ordering::Relaxed);
@@ -290,14 +312,14 @@ impl PageSource for HostPages {
     /// read each, verifies every page on all cores, and takes what is still missing from
     /// the store.
     fn fetch_batch(&self, wanted: &[(u64, PageId)], out: &mut [u8], results: &mut [FetchResult]) {
-        let located: Vec<Option<(u32, u64)>> = wanted
+        let located: Vec<Option<(usize, u32, u64)>> = wanted
             .iter()
             .map(|(gfn, id)| self.locate(Some(*gfn), id))
             .collect();
         // Runs of pages contiguous in one process's memory and in `out`.
         let mut runs: Vec<Run> = Vec::new();
         for (i, loc) in located.iter().enumerate() {
-            let Some((pid, addr)) = *loc else { continue };
+            let Some((_, pid, addr)) = *loc else { continue };
             match runs.last_mut() {
                 Some(run) if run.extends(pid, addr, i) => run.count += 1,
                 _ => runs.push(Run {
@@ -340,12 +362,12 @@ impl PageSource for HostPages {
         out.par_chunks_mut(PAGE_SIZE)
             .zip(wanted.par_iter())
             .zip(results.par_iter_mut())
-            .zip(copied.par_iter())
+            .zip(copied.par_iter().zip(located.par_iter()))
             .with_min_len(16)
-            .for_each(|(((buf, (_, id)), result), &copied)| {
+            .for_each(|(((buf, (_, id)), result), (&copied, loc))| {
                 let page: &mut Page = buf.try_into().expect("a page");
                 *result = if copied {
-                    self.verify(id, page)
+                    self.verify(loc.map(|l| l.0), id, page)
                 } else {
                     FetchResult::Absent
                 };

@@ -102,7 +102,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
     };
     let mut sink = GuestPages::new(shell.memory());
     let received = receiver.receive(&hosted, &mut sink)?;
-    let host_figures = serde_json::to_value(hosted.counters()).unwrap_or_default();
+    let host_figures = hosted.figures();
     log::info!("incoming migration: pages this host held: {host_figures}");
     drop(hosted); // release the store for others
     let state = match format::decode(&received.state) {
