@@ -14,6 +14,7 @@ use crate::api::server::{ApiServer, Call, Reply, ServerError};
 use crate::api::{Request, Response};
 use crate::console::{self, RawStdin};
 use crate::device_manager::DeviceManager;
+use crate::metrics;
 use crate::migration::source::{self, MigrateRequest};
 use crate::snapshot::save::{self, VmMeta};
 use crate::vcpu::exit::StopReason;
@@ -264,7 +265,13 @@ impl LoopState {
                 };
                 // Migration consumes the dirty log: the next snapshot hashes everything.
                 self.manifest = None;
-                match source::migrate(&self.machine, self.paused, &request, progress) {
+                let started = Instant::now();
+                let result = source::migrate(&self.machine, self.paused, &request, progress);
+                metrics::MIGRATIONS.record(
+                    started.elapsed(),
+                    result.as_ref().ok().map(|r| r.bytes_sent),
+                );
+                match result {
                     Ok(report) => {
                         self.migrated = true;
                         Response::ok(serde_json::to_value(report).unwrap_or_default())
@@ -299,6 +306,12 @@ impl LoopState {
         if let Some(sharing) = &self.sharing {
             stats["sharing"] = sharing.report();
         }
+        if let Some(counters) = metrics::counters().as_object() {
+            for (key, value) in counters {
+                stats[key] = value.clone();
+            }
+        }
+        stats["virtio"] = self.machine.devices.virtio.metrics().into();
         stats
     }
 
@@ -317,7 +330,12 @@ impl LoopState {
             devices: &self.machine.devices,
             meta: &self.machine.meta,
         };
+        let started = Instant::now();
         let result = save::save(&source, dir, &self.store, &mut self.manifest);
+        metrics::SNAPSHOTS.record(
+            started.elapsed(),
+            result.as_ref().ok().map(|r| r.bytes_written),
+        );
         if was_running {
             if let Err(e) = self.machine.vcpus.resume() {
                 log::error!("resume after snapshot: {e}");
