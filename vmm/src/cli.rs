@@ -89,7 +89,7 @@ pub struct RunArgs {
     #[arg(long, conflicts_with = "restore")]
     pub rng: bool,
 
-    /// Serve the API (JSON lines) on this Unix socket.
+    /// Serve the HTTP API (docs/api.md) on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
 
@@ -123,11 +123,17 @@ pub struct HostArgs {
 }
 
 /// Operations of `fabvm host`.
-#[derive(Debug, Clone, Copy, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum HostOp {
     /// Hash every running VM's memory now: pages identical to another VM's (potential),
     /// pages KSM has merged, zero pages, per VM and in total.
     Stats,
+    /// The same figures (and the host store's, with --store) as a Prometheus text page.
+    Metrics {
+        /// Host page store to report on [default: as for `fabvm --store`].
+        #[arg(long, value_name = "DIR")]
+        store: Option<PathBuf>,
+    },
 }
 
 /// `fabvm receive`.

@@ -5,7 +5,7 @@
 //! - A number at `a.b.c` is `PREFIX_a_b_c`; a boolean is 0 or 1; other strings are dropped.
 //! - The top-level `state` string is `PREFIX_state{state="running"} 1`.
 //! - An array of objects (e.g. `virtio`) gives one sample per element, labelled by the
-//!   element's string fields (`fabvm_virtio_requests_total{device="block0",backend="..."}`).
+//!   element's string fields and `pid` (`fabvm_virtio_requests_total{device="block0",...}`).
 //! - `vcpu_exits` maps a kind to a count: `fabvm_vcpu_exits_total{kind="io_out"}`.
 //! - A name ending in `_total`, or a field known to only grow ([`COUNTER_FIELDS`]), is a
 //!   counter; everything else a gauge.
@@ -20,6 +20,9 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Fields that only grow, exported as counters under their own name.
 pub const COUNTER_FIELDS: &[&str] = &["harvests", "rehashed_pages", "cpu_ms", "full_scans"];
+
+/// Numeric fields of array elements that name the element (a label, not a sample).
+const ID_FIELDS: &[&str] = &["pid"];
 
 /// Objects whose keys are a label rather than part of the name: (field, label, metric name).
 const LABELLED: &[(&str, &str, &str)] = &[("vcpu_exits", "kind", "vcpu_exits_total")];
@@ -91,15 +94,19 @@ impl Page {
                 }
             }
             Value::Array(items) => {
-                for item in items.iter().filter(|i| i.is_object()) {
+                for map in items.iter().filter_map(Value::as_object) {
                     let mut labels = labels.to_vec();
-                    if let Some(map) = item.as_object() {
-                        labels.extend(
-                            map.iter()
-                                .filter_map(|(k, v)| Some((sanitize(k), v.as_str()?.to_string()))),
-                        );
+                    let mut rest = map.clone();
+                    for (key, v) in map {
+                        let label = match v {
+                            Value::String(s) => s.clone(),
+                            Value::Number(n) if ID_FIELDS.contains(&key.as_str()) => n.to_string(),
+                            _ => continue,
+                        };
+                        labels.push((sanitize(key), label));
+                        rest.remove(key);
                     }
-                    self.walk(name, path, item, &labels);
+                    self.walk(name, path, &Value::Object(rest), &labels);
                 }
             }
             Value::String(_) | Value::Null => {}
@@ -237,6 +244,13 @@ mod tests {
             assert!(value.parse::<f64>().is_ok(), "{line}");
         }
         assert!(page.contains("fabvm_host_a_b_c_d 1"));
+        let host = json!({"vms": [{"pid": 42, "mode": "guided", "mem_bytes": 4096}]});
+        let page = render(&host, "fabvm_host");
+        assert!(
+            page.contains("fabvm_host_vms_mem_bytes{mode=\"guided\",pid=\"42\"} 4096"),
+            "{page}"
+        );
+        assert!(!page.contains("vms_pid"), "{page}");
         assert!(page.contains(&format!("fabvm_host_big {}", u64::MAX)));
     }
 }
