@@ -169,11 +169,17 @@ fn host(args: HostArgs) {
             figures["summary"] = vmm::sharing::host_summary();
             let dir = store.unwrap_or_else(fabric::default_dir);
             // A host without a store (or one busy now) still has VMs to report.
-            let store = dir.exists().then(|| fabric::Store::open(&dir).ok()).flatten();
+            let store = dir
+                .exists()
+                .then(|| fabric::Store::open(&dir).ok())
+                .flatten();
             if let Some(store) = store {
                 figures["store"] = serde_json::to_value(store.stats()).unwrap_or_default();
             }
-            print!("{}", vmm::metrics::prometheus::render(&figures, "fabvm_host"));
+            print!(
+                "{}",
+                vmm::metrics::prometheus::render(&figures, "fabvm_host")
+            );
         }
     }
 }

@@ -190,12 +190,15 @@ mod tests {
     fn routes_are_found_by_method_and_path() {
         assert_eq!(find("GET", "/vm").unwrap().op, "status");
         assert_eq!(find("get", "/vm/").unwrap().op, "status");
-        assert_eq!(find("GET", "/metrics?x=1").unwrap().answer, Answer::Prometheus);
-        assert_eq!(find("PUT", "/vm/migrate").unwrap().answer, Answer::Streamed);
         assert_eq!(
-            find("GET", "/nope"),
-            Err(RouteError::NotFound("/nope".into()))
+            find("GET", "/metrics?x=1").unwrap().answer,
+            Answer::Prometheus
         );
+        assert_eq!(find("PUT", "/vm/migrate").unwrap().answer, Answer::Streamed);
+        assert!(matches!(
+            find("GET", "/nope"),
+            Err(RouteError::NotFound(path)) if path == "/nope"
+        ));
         assert!(matches!(
             find("DELETE", "/vm/pause"),
             Err(RouteError::MethodNotAllowed { allowed, .. }) if allowed == "PUT"
@@ -211,8 +214,14 @@ mod tests {
                 dir: "/tmp/s".into()
             }
         );
-        assert_eq!(request(find("PUT", "/vm/pause").unwrap(), b"").unwrap(), Request::Pause);
-        assert_eq!(request(find("PUT", "/vm/pause").unwrap(), b"{}").unwrap(), Request::Pause);
+        assert_eq!(
+            request(find("PUT", "/vm/pause").unwrap(), b"").unwrap(),
+            Request::Pause
+        );
+        assert_eq!(
+            request(find("PUT", "/vm/pause").unwrap(), b"{}").unwrap(),
+            Request::Pause
+        );
         for bad in [&b"{"[..], b"[]", b"\"x\"", b"{}"] {
             assert!(
                 matches!(request(snap, bad), Err(RouteError::BadBody(_))),
@@ -246,8 +255,52 @@ mod tests {
         ];
         for req in requests {
             let (route, body) = for_request(&req).unwrap();
-            let body = body.map(|b| serde_json::to_vec(&b).unwrap()).unwrap_or_default();
+            let body = body
+                .map(|b| serde_json::to_vec(&b).unwrap())
+                .unwrap_or_default();
             assert_eq!(request(route, &body).unwrap(), req, "{route:?}");
+        }
+    }
+
+    /// (method, path) of every operation in `docs/api.yaml`: the keys under `paths:`, two
+    /// spaces in, and the methods under them, four spaces in.
+    fn documented() -> Vec<(String, String)> {
+        let yaml = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/api.yaml"));
+        let mut out = Vec::new();
+        let (mut in_paths, mut path) = (false, String::new());
+        for line in yaml.lines() {
+            if !line.starts_with(' ') && !line.is_empty() {
+                in_paths = line.starts_with("paths:");
+            } else if in_paths {
+                if let Some(p) = line.strip_prefix("  /").and_then(|l| l.strip_suffix(':')) {
+                    path = format!("/{p}");
+                } else if let Some(m) = line.strip_prefix("    ").and_then(|l| l.strip_suffix(':'))
+                {
+                    if !m.starts_with(' ') {
+                        out.push((m.to_ascii_uppercase(), path.clone()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn openapi_document_matches_the_routes() {
+        let documented = documented();
+        assert!(documented.len() >= 8, "{documented:?}");
+        for (method, path) in &documented {
+            let route = find(method, path);
+            assert!(route.is_ok(), "docs/api.yaml: {method} {path} has no route");
+        }
+        for route in ROUTES {
+            let key = (route.method.as_str().to_string(), route.path.to_string());
+            assert!(
+                documented.contains(&key),
+                "{} {} is not in docs/api.yaml",
+                key.0,
+                key.1
+            );
         }
     }
 

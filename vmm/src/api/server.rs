@@ -58,7 +58,9 @@ pub struct ApiServer {
 
 impl std::fmt::Debug for ApiServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiServer").field("path", &self.path).finish()
+        f.debug_struct("ApiServer")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -87,8 +89,8 @@ impl ApiServer {
             path: path.to_path_buf(),
             source,
         };
-        let server = Server::http_unix(path)
-            .map_err(|e| bind(std::io::Error::other(e.to_string())))?;
+        let server =
+            Server::http_unix(path).map_err(|e| bind(std::io::Error::other(e.to_string())))?;
         let server = Arc::new(server);
         let vmm = Vmm { calls, wake };
         let listener = server.clone();
@@ -184,9 +186,10 @@ fn read_body(http: &mut tiny_http::Request) -> Result<Vec<u8>, (u16, String)> {
 
 /// Whether the client asked for progress lines (and can take a chunked answer).
 fn wants_stream(http: &tiny_http::Request) -> bool {
-    let accepts = http.headers().iter().any(|h| {
-        h.field.equiv("Accept") && h.value.as_str().contains(super::NDJSON)
-    });
+    let accepts = http
+        .headers()
+        .iter()
+        .any(|h| h.field.equiv("Accept") && h.value.as_str().contains(super::NDJSON));
     accepts && *http.http_version() >= tiny_http::HTTPVersion(1, 1)
 }
 
@@ -233,9 +236,7 @@ fn send_response(http: tiny_http::Request, route: &Route, response: Response) {
             prometheus::render(&result, "fabvm").into_bytes(),
             None,
         ),
-        Answer::Json | Answer::Streamed => {
-            send(http, 200, super::JSON, json_line(&result), None)
-        }
+        Answer::Json | Answer::Streamed => send(http, 200, super::JSON, json_line(&result), None),
     }
 }
 

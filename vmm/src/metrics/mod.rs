@@ -140,7 +140,12 @@ pub static MIGRATIONS: Operations = Operations::new();
 pub fn counters() -> Value {
     let exits: serde_json::Map<String, Value> = ExitKind::ALL
         .iter()
-        .map(|&k| (k.name().to_string(), EXITS[k as usize].load(Ordering::Relaxed).into()))
+        .map(|&k| {
+            (
+                k.name().to_string(),
+                EXITS[k as usize].load(Ordering::Relaxed).into(),
+            )
+        })
         .collect();
     json!({
         "vcpu_exits": exits,

@@ -228,7 +228,10 @@ mod tests {
         assert!(page.contains("# TYPE fabvm_vcpu_exits_total counter"));
         assert!(page.contains("# TYPE fabvm_snapshots_last_duration_ms gauge"));
         // One TYPE line per family, however many samples.
-        assert_eq!(page.matches("# TYPE fabvm_virtio_requests_total").count(), 1);
+        assert_eq!(
+            page.matches("# TYPE fabvm_virtio_requests_total").count(),
+            1
+        );
     }
 
     #[test]
@@ -238,19 +241,20 @@ mod tests {
         for line in sample_lines(&page) {
             let (name, value) = line.rsplit_once(' ').unwrap();
             assert!(
-                name.chars().all(|c| c.is_ascii_alphanumeric() || "_{}=\",/\\".contains(c)),
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_{}=\",/\\".contains(c)),
                 "{line}"
             );
             assert!(value.parse::<f64>().is_ok(), "{line}");
         }
         assert!(page.contains("fabvm_host_a_b_c_d 1"));
         let host = json!({"vms": [{"pid": 42, "mode": "guided", "mem_bytes": 4096}]});
-        let page = render(&host, "fabvm_host");
+        let host_page = render(&host, "fabvm_host");
         assert!(
-            page.contains("fabvm_host_vms_mem_bytes{mode=\"guided\",pid=\"42\"} 4096"),
-            "{page}"
+            host_page.contains("fabvm_host_vms_mem_bytes{mode=\"guided\",pid=\"42\"} 4096"),
+            "{host_page}"
         );
-        assert!(!page.contains("vms_pid"), "{page}");
-        assert!(page.contains(&format!("fabvm_host_big {}", u64::MAX)));
+        assert!(!host_page.contains("vms_pid"), "{host_page}");
+        assert!(page.contains(&format!("fabvm_host_big {}", u64::MAX)), "{page}");
     }
 }

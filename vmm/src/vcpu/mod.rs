@@ -267,8 +267,8 @@ impl Vcpu {
             Ok(exit) => {
                 crate::metrics::count_exit(exit::kind(&exit));
                 match exit::handle(exit, &self.buses) {
-                ExitAction::Continue => None,
-                ExitAction::Stop(reason) => Some(reason),
+                    ExitAction::Continue => None,
+                    ExitAction::Stop(reason) => Some(reason),
                     ExitAction::InternalError => Some(StopReason::Failed(self.internal_error())),
                 }
             }

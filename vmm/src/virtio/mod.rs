@@ -24,9 +24,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use devices::virtio::{
     cmdline_entry, net_subscriber, Block, BlockError, BlockState, DeviceMetrics, EventFdInterrupt,
-    Interrupt,
-    MacAddr, MmioError, MmioTransport, Net, NetError, NetState, Rng, RngState, Tap, VirtioDevice,
-    VirtioSubscriber, MMIO_LEN, NOTIFY_OFFSET,
+    Interrupt, MacAddr, MmioError, MmioTransport, Net, NetError, NetState, Rng, RngState, Tap,
+    VirtioDevice, VirtioSubscriber, MMIO_LEN, NOTIFY_OFFSET,
 };
 use devices::{Bus, BusError};
 use kvm_ioctls::{IoEventAddress, VmFd};
