@@ -255,6 +255,9 @@ mod tests {
             "{host_page}"
         );
         assert!(!host_page.contains("vms_pid"), "{host_page}");
-        assert!(page.contains(&format!("fabvm_host_big {}", u64::MAX)), "{page}");
+        assert!(
+            page.contains(&format!("fabvm_host_big {}", u64::MAX)),
+            "{page}"
+        );
     }
 }
