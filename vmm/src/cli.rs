@@ -65,12 +65,12 @@ pub struct RunArgs {
     pub initrd: Option<PathBuf>,
 
     /// Back guest memory with small pages only (no transparent huge pages): slower first touch,
-    /// exact dirty logging on nested KVM (see README).
+    /// exact dirty logging on nested KVM (see docs/snapshots.md).
     #[arg(long, conflicts_with = "restore")]
     pub no_hugepages: bool,
 
     /// Share identical pages with other VMs on this host through the kernel's KSM (off by
-    /// default: merged pages are a timing side channel between VMs, see README). `guided`
+    /// default: merged pages are a timing side channel between VMs, see docs/sharing.md). `guided`
     /// (what `--share` alone means) marks only pages with twins in other VMs and runs ksmd
     /// fast while they merge; `plain` marks all guest memory. Turns transparent huge pages off.
     #[arg(long, value_name = "MODE", num_args = 0..=1, require_equals = true,
