@@ -134,7 +134,7 @@ def write_readme(out):
         return
     m = max((r["meta"] for _, r in reports), key=lambda meta: meta["date"])["machine"]
     lines = ["# Benchmark results", "",
-             "Made by `python3 bench/run.py` (see the README's Benchmarks section); each section "
+             "Made by `python3 bench/run.py` (see docs/benchmarks.md); each section "
              "says when and how its figures were made.", "",
              f"Machine: {common.describe_machine(m)}.", ""]
     for name, r in reports:

@@ -65,12 +65,12 @@ pub struct RunArgs {
     pub initrd: Option<PathBuf>,
 
     /// Back guest memory with small pages only (no transparent huge pages): slower first touch,
-    /// exact dirty logging on nested KVM (see README).
+    /// exact dirty logging on nested KVM (see docs/snapshots.md).
     #[arg(long, conflicts_with = "restore")]
     pub no_hugepages: bool,
 
     /// Share identical pages with other VMs on this host through the kernel's KSM (off by
-    /// default: merged pages are a timing side channel between VMs, see README). `guided`
+    /// default: merged pages are a timing side channel between VMs, see docs/sharing.md). `guided`
     /// (what `--share` alone means) marks only pages with twins in other VMs and runs ksmd
     /// fast while they merge; `plain` marks all guest memory. Turns transparent huge pages off.
     #[arg(long, value_name = "MODE", num_args = 0..=1, require_equals = true,
@@ -89,7 +89,7 @@ pub struct RunArgs {
     #[arg(long, conflicts_with = "restore")]
     pub rng: bool,
 
-    /// Serve the API (JSON lines) on this Unix socket.
+    /// Serve the HTTP API (docs/api.md) on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
 
@@ -173,11 +173,17 @@ pub struct HostArgs {
 }
 
 /// Operations of `fabvm host`.
-#[derive(Debug, Clone, Copy, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum HostOp {
     /// Hash every running VM's memory now: pages identical to another VM's (potential),
     /// pages KSM has merged, zero pages, per VM and in total.
     Stats,
+    /// The same figures (and the host store's, with --store) as a Prometheus text page.
+    Metrics {
+        /// Host page store to report on [default: as for `fabvm --store`].
+        #[arg(long, value_name = "DIR")]
+        store: Option<PathBuf>,
+    },
 }
 
 /// `fabvm receive`.

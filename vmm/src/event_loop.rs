@@ -14,6 +14,7 @@ use crate::api::server::{ApiServer, Call, Reply, ServerError};
 use crate::api::{Request, Response};
 use crate::console::{self, RawStdin};
 use crate::device_manager::DeviceManager;
+use crate::metrics;
 use crate::migration::source::{self, MigrateRequest};
 use crate::snapshot::save::{self, VmMeta};
 use crate::vcpu::exit::StopReason;
@@ -267,7 +268,13 @@ impl LoopState {
                     max_rounds,
                     compress,
                 };
-                match source::migrate(&self.machine, self.paused, &request, progress) {
+                let started = Instant::now();
+                let result = source::migrate(&self.machine, self.paused, &request, progress);
+                metrics::MIGRATIONS.record(
+                    started.elapsed(),
+                    result.as_ref().ok().map(|r| r.bytes_sent),
+                );
+                match result {
                     Ok(report) => {
                         self.migrated = true;
                         Response::ok(serde_json::to_value(report).unwrap_or_default())
@@ -304,6 +311,12 @@ impl LoopState {
         }
         stats["identities"] =
             serde_json::to_value(self.machine.memory.identities().stats()).unwrap_or_default();
+        if let Some(counters) = metrics::counters().as_object() {
+            for (key, value) in counters {
+                stats[key] = value.clone();
+            }
+        }
+        stats["virtio"] = self.machine.devices.virtio.metrics().into();
         stats
     }
 
@@ -347,6 +360,7 @@ impl LoopState {
             devices: &self.machine.devices,
             meta: &self.machine.meta,
         };
+        let started = Instant::now();
         let vcpus = &self.machine.vcpus;
         let result = save::save(&source, dir, &self.store, &mut self.baseline, || {
             if was_running {
@@ -355,6 +369,10 @@ impl LoopState {
                 }
             }
         });
+        metrics::SNAPSHOTS.record(
+            started.elapsed(),
+            result.as_ref().ok().map(|r| r.bytes_written),
+        );
         match result {
             Ok(report) => Response::ok(serde_json::to_value(report).unwrap_or_default()),
             Err(e) => Response::error(e.to_string()),

@@ -12,6 +12,7 @@ pub mod event_loop;
 pub mod host_index;
 pub mod layout;
 pub mod memory;
+pub mod metrics;
 pub mod migration;
 pub mod runner;
 pub mod sharing;

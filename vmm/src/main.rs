@@ -162,10 +162,27 @@ fn store(args: StoreArgs) {
 }
 
 fn host(args: HostArgs) {
-    let value = match args.op {
-        HostOp::Stats => serde_json::to_value(vmm::sharing::host_report()).unwrap_or_default(),
-    };
-    print_value(&value, args.json);
+    let value = serde_json::to_value(vmm::sharing::host_report()).unwrap_or_default();
+    match args.op {
+        HostOp::Stats => print_value(&value, args.json),
+        HostOp::Metrics { store } => {
+            let mut figures = value;
+            figures["summary"] = vmm::sharing::host_summary();
+            let dir = store.unwrap_or_else(fabric::default_dir);
+            // A host without a store (or one busy now) still has VMs to report.
+            let store = dir
+                .exists()
+                .then(|| fabric::Store::open(&dir).ok())
+                .flatten();
+            if let Some(store) = store {
+                figures["store"] = serde_json::to_value(store.stats()).unwrap_or_default();
+            }
+            print!(
+                "{}",
+                vmm::metrics::prometheus::render(&figures, "fabvm_host")
+            );
+        }
+    }
 }
 
 /// Prints a result: one line of JSON with `--json`, else indented JSON for people.

@@ -258,7 +258,7 @@ impl VirtioDevice for Block {
     fn process_queue(&mut self, index: usize, queues: &mut Queues<'_>) -> Result<(), DeviceError> {
         while let Some(desc_chain) = queues.pop(index)? {
             let head = desc_chain.head_index();
-            let used = match chain::parse(desc_chain) {
+            let used = match queues.parse(desc_chain) {
                 Ok(chain) => self.serve(queues.mem, &chain),
                 Err(e) => {
                     log::debug!("virtio-blk: malformed chain {head}: {e}");

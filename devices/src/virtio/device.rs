@@ -3,6 +3,8 @@
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 
+use super::chain::{self, Chain, ChainError};
+use super::metrics::DeviceMetrics;
 use super::GuestMemoryMmap;
 
 /// Errors that leave a device unable to go on; the transport answers them with
@@ -28,6 +30,8 @@ pub struct Queues<'a> {
     pub mem: &'a GuestMemoryMmap,
     /// The device's queues, in virtio order, configured and validated by the transport.
     pub queues: &'a mut [Queue],
+    /// The device's request counters.
+    pub metrics: &'a DeviceMetrics,
 }
 
 impl<'a> Queues<'a> {
@@ -48,6 +52,16 @@ impl<'a> Queues<'a> {
             Ok(mut iter) => Ok(iter.next()),
             Err(source) => Err(DeviceError::Ring { index, source }),
         }
+    }
+
+    /// Validates a popped chain ([`chain::parse`]) and counts the bytes it offers the device.
+    pub fn parse(
+        &self,
+        desc_chain: DescriptorChain<&GuestMemoryMmap>,
+    ) -> Result<Chain, ChainError> {
+        let chain = chain::parse(desc_chain)?;
+        self.metrics.offered(chain.readable_len());
+        Ok(chain)
     }
 
     /// Gives back the last chain [`pop`](Self::pop) returned, to be popped again later.
@@ -73,7 +87,9 @@ impl<'a> Queues<'a> {
         }
         queue
             .add_used(self.mem, head, len)
-            .map_err(|source| DeviceError::Ring { index, source })
+            .map_err(|source| DeviceError::Ring { index, source })?;
+        self.metrics.used(len);
+        Ok(())
     }
 }
 

@@ -14,6 +14,7 @@ use virtio_queue::{Queue, QueueT};
 
 use super::device::{DeviceError, Queues, VirtioDevice};
 use super::interrupt::Interrupt;
+use super::metrics::DeviceMetrics;
 use super::state::{QueueSnapshot, TransportState};
 use super::GuestMemoryMmap;
 use crate::bus::BusDevice;
@@ -122,6 +123,7 @@ pub struct MmioTransport<D> {
     interrupt_status: u32,
     config_generation: u32,
     activated: bool,
+    metrics: Arc<DeviceMetrics>,
 }
 
 impl<D> std::fmt::Debug for MmioTransport<D> {
@@ -162,7 +164,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
             interrupt_status: 0,
             config_generation: 0,
             activated: false,
+            metrics: Arc::default(),
         })
+    }
+
+    /// The device's request counters (shared: read them while the device runs).
+    pub fn metrics(&self) -> Arc<DeviceMetrics> {
+        self.metrics.clone()
     }
 
     /// The device.
@@ -238,6 +246,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             &mut Queues {
                 mem: &self.mem,
                 queues: &mut self.queues,
+                metrics: &self.metrics,
             },
         );
         self.signal_used(&before);
@@ -347,6 +356,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 &mut Queues {
                     mem: &t.mem,
                     queues: &mut t.queues,
+                    metrics: &t.metrics,
                 },
             )?;
             t.activated = true;
@@ -487,6 +497,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             &mut Queues {
                 mem: &self.mem,
                 queues: &mut self.queues,
+                metrics: &self.metrics,
             },
         );
         match result {

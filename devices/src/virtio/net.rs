@@ -199,7 +199,7 @@ impl Net {
                 return Ok(false);
             };
             let head = desc_chain.head_index();
-            let chain = match chain::parse(desc_chain) {
+            let chain = match queues.parse(desc_chain) {
                 Ok(chain) => chain,
                 Err(e) => {
                     log::debug!("virtio-net: malformed receive chain {head}: {e}");
@@ -232,7 +232,7 @@ impl Net {
     fn transmit(&mut self, queues: &mut Queues<'_>) -> Result<(), DeviceError> {
         while let Some(desc_chain) = queues.pop(TX_QUEUE)? {
             let head = desc_chain.head_index();
-            match chain::parse(desc_chain) {
+            match queues.parse(desc_chain) {
                 Ok(chain) => self.send(queues.mem, &chain),
                 Err(e) => log::debug!("virtio-net: malformed transmit chain {head}: {e}"),
             }

@@ -1,27 +1,35 @@
-//! The API socket protocol: JSON lines over a Unix stream socket. A client writes one request
-//! object per line and reads one response object per line, in order, on the same connection.
+//! The API socket protocol: HTTP/1.1 over a Unix stream socket, JSON bodies, REST resources
+//! in the style of Firecracker and Cloud Hypervisor (reference: `docs/api.md`, OpenAPI:
+//! `docs/api.yaml`).
 //!
 //! ```text
-//! -> {"op":"status"}
-//! <- {"ok":true,"result":{"state":"running","vcpus":2,"mem_bytes":268435456,"uptime_ms":5120}}
-//! -> {"op":"snapshot","dir":"/var/tmp/snap1"}
-//! <- {"ok":true,"result":{"dir":"/var/tmp/snap1","pages":65536,"new_pages":64512,...}}
-//! -> {"op":"frobnicate"}
-//! <- {"ok":false,"error":"bad request: unknown variant `frobnicate`, expected one of ..."}
+//! GET  /vm            -> 200 {"state":"running","vcpus":2,"mem_bytes":268435456,...}
+//! PUT  /vm/snapshot   {"dir":"/var/tmp/snap1"}
+//!                     -> 200 {"dir":"/var/tmp/snap1","pages":65536,"new_pages":64512,...}
+//! PUT  /vm/migrate    {"dest":"10.0.0.2:7777","key":"/etc/fabvm/key"}   (Accept: application/x-ndjson)
+//!                     -> 200, chunked: {"progress":{...}} lines, then {"result":{...}}
+//! GET  /metrics       -> 200 Prometheus text
+//! GET  /frobnicate    -> 404 {"error":"no resource /frobnicate"}
 //! ```
 //!
-//! Operations: `pause`, `resume`, `status`, `stats`, `snapshot` (`dir`), `identities`, `shutdown`,
-//! `migrate` (`dest`, `key`, optional `downtime_ms`, `max_rounds`, `compress`). Requests
-//! longer than [`MAX_REQUEST`] bytes are refused and the connection closed. `fabvm ctl` speaks
-//! this protocol; so can `socat - UNIX-CONNECT:PATH`.
+//! [`routes::ROUTES`] is the table of resources; each makes one [`Request`], which the VMM's
+//! event loop answers with a [`Response`]. Bodies longer than [`MAX_BODY`] are refused (413).
+//! `fabvm ctl` speaks this protocol; so does `curl --unix-socket PATH http://localhost/vm`.
 
 pub mod client;
+pub mod routes;
 pub mod server;
 
 use serde::{Deserialize, Serialize};
 
-/// Longest request line accepted.
-pub const MAX_REQUEST: usize = 64 * 1024;
+/// Longest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Content type of JSON answers.
+pub const JSON: &str = "application/json";
+
+/// Content type of streamed answers (one JSON object a line).
+pub const NDJSON: &str = "application/x-ndjson";
 
 /// A request to the VMM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,7 +122,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn requests_parse_from_json_lines() {
+    fn requests_parse_from_json() {
         let req: Request = serde_json::from_str(r#"{"op":"pause"}"#).unwrap();
         assert_eq!(req, Request::Pause);
         let req: Request = serde_json::from_str(r#"{"op":"snapshot","dir":"/tmp/s"}"#).unwrap();

@@ -1,16 +1,21 @@
-//! The API socket's listener: a thread that accepts connections, reads JSON-line requests and
-//! hands each to the VMM's event loop (which owns the VM), then writes back its progress lines
-//! (if any) and its response.
+//! The API socket's HTTP/1.1 server (tiny_http on a Unix socket): a thread takes requests,
+//! routes each with [`routes`](super::routes) and hands it to the VMM's event loop (which owns
+//! the VM) on a thread of its own, then writes back the response, or the progress lines of a
+//! streamed operation as they come.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
+use serde_json::{json, Value};
+use tiny_http::{Header, Server};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Request, Response, MAX_REQUEST};
+use super::routes::{self, Answer, Route, RouteError};
+use super::{Request, Response, MAX_BODY};
+use crate::metrics::prometheus;
 
 /// Errors from starting the API server.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +36,7 @@ pub enum ServerError {
 pub struct Call {
     /// The request.
     pub request: Request,
-    /// Send exactly one response here.
+    /// Send any progress, then exactly one response here.
     pub reply: Sender<Reply>,
 }
 
@@ -39,16 +44,31 @@ pub struct Call {
 /// such as a migration), then exactly one final response.
 #[derive(Debug)]
 pub enum Reply {
-    /// An interim `{"progress": ...}` line.
+    /// An interim progress report.
     Progress(serde_json::Value),
     /// The response; the request is done.
     Done(Response),
 }
 
-/// The running listener; removes its socket file when dropped.
-#[derive(Debug)]
+/// The running server; stops and removes its socket file when dropped.
 pub struct ApiServer {
     path: PathBuf,
+    server: Arc<Server>,
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// Where requests go: the event loop's mailbox and the eventfd that wakes it.
+#[derive(Debug, Clone)]
+struct Vmm {
+    calls: Sender<Call>,
+    wake: Arc<EventFd>,
 }
 
 impl ApiServer {
@@ -65,96 +85,187 @@ impl ApiServer {
             }
             let _ = std::fs::remove_file(path);
         }
-        let listener = UnixListener::bind(path).map_err(|source| ServerError::Bind {
+        let bind = |source| ServerError::Bind {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let server =
+            Server::http_unix(path).map_err(|e| bind(std::io::Error::other(e.to_string())))?;
+        let server = Arc::new(server);
+        let vmm = Vmm { calls, wake };
+        let listener = server.clone();
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    let (calls, wake) = (calls.clone(), wake.clone());
+                // Ends when the server is unblocked (dropped).
+                while let Ok(request) = listener.recv() {
+                    let vmm = vmm.clone();
                     let _ = std::thread::Builder::new()
-                        .name("api-conn".into())
-                        .spawn(move || serve(stream, &calls, &wake));
+                        .name("api-request".into())
+                        .spawn(move || serve(request, &vmm));
                 }
             })
-            .map_err(|source| ServerError::Bind {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            .map_err(bind)?;
         Ok(Self {
             path: path.to_path_buf(),
+            server,
         })
     }
 }
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
+        self.server.unblock();
         let _ = std::fs::remove_file(&self.path);
     }
 }
 
-/// Serves one connection until the client closes it or sends something unreadable.
-fn serve(stream: UnixStream, calls: &Sender<Call>, wake: &EventFd) {
-    let Ok(mut writer) = stream.try_clone() else {
-        return;
+/// Answers one HTTP request.
+fn serve(mut http: tiny_http::Request, vmm: &Vmm) {
+    let method = http.method().to_string();
+    let route = match routes::find(&method, http.url()) {
+        Ok(route) => route,
+        Err(e @ RouteError::MethodNotAllowed { .. }) => {
+            let allow = match &e {
+                RouteError::MethodNotAllowed { path, .. } => routes::allowed(path),
+                _ => String::new(),
+            };
+            return send_error(http, 405, &e.to_string(), Some(("Allow", &allow)));
+        }
+        Err(e) => return send_error(http, 404, &e.to_string(), None),
     };
-    let mut reader = BufReader::new(stream.take(u64::MAX));
-    loop {
-        let mut line = Vec::new();
-        reader.get_mut().set_limit(MAX_REQUEST as u64 + 1);
-        match reader.read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        if line.len() > MAX_REQUEST {
-            let _ = send(
-                &mut writer,
-                &Response::error(format!("request longer than {MAX_REQUEST} bytes")),
-            );
-            return;
-        }
-        let response = match serde_json::from_slice::<Request>(&line) {
-            Ok(request) => dispatch(request, calls, wake, &mut writer),
-            Err(e) => Response::error(format!("bad request: {e}")),
-        };
-        if send(&mut writer, &response).is_err() {
-            return;
-        }
+    let body = match read_body(&mut http) {
+        Ok(body) => body,
+        Err((status, message)) => return send_error(http, status, &message, None),
+    };
+    let request = match routes::request(route, &body) {
+        Ok(request) => request,
+        Err(e) => return send_error(http, 400, &e.to_string(), None),
+    };
+    if route.answer == Answer::Streamed && wants_stream(&http) {
+        return stream(http, request, vmm);
+    }
+    match vmm.call(request, |_| {}) {
+        Some(response) => send_response(http, route, response),
+        None => send_error(http, 503, "the VM is shutting down", None),
     }
 }
 
-/// Hands a request to the VMM, relays its progress lines, and returns its response.
-fn dispatch(
-    request: Request,
-    calls: &Sender<Call>,
-    wake: &EventFd,
-    writer: &mut UnixStream,
-) -> Response {
-    let gone = || Response::error("the VM is shutting down");
-    let (reply, answer) = channel();
-    if calls.send(Call { request, reply }).is_err() {
-        return gone();
-    }
-    let _ = wake.write(1);
-    loop {
-        match answer.recv() {
-            Ok(Reply::Progress(progress)) => {
-                let mut line = serde_json::to_vec(&serde_json::json!({ "progress": progress }))
-                    .unwrap_or_default();
-                line.push(b'\n');
-                // A client that stopped listening does not stop the operation.
-                let _ = writer.write_all(&line);
+impl Vmm {
+    /// Hands a request to the event loop; passes its progress to `progress` and returns its
+    /// response (`None`: the loop is gone).
+    fn call(&self, request: Request, mut progress: impl FnMut(Value)) -> Option<Response> {
+        let (reply, answers): (Sender<Reply>, Receiver<Reply>) = channel();
+        self.calls.send(Call { request, reply }).ok()?;
+        let _ = self.wake.write(1);
+        loop {
+            match answers.recv().ok()? {
+                Reply::Progress(p) => progress(p),
+                Reply::Done(response) => return Some(response),
             }
-            Ok(Reply::Done(response)) => return response,
-            Err(_) => return gone(),
         }
     }
 }
 
-fn send(writer: &mut UnixStream, response: &Response) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(response).map_err(std::io::Error::other)?;
+/// The request body, at most [`MAX_BODY`] bytes; else (status, message).
+fn read_body(http: &mut tiny_http::Request) -> Result<Vec<u8>, (u16, String)> {
+    let too_long = || (413, format!("request body longer than {MAX_BODY} bytes"));
+    if http.body_length().is_some_and(|len| len > MAX_BODY) {
+        return Err(too_long());
+    }
+    let mut body = Vec::new();
+    http.as_reader()
+        .take(MAX_BODY as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| (400, format!("reading the request body: {e}")))?;
+    if body.len() > MAX_BODY {
+        return Err(too_long());
+    }
+    Ok(body)
+}
+
+/// Whether the client asked for progress lines (and can take a chunked answer).
+fn wants_stream(http: &tiny_http::Request) -> bool {
+    let accepts = http
+        .headers()
+        .iter()
+        .any(|h| h.field.equiv("Accept") && h.value.as_str().contains(super::NDJSON));
+    accepts && *http.http_version() >= tiny_http::HTTPVersion(1, 1)
+}
+
+/// Runs a streamed request: `200` and chunked JSON lines, each sent as soon as it exists.
+fn stream(http: tiny_http::Request, request: Request, vmm: &Vmm) {
+    let mut writer = http.into_writer();
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nTransfer-Encoding: chunked\r\n\
+         Connection: close\r\n\r\n",
+        super::NDJSON
+    );
+    if writer.write_all(head.as_bytes()).is_err() || writer.flush().is_err() {
+        return;
+    }
+    let mut body = chunked_transfer::Encoder::with_flush_after_write(writer);
+    // A client that stopped listening does not stop the operation.
+    let mut line = |value: Value| {
+        let _ = body.write_all(&json_line(&value));
+        let _ = body.flush();
+    };
+    let last = match vmm.call(request, |p| line(json!({ "progress": p }))) {
+        Some(Response {
+            ok: true, result, ..
+        }) => json!({ "result": result.unwrap_or_default() }),
+        Some(Response { error, .. }) => {
+            json!({ "error": error.unwrap_or_else(|| "request failed".into()) })
+        }
+        None => json!({ "error": "the VM is shutting down" }),
+    };
+    line(last);
+}
+
+fn send_response(http: tiny_http::Request, route: &Route, response: Response) {
+    if !response.ok {
+        let message = response.error.unwrap_or_else(|| "request failed".into());
+        return send_error(http, 500, &message, None);
+    }
+    let result = response.result.unwrap_or_default();
+    match route.answer {
+        Answer::Prometheus => send(
+            http,
+            200,
+            prometheus::CONTENT_TYPE,
+            prometheus::render(&result, "fabvm").into_bytes(),
+            None,
+        ),
+        Answer::Json | Answer::Streamed => send(http, 200, super::JSON, json_line(&result), None),
+    }
+}
+
+/// An error answer: `{"error": "one line"}`.
+fn send_error(http: tiny_http::Request, status: u16, message: &str, header: Option<(&str, &str)>) {
+    let body = json_line(&json!({ "error": message.replace('\n', " ") }));
+    send(http, status, super::JSON, body, header);
+}
+
+fn send(
+    http: tiny_http::Request,
+    status: u16,
+    content_type: &str,
+    body: Vec<u8>,
+    header: Option<(&str, &str)>,
+) {
+    let mut response = tiny_http::Response::from_data(body).with_status_code(status);
+    let headers = [Some(("Content-Type", content_type)), header];
+    for (name, value) in headers.into_iter().flatten() {
+        if let Ok(h) = Header::from_bytes(name.as_bytes(), value.as_bytes()) {
+            response = response.with_header(h);
+        }
+    }
+    // A client that hung up has nobody to tell.
+    let _ = http.respond(response);
+}
+
+fn json_line(value: &Value) -> Vec<u8> {
+    let mut line = serde_json::to_vec(value).unwrap_or_default();
     line.push(b'\n');
-    writer.write_all(&line)
+    line
 }

@@ -5,6 +5,8 @@ use devices::Bus;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::VcpuExit;
 
+use crate::metrics::ExitKind;
+
 /// The buses a vCPU dispatches I/O to.
 #[derive(Debug, Clone, Default)]
 pub struct Buses {
@@ -51,6 +53,23 @@ pub enum ExitAction {
     Stop(StopReason),
     /// The guest hit an exit that needs the vCPU's registers to explain (emulation failure).
     InternalError,
+}
+
+/// Which counter an exit goes to (`vcpu_exits` in stats).
+pub fn kind(exit: &VcpuExit<'_>) -> ExitKind {
+    match exit {
+        VcpuExit::IoIn(..) => ExitKind::IoIn,
+        VcpuExit::IoOut(..) => ExitKind::IoOut,
+        VcpuExit::MmioRead(..) => ExitKind::MmioRead,
+        VcpuExit::MmioWrite(..) => ExitKind::MmioWrite,
+        VcpuExit::Intr | VcpuExit::IrqWindowOpen => ExitKind::Interrupted,
+        VcpuExit::Hlt => ExitKind::Hlt,
+        VcpuExit::Shutdown => ExitKind::Shutdown,
+        VcpuExit::SystemEvent(..) => ExitKind::SystemEvent,
+        VcpuExit::InternalError => ExitKind::InternalError,
+        VcpuExit::FailEntry(..) => ExitKind::FailEntry,
+        _ => ExitKind::Other,
+    }
 }
 
 /// Handles one exit.
@@ -209,6 +228,17 @@ mod tests {
             ExitAction::Stop(StopReason::Failed(_))
         ));
         assert_eq!(handle(VcpuExit::Intr, &buses), ExitAction::Continue);
+    }
+
+    #[test]
+    fn exits_have_kinds() {
+        let mut data = [0u8; 1];
+        assert_eq!(kind(&VcpuExit::IoIn(0x3f8, &mut data)), ExitKind::IoIn);
+        assert_eq!(kind(&VcpuExit::IoOut(0x3f8, b"A")), ExitKind::IoOut);
+        assert_eq!(kind(&VcpuExit::MmioWrite(0, &[1])), ExitKind::MmioWrite);
+        assert_eq!(kind(&VcpuExit::Intr), ExitKind::Interrupted);
+        assert_eq!(kind(&VcpuExit::Hlt), ExitKind::Hlt);
+        assert_eq!(kind(&VcpuExit::Unknown), ExitKind::Other);
     }
 
     #[test]

@@ -264,12 +264,16 @@ impl Vcpu {
     /// Enters the guest once; returns a reason if the VM must stop.
     fn run_once(&mut self) -> Option<StopReason> {
         match self.fd.run() {
-            Ok(exit) => match exit::handle(exit, &self.buses) {
-                ExitAction::Continue => None,
-                ExitAction::Stop(reason) => Some(reason),
-                ExitAction::InternalError => Some(StopReason::Failed(self.internal_error())),
-            },
+            Ok(exit) => {
+                crate::metrics::count_exit(exit::kind(&exit));
+                match exit::handle(exit, &self.buses) {
+                    ExitAction::Continue => None,
+                    ExitAction::Stop(reason) => Some(reason),
+                    ExitAction::InternalError => Some(StopReason::Failed(self.internal_error())),
+                }
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                crate::metrics::count_exit(crate::metrics::ExitKind::Interrupted);
                 self.fd.set_kvm_immediate_exit(0);
                 let percent = THROTTLE_PERCENT.load(Ordering::Relaxed);
                 if percent > 0 {

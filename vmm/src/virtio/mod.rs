@@ -23,9 +23,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use devices::virtio::{
-    cmdline_entry, net_subscriber, Block, BlockError, BlockState, EventFdInterrupt, Interrupt,
-    MacAddr, MmioError, MmioTransport, Net, NetError, NetState, Rng, RngState, Tap, VirtioDevice,
-    VirtioSubscriber, MMIO_LEN, NOTIFY_OFFSET,
+    cmdline_entry, net_subscriber, Block, BlockError, BlockState, DeviceMetrics, EventFdInterrupt,
+    Interrupt, MacAddr, MmioError, MmioTransport, Net, NetError, NetState, Rng, RngState, Tap,
+    VirtioDevice, VirtioSubscriber, MMIO_LEN, NOTIFY_OFFSET,
 };
 use devices::{Bus, BusError};
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -145,6 +145,7 @@ struct Device {
     base: u64,
     irq: u32,
     kind: Kind,
+    metrics: Arc<DeviceMetrics>,
 }
 
 #[derive(Debug)]
@@ -239,6 +240,29 @@ impl VirtioDevices {
     /// No devices.
     pub fn is_empty(&self) -> bool {
         self.devices.is_empty()
+    }
+
+    /// Each device's request counters, in slot order: `device` names it by type and index
+    /// among its type (`block0`, `net0`, `rng0`), `backend` is its disk path or tap.
+    pub fn metrics(&self) -> Vec<serde_json::Value> {
+        let mut seen = std::collections::HashMap::<&str, usize>::new();
+        self.devices
+            .iter()
+            .map(|d| {
+                let (kind, backend) = match &d.kind {
+                    Kind::Block { path, .. } => ("block", path.display().to_string()),
+                    Kind::Net { tap, .. } => ("net", tap.clone()),
+                    Kind::Rng { .. } => ("rng", String::new()),
+                };
+                let index = seen.entry(kind).or_default();
+                let name = format!("{kind}{index}");
+                *index += 1;
+                let mut value = serde_json::to_value(d.metrics.counts()).unwrap_or_default();
+                value["device"] = name.into();
+                value["backend"] = backend.into();
+                value
+            })
+            .collect()
     }
 
     /// Puts every device on the MMIO bus at its slot.
@@ -362,11 +386,13 @@ impl<'a> Wiring<'a> {
         make: impl FnOnce(GuestMemory, Arc<dyn Interrupt>) -> Result<MmioTransport<Block>, VirtioError>,
     ) -> Result<(), VirtioError> {
         let (base, irq, transport, notify) = self.wire(make)?;
+        let metrics = lock(&transport).metrics();
         self.subscribers
             .push(Box::new(VirtioSubscriber::new(transport.clone(), notify)));
         self.devices.push(Device {
             base,
             irq,
+            metrics,
             kind: Kind::Block {
                 transport,
                 path: path.to_path_buf(),
@@ -381,11 +407,13 @@ impl<'a> Wiring<'a> {
         make: impl FnOnce(GuestMemory, Arc<dyn Interrupt>) -> Result<MmioTransport<Net>, VirtioError>,
     ) -> Result<(), VirtioError> {
         let (base, irq, transport, notify) = self.wire(make)?;
+        let metrics = lock(&transport).metrics();
         self.subscribers
             .push(Box::new(net_subscriber(transport.clone(), notify)));
         self.devices.push(Device {
             base,
             irq,
+            metrics,
             kind: Kind::Net {
                 transport,
                 tap: tap.to_owned(),
@@ -399,11 +427,13 @@ impl<'a> Wiring<'a> {
         make: impl FnOnce(GuestMemory, Arc<dyn Interrupt>) -> Result<MmioTransport<Rng>, VirtioError>,
     ) -> Result<(), VirtioError> {
         let (base, irq, transport, notify) = self.wire(make)?;
+        let metrics = lock(&transport).metrics();
         self.subscribers
             .push(Box::new(VirtioSubscriber::new(transport.clone(), notify)));
         self.devices.push(Device {
             base,
             irq,
+            metrics,
             kind: Kind::Rng { transport },
         });
         Ok(())
