@@ -259,9 +259,11 @@ def qemu_base(mem, cmdline, qmp_sock, cpus=1, memfd=False):
     here (see migrate.py)."""
     # No +invtsc: QEMU refuses to migrate or save a VM with it; the guest then calibrates its
     # TSC against the PIT, which costs a little at boot and nothing afterwards.
+    # -arch-capabilities: QEMU 7.2 sets MSR 0x10a from `-cpu host`, which this host's KVM
+    # (kvm_pvm on 6.18) refuses, and then aborts at start.
     machine = ["-M", "microvm,memory-backend=ram", "-object", f"memory-backend-memfd,id=ram,size={mem}"] \
         if memfd else ["-M", "microvm"]
-    return [QEMU, *machine, "-enable-kvm", "-cpu", "host", "-smp", str(cpus),
+    return [QEMU, *machine, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-smp", str(cpus),
             "-m", mem, "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
             "-no-reboot", "-kernel", GUEST, "-append", cmdline,
             "-device", "isa-debug-exit,iobase=0xf4,iosize=4",

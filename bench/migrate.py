@@ -189,7 +189,7 @@ def find(report, *names):
 # (FABVM_RUNTIME_DIR), so the receiver finds the sibling's pages there. fabvm's defaults:
 # downtime budget 100 ms (as QEMU's limit here), lz4 compression, THP-backed guest RAM.
 # Adjust here if the merged CLI or report differs.
-def fabvm_migrate(net, sc, mem, work, port):
+def fabvm_migrate(net, sc, mem, work, port, src_args=()):
     hosts = {}
     for side in ("src", "dst"):
         d = os.path.join(work, side)
@@ -209,8 +209,8 @@ def fabvm_migrate(net, sc, mem, work, port):
     _, dst_con = start_guest(net, "dst", [common.FABVM, "receive", "--listen", f"{net.addr('dst')}:{port}",
                                           "--key", key, "--api-sock", sock_d, "--store", store_d, "--json"], work, "dst", env_d)
     _, src_con = start_guest(net, "src", [common.FABVM, "--kernel", common.GUEST, "--mem", mem,
-                                          "--cmdline", sc.cmdline, "--api-sock", sock_s, "--store", store_s],
-                             work, "src", env_s)
+                                          "--cmdline", sc.cmdline, "--api-sock", sock_s, "--store", store_s,
+                                          *src_args], work, "src", env_s)
     _, i = src_con.wait("ready", 300)
     src_con.wait("heartbeat", 30, after=i)
     host, cport = net.connect_port(port)

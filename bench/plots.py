@@ -199,3 +199,32 @@ def sharing(report, out):
     axes[2].set_ylabel("CPU s")
     axes[2].set_title("CPU until then: ksmd (solid)\n+ fabvm-share threads (dotted)")
     return [_save(fig, out, "sharing.png")]
+
+
+def identities(report, out):
+    """Migration time per link and scenario, fabvm with and without live identities against
+    QEMU; and the background thread's CPU by dirty rate."""
+    m = report["migration"]
+    colors = {**COLORS, "fabvm-off": "#aec7e8"}
+    fig, axes = plt.subplots(1, len(m["links"]) + 1, figsize=(4.5 * (len(m["links"]) + 1), 3.6))
+    for ax, (link_name, L) in zip(axes, m["links"].items()):
+        vmms = L["vmms"]
+        width = 0.8 / len(vmms)
+        for i, sc in enumerate(("random", "sibling100")):
+            for j, vmm in enumerate(vmms):
+                s = L["results"].get(f"{sc}/{vmm}")
+                if s and s["ok"]:
+                    _bar(ax, i + (j - (len(vmms) - 1) / 2) * width, s["total_s"], width, colors.get(vmm, "#999"),
+                         label=vmm if i == 0 else None, fmt="{:.2f}")
+        ax.set_xticks([0, 1], ["nothing at destination", "sibling holds every page"])
+        ax.set_ylabel("total time (s)")
+        ax.set_title(L["label"], fontsize=9)
+        ax.legend(fontsize=7)
+    ax = axes[-1]
+    rows = report["background"]["rows"]
+    ax.bar(range(len(rows)), [r["cpu_percent"] for r in rows], color=COLORS["fabvm"])
+    ax.set_xticks(range(len(rows)), [f"{r['dirty_rate']:,}" for r in rows])
+    ax.set_xlabel("pages rewritten per second")
+    ax.set_ylabel("identity thread CPU (% of a core)")
+    ax.set_title("background cost", fontsize=9)
+    return [_save(fig, out, "identities.png")]

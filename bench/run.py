@@ -33,7 +33,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-SCENARIOS = ["boot", "snapshot", "migrate", "sharing", "micro"]
+SCENARIOS = ["boot", "snapshot", "migrate", "sharing", "identities", "micro"]
 QUICK_OUT = os.path.join(common.ROOT, "target", "bench-quick")
 
 

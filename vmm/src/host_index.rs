@@ -312,6 +312,7 @@ impl PageSource for HostPages {
     /// read each, verifies every page on all cores, and takes what is still missing from
     /// the store.
     fn fetch_batch(&self, wanted: &[(u64, PageId)], out: &mut [u8], results: &mut [FetchResult]) {
+        let t0 = std::time::Instant::now();
         let located: Vec<Option<(usize, u32, u64)>> = wanted
             .iter()
             .map(|(gfn, id)| self.locate(Some(*gfn), id))
@@ -351,6 +352,7 @@ impl PageSource for HostPages {
                 })
                 .collect()
         };
+        let t1 = t0.elapsed();
         let mut copied = vec![false; wanted.len()];
         for (run, ok) in runs.iter().zip(read_ok) {
             if ok {
@@ -375,6 +377,7 @@ impl PageSource for HostPages {
                     *result = FetchResult::Verified;
                 }
             });
+        log::debug!(target: "fabvm::timing", "host pages: {} pages located and read in {t1:?}, verified in {:?}", wanted.len(), t0.elapsed() - t1);
     }
 }
 
