@@ -83,9 +83,11 @@ fn identities_match_a_full_rehash(extra: &[&str]) {
     );
     let figures = stats(&sock);
     assert_eq!(figures["pages"], 65536, "{figures}");
+    // Every filled page is known: current, or stale while the guest keeps rewriting it.
+    let known = figures["current"].as_u64().unwrap() + figures["stale"].as_u64().unwrap();
     assert!(
-        figures["current"].as_u64().unwrap() >= 96 * 256 * 9 / 10,
-        "filled pages are current: {figures}"
+        known >= 96 * 256 * 9 / 10,
+        "filled pages are known: {figures}"
     );
     assert!(figures["harvests"].as_u64().unwrap() > 0, "{figures}");
     let before = count(&vm.stdout(), "verify ok");

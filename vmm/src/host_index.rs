@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use fabric::live::{HostIndex, TableReader};
-use fabric::migration::{FetchResult, PageSource};
+use fabric::migration::{FetchResult, GuestFrames, PageSource};
 use fabric::{Page, PageId, Store, PAGE_SIZE};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -308,97 +308,132 @@ impl PageSource for HostPages {
         true
     }
 
-    /// Locates every page, copies runs that are contiguous in one VM's memory with one
-    /// read each, verifies every page on all cores, and takes what is still missing from
-    /// the store.
-    fn fetch_batch(&self, wanted: &[(u64, PageId)], out: &mut [u8], results: &mut [FetchResult]) {
-        let t0 = std::time::Instant::now();
-        let located: Vec<Option<(usize, u32, u64)>> = wanted
-            .iter()
-            .map(|(gfn, id)| self.locate(Some(*gfn), id))
-            .collect();
-        // Runs of pages contiguous in one process's memory and in `out`.
+    /// Locates every page, copies runs that are contiguous in one VM's memory (and at
+    /// their destination) with one read each, straight into empty guest frames where the
+    /// receiver allows it, verifies every page on all cores, and takes what is still
+    /// missing from the store.
+    fn fetch_batch(
+        &self,
+        wanted: &[(u64, PageId)],
+        direct: &[bool],
+        frames: Option<&dyn GuestFrames>,
+        out: &mut [u8],
+        results: &mut [FetchResult],
+    ) {
+        let started = std::time::Instant::now();
+        let out_base = out.as_mut_ptr() as usize;
+        // Where each page goes: its guest frame, or its slot in `out`.
+        let target = |i: usize| -> (usize, bool) {
+            match frames
+                .filter(|_| direct[i])
+                .and_then(|f| f.frame_addr(wanted[i].0))
+            {
+                Some(addr) => (addr, true),
+                None => (out_base + i * PAGE_SIZE, false),
+            }
+        };
         let mut runs: Vec<Run> = Vec::new();
-        for (i, loc) in located.iter().enumerate() {
-            let Some((_, pid, addr)) = *loc else { continue };
+        let mut located = vec![None; wanted.len()];
+        for (i, (gfn, id)) in wanted.iter().enumerate() {
+            let Some((vm, pid, addr)) = self.locate(Some(*gfn), id) else {
+                continue;
+            };
+            located[i] = Some(vm);
+            let (to, _) = target(i);
             match runs.last_mut() {
-                Some(run) if run.extends(pid, addr, i) => run.count += 1,
+                Some(run) if run.extends(pid, addr, to) => run.count += 1,
                 _ => runs.push(Run {
                     pid,
                     addr,
-                    first: i,
+                    to,
                     count: 1,
+                    pages: Vec::new(),
                 }),
             }
+            runs.last_mut().expect("a run").pages.push(i);
         }
-        let read_ok: Vec<bool> = {
-            // Hand each run its own part of `out`.
-            let mut parts: Vec<(&Run, &mut [u8])> = Vec::new();
-            let mut rest = &mut *out;
-            let mut at = 0;
-            for run in &runs {
-                let (_, tail) =
-                    std::mem::take(&mut rest).split_at_mut((run.first - at) * PAGE_SIZE);
-                let (mine, tail) = tail.split_at_mut(run.count * PAGE_SIZE);
-                parts.push((run, mine));
-                rest = tail;
-                at = run.first + run.count;
-            }
-            parts
-                .into_par_iter()
-                .map(|(run, buf)| {
-                    self.counters.reads.fetch_add(1, Ordering::Relaxed);
-                    read_remote(run.pid, run.addr, buf).is_ok()
-                })
-                .collect()
-        };
-        let t1 = t0.elapsed();
+        let read_ok: Vec<bool> = runs
+            .par_iter()
+            .map(|run| {
+                self.counters.reads.fetch_add(1, Ordering::Relaxed);
+                // SAFETY: `run.to` spans `run.count` whole pages that belong to this run
+                // alone: distinct slots of `out`, or distinct empty guest frames the receiver
+                // handed over for this call (an offer names each frame once); both outlive
+                // the call.
+                let buf = unsafe {
+                    std::slice::from_raw_parts_mut(run.to as *mut u8, run.count * PAGE_SIZE)
+                };
+                read_remote(run.pid, run.addr, buf).is_ok()
+            })
+            .collect();
         let mut copied = vec![false; wanted.len()];
         for (run, ok) in runs.iter().zip(read_ok) {
             if ok {
-                copied[run.first..run.first + run.count].fill(true);
+                run.pages.iter().for_each(|&i| copied[i] = true);
             } else {
                 self.counters.read_failures.fetch_add(1, Ordering::Relaxed);
             }
         }
-        out.par_chunks_mut(PAGE_SIZE)
-            .zip(wanted.par_iter())
-            .zip(results.par_iter_mut())
-            .zip(copied.par_iter().zip(located.par_iter()))
+        let read = started.elapsed();
+        results
+            .par_iter_mut()
+            .enumerate()
             .with_min_len(16)
-            .for_each(|(((buf, (_, id)), result), (&copied, loc))| {
-                let page: &mut Page = buf.try_into().expect("a page");
-                *result = if copied {
-                    self.verify(loc.map(|l| l.0), id, page)
-                } else {
-                    FetchResult::Absent
+            .for_each(|(i, result)| {
+                let (addr, in_frame) = target(i);
+                // SAFETY: as above: page `i`'s target is this task's alone.
+                let page: &mut Page = unsafe { &mut *(addr as *mut Page) };
+                let id = &wanted[i].1;
+                *result = match copied[i] {
+                    true => self.verify(located[i], id, page),
+                    false => FetchResult::Absent,
                 };
-                if *result != FetchResult::Verified && self.take_from_store(id, page) {
-                    *result = FetchResult::Verified;
+                if *result == FetchResult::Verified {
+                    if in_frame {
+                        *result = FetchResult::Installed;
+                    }
+                    return;
+                }
+                if in_frame && copied[i] {
+                    page.fill(0); // leave no half-right page in the guest
+                }
+                if self.take_from_store(id, page) {
+                    *result = if in_frame {
+                        FetchResult::Installed
+                    } else {
+                        FetchResult::Verified
+                    };
                 }
             });
-        log::debug!(target: "fabvm::timing", "host pages: {} pages located and read in {t1:?}, verified in {:?}", wanted.len(), t0.elapsed() - t1);
+        log::debug!(
+            target: "fabvm::timing",
+            "host pages: {} pages located and read in {read:?}, verified in {:?}",
+            wanted.len(),
+            started.elapsed() - read
+        );
     }
 }
 
 /// Most pages copied by one read (4 MiB).
 const MAX_RUN_PAGES: usize = 1024;
 
-/// Pages `first..first + count` of a batch, contiguous at `addr` in process `pid`.
+/// Batch pages `pages`, contiguous at `addr` in process `pid` and at host address `to`
+/// here (guest frames or slots of the output buffer).
 #[derive(Debug)]
 struct Run {
     pid: u32,
     addr: u64,
-    first: usize,
+    to: usize,
     count: usize,
+    pages: Vec<usize>,
 }
 
 impl Run {
-    /// Whether batch page `i` at `addr` in `pid` continues this run.
-    fn extends(&self, pid: u32, addr: u64, i: usize) -> bool {
+    /// Whether a page at `addr` in `pid`, going to `to`, continues this run.
+    fn extends(&self, pid: u32, addr: u64, to: usize) -> bool {
         self.pid == pid
-            && self.first + self.count == i
             && self.addr + (self.count * PAGE_SIZE) as u64 == addr
+            && self.to + self.count * PAGE_SIZE == to
             && self.count < MAX_RUN_PAGES
     }
 }
@@ -490,7 +525,13 @@ mod tests {
         wanted.extend((40..48).map(|p| (p as u64 + 100, id(p))));
         let mut out = vec![0u8; wanted.len() * PAGE_SIZE];
         let mut results = vec![FetchResult::Absent; wanted.len()];
-        host.fetch_batch(&wanted, &mut out, &mut results);
+        host.fetch_batch(
+            &wanted,
+            &vec![false; wanted.len()],
+            None,
+            &mut out,
+            &mut results,
+        );
         assert!(
             results.iter().all(|r| *r == FetchResult::Verified),
             "{results:?}"
@@ -508,12 +549,47 @@ mod tests {
 
         // The guest rewrites a page after publishing it: the copy is refused, not used.
         let old = id(3);
+        let ids: Vec<PageId> = (10..20).map(id).collect();
         mem[3 * PAGE_SIZE] ^= 0xff;
         let mut out = vec![0u8; PAGE_SIZE];
         let mut results = vec![FetchResult::Absent];
-        host.fetch_batch(&[(3, old)], &mut out, &mut results);
+        host.fetch_batch(&[(3, old)], &[false], None, &mut out, &mut results);
         assert_eq!(results[0], FetchResult::Mismatch);
         assert_eq!(host.counters().mismatched.load(Ordering::Relaxed), 1);
+
+        // Straight into empty guest frames: pages land at their frames, and a page that no
+        // longer matches leaves its frame zeroed.
+        struct Frames(usize);
+        impl GuestFrames for Frames {
+            fn frame_addr(&self, gfn: u64) -> Option<usize> {
+                (gfn < 64).then(|| self.0 + gfn as usize * PAGE_SIZE)
+            }
+        }
+        let mut guest = vec![0u8; 64 * PAGE_SIZE];
+        let frames = Frames(guest.as_mut_ptr() as usize);
+        let wanted: Vec<(u64, PageId)> = (10..20)
+            .zip(ids)
+            .map(|(p, id)| (p as u64, id))
+            .chain([(3, old)])
+            .collect();
+        let mut out = vec![0u8; wanted.len() * PAGE_SIZE];
+        let mut results = vec![FetchResult::Absent; wanted.len()];
+        let direct = vec![true; wanted.len()];
+        host.fetch_batch(&wanted, &direct, Some(&frames), &mut out, &mut results);
+        assert!(
+            results[..10].iter().all(|r| *r == FetchResult::Installed),
+            "{results:?}"
+        );
+        assert_eq!(results[10], FetchResult::Mismatch);
+        assert_eq!(
+            &guest[10 * PAGE_SIZE..20 * PAGE_SIZE],
+            &mem[10 * PAGE_SIZE..20 * PAGE_SIZE]
+        );
+        assert!(guest[3 * PAGE_SIZE..4 * PAGE_SIZE].iter().all(|&b| b == 0));
+        assert!(
+            out.iter().all(|&b| b == 0),
+            "nothing went through the buffer"
+        );
 
         assert!(running_vms(Some(std::process::id())).is_empty());
         drop(table);

@@ -241,11 +241,23 @@ pub trait PageSource: Sync {
     }
 
     /// Fetches many pages at once: `wanted[i]` (guest frame, identity) into page `i` of
-    /// `out`, its outcome in `results[i]` (all three have one slot per page). The default
-    /// fetches page by page on all cores; a source that can copy many pages per system
-    /// call overrides it. Every `Verified` page must match its identity.
-    fn fetch_batch(&self, wanted: &[(u64, PageId)], out: &mut [u8], results: &mut [FetchResult]) {
+    /// `out`, its outcome in `results[i]` (all have one slot per page). Where `direct[i]`
+    /// is true and `frames` is given, the source may instead copy the page straight into
+    /// its guest frame (which is empty and no copy's source) and answer
+    /// [`FetchResult::Installed`]; it leaves such a frame zeroed when the page is not
+    /// installed. The default fetches page by page into `out` on all cores; a source that
+    /// can copy many pages per system call overrides it. Every `Verified` or `Installed`
+    /// page must match its identity.
+    fn fetch_batch(
+        &self,
+        wanted: &[(u64, PageId)],
+        direct: &[bool],
+        frames: Option<&dyn GuestFrames>,
+        out: &mut [u8],
+        results: &mut [FetchResult],
+    ) {
         use rayon::prelude::*;
+        let _ = (direct, frames);
         let verified_by_source = self.verifies();
         out.par_chunks_mut(PAGE_SIZE)
             .zip(wanted.par_iter())
@@ -274,6 +286,8 @@ pub enum FetchResult {
     Verified,
     /// Copied, but its content no longer matches (rewritten since it was indexed).
     Mismatch,
+    /// Copied straight into its guest frame and matching its identity.
+    Installed,
 }
 
 /// The host store holds the pages in it (and checks each as it reads it).
@@ -308,6 +322,18 @@ pub trait GuestSink {
     /// Reads back a page written earlier in this migration (to copy it to another frame
     /// that has the same content).
     fn read_page(&self, gfn: u64, out: &mut Page);
+    /// Direct access to guest frames, for page sources that copy straight into guest
+    /// memory; `None` (the default) when the sink offers none.
+    fn frames(&self) -> Option<&dyn GuestFrames> {
+        None
+    }
+}
+
+/// Guest frames a page source may write directly (see [`PageSource::fetch_batch`]).
+pub trait GuestFrames: Sync {
+    /// The host address of guest frame `gfn`'s page, valid while the sink lives, or `None`
+    /// outside guest RAM.
+    fn frame_addr(&self, gfn: u64) -> Option<usize>;
 }
 
 /// What the source announces before any page: the VM's shape.

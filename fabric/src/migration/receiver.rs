@@ -91,6 +91,8 @@ struct RxState {
     // Reused buffers.
     actions: Vec<Action>,
     fetch: Vec<(u64, PageId)>,
+    /// Per fetched page: whether its frame may be written directly.
+    direct: Vec<bool>,
     fetch_buf: Vec<u8>,
     fetch_result: Vec<FetchResult>,
     need_bits: Vec<u8>,
@@ -203,6 +205,7 @@ impl<S: Read + Write> Receiver<S> {
                 state_total: None,
                 actions: Vec::new(),
                 fetch: Vec::new(),
+                direct: Vec::new(),
                 fetch_buf: Vec::new(),
                 fetch_result: Vec::new(),
                 need_bits: Vec::new(),
@@ -342,6 +345,7 @@ impl RxState {
         let n = offer.id_count();
         self.actions.clear();
         self.fetch.clear();
+        self.direct.clear();
         self.need_bits.clear();
         self.need_bits.resize(n.div_ceil(8), 0);
 
@@ -400,6 +404,8 @@ impl RxState {
                                 entry,
                             });
                             self.fetch.push((gfn, id));
+                            // An empty frame is no copy's source: it may be filled directly.
+                            self.direct.push(current.is_none());
                         }
                     }
                 }
@@ -416,6 +422,8 @@ impl RxState {
         self.fetch_result.resize(m, FetchResult::Absent);
         source.fetch_batch(
             &self.fetch,
+            &self.direct,
+            sink.frames(),
             &mut self.fetch_buf[..m * PAGE_SIZE],
             &mut self.fetch_result,
         );
@@ -446,6 +454,10 @@ impl RxState {
                         FetchResult::Verified => {
                             let page = &self.fetch_buf[slot * PAGE_SIZE..(slot + 1) * PAGE_SIZE];
                             sink.write_page(gfn, page.try_into().expect("a page"));
+                            self.install(gfn, id);
+                            stats.pages_fetched += 1;
+                        }
+                        FetchResult::Installed => {
                             self.install(gfn, id);
                             stats.pages_fetched += 1;
                         }

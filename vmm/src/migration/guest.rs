@@ -1,7 +1,7 @@
 //! Guest memory as the migration protocol sees it: page reads for the source (while the
 //! guest runs), page writes for the destination (before the guest exists).
 
-use fabric::migration::GuestSink;
+use fabric::migration::{GuestFrames, GuestSink};
 use fabric::{Page, Region, PAGE_SIZE};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -100,6 +100,12 @@ impl GuestPages {
     }
 }
 
+impl GuestFrames for GuestPages {
+    fn frame_addr(&self, gfn: u64) -> Option<usize> {
+        self.host(gfn).map(|p| p as usize)
+    }
+}
+
 impl GuestSink for GuestPages {
     fn write_page(&mut self, gfn: u64, data: &Page) {
         self.write(gfn, data);
@@ -111,6 +117,10 @@ impl GuestSink for GuestPages {
 
     fn read_page(&self, gfn: u64, out: &mut Page) {
         self.read(gfn, out);
+    }
+
+    fn frames(&self) -> Option<&dyn GuestFrames> {
+        Some(self)
     }
 }
 
