@@ -216,6 +216,24 @@ pub fn set_lint(regs: &mut [u8]) {
     }
 }
 
+/// AMD's HWCR (MSR 0xc0010015) bit 24, TscFreqSel: the TSC counts at the P0 frequency, as on
+/// every AMD CPU with an invariant TSC. Linux on AMD warns "[Firmware Bug]: TSC doesn't count
+/// with P0 frequency!" when it is clear. KVM takes it from userspace on recent kernels (QEMU
+/// sets it too); an older KVM refuses it, and then the guest only warns.
+fn set_tsc_freq_sel(vcpu: &VcpuFd) {
+    const MSR_K7_HWCR: u32 = 0xc001_0015;
+    const HWCR_TSC_FREQ_SEL: u64 = 1 << 24;
+    let entry = kvm_msr_entry {
+        index: MSR_K7_HWCR,
+        data: HWCR_TSC_FREQ_SEL,
+        ..Default::default()
+    };
+    let msrs = Msrs::from_entries(&[entry]).expect("one MSR fits a FAM struct");
+    if !matches!(vcpu.set_msrs(&msrs), Ok(1)) {
+        log::debug!("KVM refused HWCR.TscFreqSel; an AMD guest will warn about its TSC");
+    }
+}
+
 /// State every vCPU needs: MSRs, FPU, LAPIC LINT pins.
 pub fn setup_common(vcpu: &VcpuFd) -> Result<(), RegsError> {
     let entries = boot_msrs();
@@ -227,6 +245,7 @@ pub fn setup_common(vcpu: &VcpuFd) -> Result<(), RegsError> {
             wanted: entries.len(),
         });
     }
+    set_tsc_freq_sel(vcpu);
     let fpu = kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,
