@@ -9,7 +9,8 @@
 
 use std::collections::HashMap;
 
-use super::table::{Entry, PageState, TableReader, CHUNK_PAGES};
+use super::reader::TableReader;
+use super::table::{Entry, PageState, CHUNK_PAGES};
 use crate::identity::PageId;
 
 /// An identity shortened to 64 bits; [`ZERO_KEY`] for a zero page.
@@ -247,6 +248,7 @@ fn count(counts: &mut VmCounts, state: PageState, delta: i64) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::reader::TableReader;
     use super::super::table::{IdentityTable, TableRegion};
     use super::*;
     use crate::identity::PAGE_SIZE;

@@ -8,10 +8,12 @@
 //! the VMM's memory manager's job; this module only holds the data and its protocol.
 
 pub mod index;
+pub mod reader;
 pub mod table;
 
 pub use index::{key_of, HostIndex, Key, Location, RefreshStats, VmCounts, ZERO_KEY};
+pub use reader::TableReader;
 pub use table::{
     process_start_time, ChunkWriter, Entry, Frames, IdentityTable, PageState, TableError,
-    TableReader, TableRegion, CHUNK_PAGES,
+    TableRegion, CHUNK_PAGES,
 };

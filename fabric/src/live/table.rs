@@ -33,11 +33,9 @@ pub const MAX_REGIONS: usize = 32;
 /// Largest table a reader maps: a 64 GiB guest's.
 pub const MAX_PAGES: u64 = 16 << 20;
 
-const MAGIC: [u8; 8] = *b"FABVMIDS";
-const VERSION: u32 = 1;
-const HEADER_LEN: usize = 4096;
-/// A reader retries a chunk the owner is writing this many times before it gives up on it.
-const READ_RETRIES: usize = 64;
+pub(super) const MAGIC: [u8; 8] = *b"FABVMIDS";
+pub(super) const VERSION: u32 = 1;
+pub(super) const HEADER_LEN: usize = 4096;
 
 /// Errors of creating or opening a table.
 #[derive(Debug, thiserror::Error)]
@@ -106,34 +104,34 @@ pub struct Entry {
 }
 
 #[repr(C)]
-struct Header {
-    magic: [u8; 8],
-    version: u32,
-    header_len: u32,
-    pid: u32,
-    n_regions: u32,
-    start_time: u64,
-    pages: u64,
-    chunk_pages: u64,
-    generation: AtomicU64,
-    regions: [[u64; 3]; MAX_REGIONS],
+pub(super) struct Header {
+    pub(super) magic: [u8; 8],
+    pub(super) version: u32,
+    pub(super) header_len: u32,
+    pub(super) pid: u32,
+    pub(super) n_regions: u32,
+    pub(super) start_time: u64,
+    pub(super) pages: u64,
+    pub(super) chunk_pages: u64,
+    pub(super) generation: AtomicU64,
+    pub(super) regions: [[u64; 3]; MAX_REGIONS],
 }
 
 const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_LEN);
 
 /// Offsets of the parts of a table of `pages` pages.
 #[derive(Debug, Clone, Copy)]
-struct Layout {
-    pages: usize,
-    chunks: usize,
-    gens: usize,
-    states: usize,
-    ids: usize,
-    len: usize,
+pub(super) struct Layout {
+    pub(super) pages: usize,
+    pub(super) chunks: usize,
+    pub(super) gens: usize,
+    pub(super) states: usize,
+    pub(super) ids: usize,
+    pub(super) len: usize,
 }
 
 impl Layout {
-    fn new(pages: usize) -> Self {
+    pub(super) fn new(pages: usize) -> Self {
         let chunks = pages.div_ceil(CHUNK_PAGES);
         let gens = HEADER_LEN;
         let states = round_up(gens + chunks * 8);
@@ -155,9 +153,9 @@ fn round_up(n: usize) -> usize {
 
 /// A shared mapping, unmapped when dropped.
 #[derive(Debug)]
-struct Mapping {
-    ptr: *mut u8,
-    layout: Layout,
+pub(super) struct Mapping {
+    pub(super) ptr: *mut u8,
+    pub(super) layout: Layout,
 }
 
 // SAFETY: the mapping is plain shared memory; all access goes through the seqlock protocol
@@ -167,7 +165,11 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    fn map(fd: Option<&File>, layout: Layout, writable: bool) -> std::io::Result<Mapping> {
+    pub(super) fn map(
+        fd: Option<&File>,
+        layout: Layout,
+        writable: bool,
+    ) -> std::io::Result<Mapping> {
         let prot = if writable {
             libc::PROT_READ | libc::PROT_WRITE
         } else {
@@ -189,13 +191,13 @@ impl Mapping {
         })
     }
 
-    fn header(&self) -> &Header {
+    pub(super) fn header(&self) -> &Header {
         // SAFETY: the mapping starts with HEADER_LEN >= size_of::<Header>() bytes, page
         // aligned; every field is plain data or an atomic.
         unsafe { &*(self.ptr as *const Header) }
     }
 
-    fn gen(&self, chunk: usize) -> &AtomicU64 {
+    pub(super) fn gen(&self, chunk: usize) -> &AtomicU64 {
         assert!(chunk < self.layout.chunks);
         let ptr = self.ptr.wrapping_add(self.layout.gens + chunk * 8) as *const AtomicU64;
         // SAFETY: in bounds (checked), 8-byte aligned (gens start page aligned), and the
@@ -203,18 +205,18 @@ impl Mapping {
         unsafe { &*ptr }
     }
 
-    fn state_ptr(&self, page: usize) -> *mut u8 {
+    pub(super) fn state_ptr(&self, page: usize) -> *mut u8 {
         assert!(page < self.layout.pages);
         self.ptr.wrapping_add(self.layout.states + page)
     }
 
-    fn id_ptr(&self, page: usize) -> *mut u8 {
+    pub(super) fn id_ptr(&self, page: usize) -> *mut u8 {
         assert!(page < self.layout.pages);
         self.ptr.wrapping_add(self.layout.ids + page * 32)
     }
 
     /// Reads one entry without regard to concurrent writers (the caller checks).
-    fn raw_entry(&self, page: usize) -> Entry {
+    pub(super) fn raw_entry(&self, page: usize) -> Entry {
         // SAFETY: both pointers are in bounds; volatile because another process may write
         // them concurrently (the seqlock tells the caller whether to trust the copy).
         let state = unsafe { std::ptr::read_volatile(self.state_ptr(page)) };
@@ -225,7 +227,7 @@ impl Mapping {
         Entry { state, id }
     }
 
-    fn regions(&self) -> Vec<TableRegion> {
+    pub(super) fn regions(&self) -> Vec<TableRegion> {
         let h = self.header();
         h.regions[..(h.n_regions as usize).min(MAX_REGIONS)]
             .iter()
@@ -460,148 +462,6 @@ impl ChunkWriter<'_> {
     }
 }
 
-/// Another process's table, mapped read-only. Its contents are hints: a reader verifies
-/// every page it copies on their word.
-#[derive(Debug)]
-pub struct TableReader {
-    map: Mapping,
-    frames: Frames,
-    pid: u32,
-    start_time: u64,
-}
-
-impl TableReader {
-    /// Maps the table at `path` read-only and checks its header and size.
-    pub fn open(path: &Path) -> Result<Self, TableError> {
-        let io = |source| TableError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let invalid = |why| TableError::Invalid {
-            path: path.to_path_buf(),
-            why,
-        };
-        let file = File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
-        if len < HEADER_LEN as u64 || len > Layout::new(MAX_PAGES as usize).len as u64 {
-            return Err(invalid("size out of range"));
-        }
-        let header_only = Layout {
-            pages: 0,
-            chunks: 0,
-            gens: HEADER_LEN,
-            states: HEADER_LEN,
-            ids: HEADER_LEN,
-            len: HEADER_LEN,
-        };
-        let head = Mapping::map(Some(&file), header_only, false).map_err(io)?;
-        let h = head.header();
-        if h.magic != MAGIC || h.version != VERSION || h.header_len != HEADER_LEN as u32 {
-            return Err(invalid("not an identity table of this version"));
-        }
-        if h.chunk_pages != CHUNK_PAGES as u64 || h.pages == 0 || h.pages > MAX_PAGES {
-            return Err(invalid("bad page count"));
-        }
-        if h.n_regions == 0 || h.n_regions as usize > MAX_REGIONS {
-            return Err(invalid("bad region count"));
-        }
-        let layout = Layout::new(h.pages as usize);
-        if layout.len as u64 != len {
-            return Err(invalid("size does not match its page count"));
-        }
-        let regions = head.regions();
-        if regions
-            .iter()
-            .map(|r| r.pages)
-            .try_fold(0u64, u64::checked_add)
-            != Some(h.pages)
-        {
-            return Err(invalid("regions do not add up to its pages"));
-        }
-        let (pid, start_time) = (h.pid, h.start_time);
-        drop(head);
-        let map = Mapping::map(Some(&file), layout, false).map_err(io)?;
-        Ok(TableReader {
-            map,
-            frames: Frames::new(regions),
-            pid,
-            start_time,
-        })
-    }
-
-    /// The owner's process id.
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    /// Whether the owner still runs (same pid, same start time: not a reused pid).
-    pub fn owner_alive(&self) -> bool {
-        process_start_time(self.pid).is_some_and(|t| self.start_time == 0 || t == self.start_time)
-    }
-
-    /// Pages in the table.
-    pub fn pages(&self) -> usize {
-        self.map.layout.pages
-    }
-
-    /// Chunks in the table.
-    pub fn chunks(&self) -> usize {
-        self.map.layout.chunks
-    }
-
-    /// Frame arithmetic.
-    pub fn frames(&self) -> &Frames {
-        &self.frames
-    }
-
-    /// The table's generation: changes whenever any entry changes.
-    pub fn generation(&self) -> u64 {
-        self.map.header().generation.load(Ordering::Acquire)
-    }
-
-    /// Chunk `chunk`'s generation (even when not being written).
-    pub fn chunk_generation(&self, chunk: usize) -> u64 {
-        self.map.gen(chunk).load(Ordering::Acquire)
-    }
-
-    /// A consistent copy of chunk `chunk`'s entries into `out` (cleared first), with the
-    /// generation it was read at; `None` when the owner kept writing it.
-    pub fn read_chunk(&self, chunk: usize, out: &mut Vec<Entry>) -> Option<u64> {
-        let first = chunk * CHUNK_PAGES;
-        let end = (first + CHUNK_PAGES).min(self.pages());
-        self.consistent(chunk, || {
-            out.clear();
-            out.extend((first..end).map(|p| self.map.raw_entry(p)));
-        })
-    }
-
-    /// A consistent copy of one page's entry.
-    pub fn entry(&self, page: usize) -> Option<Entry> {
-        let mut entry = None;
-        self.consistent(page / CHUNK_PAGES, || {
-            entry = Some(self.map.raw_entry(page))
-        })?;
-        entry
-    }
-
-    fn consistent(&self, chunk: usize, mut copy: impl FnMut()) -> Option<u64> {
-        let gen = self.map.gen(chunk);
-        for _ in 0..READ_RETRIES {
-            let before = gen.load(Ordering::Acquire);
-            if before & 1 == 1 {
-                std::hint::spin_loop();
-                continue;
-            }
-            copy();
-            fence(Ordering::Acquire);
-            if gen.load(Ordering::Relaxed) == before {
-                return Some(before);
-            }
-        }
-        None
-    }
-}
-
 /// A process's start time in clock ticks since boot (`/proc/PID/stat` field 22), which
 /// tells a live owner from a later process that got its pid.
 pub fn process_start_time(pid: u32) -> Option<u64> {
@@ -612,133 +472,5 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::identity::PAGE_SIZE;
-
-    fn regions() -> Vec<TableRegion> {
-        vec![
-            TableRegion {
-                guest_addr: 0,
-                pages: 1000,
-                host_addr: 0x7000_0000_0000,
-            },
-            TableRegion {
-                guest_addr: 1 << 32,
-                pages: 100,
-                host_addr: 0x7100_0000_0000,
-            },
-        ]
-    }
-
-    fn id(n: u8) -> PageId {
-        PageId::of(&[n; PAGE_SIZE])
-    }
-
-    #[test]
-    fn a_reader_sees_what_the_owner_writes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("1.ids");
-        let mut table = IdentityTable::create(Some(&path), &regions()).unwrap();
-        let reader = TableReader::open(&path).unwrap();
-        assert_eq!(reader.pages(), 1100);
-        assert_eq!(reader.pid(), std::process::id());
-        assert!(reader.owner_alive());
-        assert_eq!(reader.frames().regions(), regions().as_slice());
-        let zero = reader.entry(5).unwrap();
-        assert_eq!((zero.state, zero.id), (PageState::Zero, None));
-
-        let gen = reader.generation();
-        let chunk_gen = reader.chunk_generation(1);
-        table.set(600, PageState::Current, Some(id(7)));
-        assert_ne!(reader.generation(), gen);
-        assert_ne!(reader.chunk_generation(1), chunk_gen);
-        assert_eq!(reader.chunk_generation(0), 0, "other chunks untouched");
-        let e = reader.entry(600).unwrap();
-        assert_eq!((e.state, e.id), (PageState::Current, Some(id(7))));
-
-        table.update_chunk(1, |w| w.mark_stale(600));
-        let e = reader.entry(600).unwrap();
-        assert_eq!(
-            (e.state, e.id),
-            (PageState::Stale, Some(id(7))),
-            "hint kept"
-        );
-
-        let mut out = Vec::new();
-        assert!(reader.read_chunk(2, &mut out).is_some());
-        assert_eq!(out.len(), 1100 - 1024, "the last chunk is short");
-        // Frames: the second region starts at index 1000.
-        let high = (1u64 << 32) / PAGE_SIZE as u64;
-        assert_eq!(reader.frames().index(high + 3), Some(1003));
-        assert_eq!(reader.frames().gfn(1003), Some(high + 3));
-        assert_eq!(reader.frames().index(1000), None, "hole between regions");
-        assert_eq!(
-            reader.frames().host_addr(1001),
-            Some(0x7100_0000_0000 + PAGE_SIZE as u64)
-        );
-        drop(table);
-        assert!(!path.exists(), "the owner removes its table");
-    }
-
-    #[test]
-    fn malformed_tables_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.ids");
-        std::fs::write(&path, b"short").unwrap();
-        assert!(matches!(
-            TableReader::open(&path),
-            Err(TableError::Invalid { .. })
-        ));
-        let table = IdentityTable::create(Some(&path), &regions()).unwrap();
-        let good = std::fs::read(&path).unwrap();
-        // Bad magic, then a page count that does not match the size.
-        for (offset, value) in [(0usize, 0u8), (32, 0x55)] {
-            let mut bad = good.clone();
-            bad[offset] = value;
-            let p = dir.path().join(format!("bad{offset}.ids"));
-            std::fs::write(&p, &bad).unwrap();
-            assert!(
-                matches!(TableReader::open(&p), Err(TableError::Invalid { .. })),
-                "offset {offset}"
-            );
-        }
-        // Truncated.
-        let p = dir.path().join("cut.ids");
-        std::fs::write(&p, &good[..good.len() - 4096]).unwrap();
-        assert!(TableReader::open(&p).is_err());
-        drop(table);
-    }
-
-    #[test]
-    fn readers_never_see_half_written_chunks() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("race.ids");
-        let mut table = IdentityTable::create(Some(&path), &regions()).unwrap();
-        let reader = TableReader::open(&path).unwrap();
-        let stop = std::sync::atomic::AtomicBool::new(false);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                // Every write sets the whole chunk to one identity.
-                for n in 0..2000u32 {
-                    let v = id((n % 251) as u8);
-                    table.update_chunk(0, |w| {
-                        for p in 0..CHUNK_PAGES {
-                            w.set(p, PageState::Current, Some(v));
-                        }
-                    });
-                }
-                stop.store(true, Ordering::Relaxed);
-            });
-            let mut out = Vec::new();
-            let mut consistent = 0;
-            while !stop.load(Ordering::Relaxed) {
-                if reader.read_chunk(0, &mut out).is_some() {
-                    assert!(out.iter().all(|e| e.id == out[0].id), "torn chunk");
-                    consistent += 1;
-                }
-            }
-            assert!(consistent > 0);
-        });
-    }
-}
+#[path = "table_tests.rs"]
+mod tests;

@@ -146,6 +146,7 @@ mod error;
 pub mod fuzzing;
 mod layout;
 mod receiver;
+mod rx_state;
 mod sender;
 mod stats;
 pub mod wire;
