@@ -311,11 +311,12 @@ fn restore_snapshot(
     let state = &loaded.state;
     let store = launch.store.clone().unwrap_or_else(|| state.store.clone());
     let memory = if lazy {
-        // The loader thread runs on its own until every page is in, then ends.
+        // The loader thread (if this process builds the image) runs on its own until the
+        // image is complete, then ends.
         let (memory, _loader) = crate::snapshot::lazy::start(&loaded, &store)?;
         memory
     } else {
-        let image = restore::memory_image(&loaded, &store)?;
+        let image = crate::snapshot::image::ensure(&loaded, &store)?;
         restore::map_image(&image, state)?
     };
     let mut built = restore_machine(state, memory, sink)?;

@@ -58,6 +58,7 @@ struct UffdioZeropage {
 ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3f, UffdioApi);
 ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
 ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, UffdioRange);
+ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
 ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
 ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
 
@@ -113,6 +114,14 @@ impl Uffd {
         let mut range = UffdioRange { start, len };
         // SAFETY: UFFDIO_UNREGISTER reads exactly a uffdio_range.
         check(unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_UNREGISTER(), &mut range) })
+    }
+
+    /// Wakes whoever faulted in a range whose pages appeared by other means (a write into
+    /// the shmem file a private mapping is made of): they fault again and find them.
+    pub fn wake(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut range = UffdioRange { start, len };
+        // SAFETY: UFFDIO_WAKE reads exactly a uffdio_range.
+        check(unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_WAKE(), &mut range) })
     }
 
     /// The next faulting address, if one is waiting.
@@ -207,11 +216,12 @@ mod tests {
 
     #[test]
     fn ioctl_numbers_match_the_kernel_abi() {
-        // _IOWR(0xAA, 0x3F, 24 bytes), _IOWR(0xAA, 0x00, 32), _IOR(0xAA, 0x01, 16),
+        // _IOWR(0xAA, 0x3F, 24 bytes), _IOWR(0xAA, 0x00, 32), _IOR(0xAA, 0x01, 16), _IOR(0xAA, 0x02, 16),
         // _IOWR(0xAA, 0x03, 40), _IOWR(0xAA, 0x04, 32), as in linux/userfaultfd.h.
         assert_eq!(UFFDIO_API(), 0xc018_aa3f);
         assert_eq!(UFFDIO_REGISTER(), 0xc020_aa00);
         assert_eq!(UFFDIO_UNREGISTER(), 0x8010_aa01);
+        assert_eq!(UFFDIO_WAKE(), 0x8010_aa02);
         assert_eq!(UFFDIO_COPY(), 0xc028_aa03);
         assert_eq!(UFFDIO_ZEROPAGE(), 0xc020_aa04);
     }
