@@ -77,6 +77,13 @@ pub fn path(dir: &Path, loaded: &Loaded) -> PathBuf {
     dir.join(format!("{}.img", loaded.manifest_blake3))
 }
 
+/// The finished image of the snapshot whose manifest hashes to `manifest_blake3`, if this
+/// host has one (the fast path of a restore: no manifest needed to map it).
+pub fn existing(store: &Path, manifest_blake3: &str) -> Result<Option<PathBuf>, RestoreError> {
+    let image = dir(store)?.join(format!("{manifest_blake3}.img"));
+    Ok(image.exists().then_some(image))
+}
+
 /// The build lock of one image, held while it is built.
 #[derive(Debug)]
 pub struct BuildLock {

@@ -72,17 +72,47 @@ pub struct Loaded {
 
 /// Reads and checks a snapshot directory.
 pub fn load(dir: &Path) -> Result<Loaded, RestoreError> {
+    let state = load_state(dir)?;
+    let (manifest, manifest_blake3) = load_manifest(dir, &state.manifest_blake3)?;
+    Loaded::new(dir, state, manifest, manifest_blake3)
+}
+
+impl Loaded {
+    /// Puts a state file and its manifest (from [`load_state`], [`load_manifest`]) together,
+    /// checking that they agree.
+    pub fn new(
+        dir: &Path,
+        state: SnapshotState,
+        manifest: Manifest,
+        manifest_blake3: String,
+    ) -> Result<Loaded, RestoreError> {
+        check(dir, &state, &manifest)?;
+        Ok(Loaded {
+            state,
+            manifest,
+            manifest_blake3,
+        })
+    }
+}
+
+/// Reads and decodes a snapshot's state file.
+pub fn load_state(dir: &Path) -> Result<SnapshotState, RestoreError> {
     let state_path = dir.join(STATE_FILE);
     let bytes = read_limited(&state_path, format::MAX_BODY + 64)?;
-    let state = format::decode(&bytes).map_err(|source| RestoreError::Format {
+    format::decode(&bytes).map_err(|source| RestoreError::Format {
         path: state_path,
         source,
-    })?;
+    })
+}
+
+/// Reads a snapshot's manifest, which must hash to `expected` (the state file's), and
+/// decodes it; returns it with that hash.
+pub fn load_manifest(dir: &Path, expected: &str) -> Result<(Manifest, String), RestoreError> {
     let manifest_path = dir.join(MANIFEST_FILE);
     let limits = DecodeLimits::default();
     let manifest_bytes = read_limited(&manifest_path, limits.max_pages * 40 + (1 << 20))?;
     let manifest_blake3 = blake3::hash(&manifest_bytes).to_hex().to_string();
-    if manifest_blake3 != state.manifest_blake3 {
+    if manifest_blake3 != expected {
         return Err(RestoreError::ManifestMismatch(manifest_path));
     }
     let manifest =
@@ -90,12 +120,7 @@ pub fn load(dir: &Path) -> Result<Loaded, RestoreError> {
             path: manifest_path,
             source,
         })?;
-    check(dir, &state, &manifest)?;
-    Ok(Loaded {
-        state,
-        manifest,
-        manifest_blake3,
-    })
+    Ok((manifest, manifest_blake3))
 }
 
 fn check(dir: &Path, state: &SnapshotState, manifest: &Manifest) -> Result<(), RestoreError> {
