@@ -137,6 +137,8 @@ pub struct Vm {
     stderr: Arc<Mutex<String>>,
     readers: Vec<JoinHandle<()>>,
     started: Instant,
+    /// A restore's own memory image directory, unless the test chose one.
+    _images: Option<tempfile::TempDir>,
 }
 
 impl Vm {
@@ -147,6 +149,7 @@ impl Vm {
 
     /// Starts a prepared command (e.g. wrapped in `setpriv` or `unshare`).
     pub fn start_command(command: &mut Command) -> Vm {
+        let images = image_dir_for(command);
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -165,6 +168,7 @@ impl Vm {
             stderr,
             readers,
             started: Instant::now(),
+            _images: images,
         }
     }
 
@@ -254,6 +258,28 @@ impl Drop for Vm {
             self.kill();
         }
     }
+}
+
+/// A restore gets a fresh memory image directory on tmpfs (removed with the [`Vm`]) unless
+/// the test set `FABVM_IMAGE_DIR`: images otherwise stay in `/dev/shm` after the test.
+fn image_dir_for(command: &mut Command) -> Option<tempfile::TempDir> {
+    let restores = command.get_args().any(|a| a == "--restore");
+    let chosen = command.get_envs().any(|(k, _)| k == "FABVM_IMAGE_DIR");
+    if !restores || chosen {
+        return None;
+    }
+    let dir = shm_dir("fabvm-test-images-");
+    command.env("FABVM_IMAGE_DIR", dir.path());
+    Some(dir)
+}
+
+/// A temporary directory on tmpfs (`/dev/shm`, else the temp dir), e.g. for memory images.
+pub fn shm_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::Builder::new().prefix(prefix).tempdir())
+        .expect("create a temporary directory")
 }
 
 fn pump(mut from: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> JoinHandle<()> {
