@@ -137,8 +137,8 @@ pub struct Vm {
     stderr: Arc<Mutex<String>>,
     readers: Vec<JoinHandle<()>>,
     started: Instant,
-    /// A restore's own memory image directory, unless the test chose one.
-    _images: Option<tempfile::TempDir>,
+    /// A restore's memory image directory, unless the test chose one.
+    _images: Option<Arc<tempfile::TempDir>>,
 }
 
 impl Vm {
@@ -260,15 +260,27 @@ impl Drop for Vm {
     }
 }
 
-/// A restore gets a fresh memory image directory on tmpfs (removed with the [`Vm`]) unless
-/// the test set `FABVM_IMAGE_DIR`: images otherwise stay in `/dev/shm` after the test.
-fn image_dir_for(command: &mut Command) -> Option<tempfile::TempDir> {
-    let restores = command.get_args().any(|a| a == "--restore");
-    let chosen = command.get_envs().any(|(k, _)| k == "FABVM_IMAGE_DIR");
-    if !restores || chosen {
+/// Restores get a memory image directory on tmpfs, one per snapshot while any VM restored
+/// from it runs (so they share the image), removed with the last of them, unless the test
+/// set `FABVM_IMAGE_DIR`: images would otherwise stay in `/dev/shm` after the test.
+fn image_dir_for(command: &mut Command) -> Option<Arc<tempfile::TempDir>> {
+    static DIRS: Mutex<Vec<(std::ffi::OsString, std::sync::Weak<tempfile::TempDir>)>> =
+        Mutex::new(Vec::new());
+    let args: Vec<&std::ffi::OsStr> = command.get_args().collect();
+    let snapshot = args.windows(2).find(|w| w[0] == "--restore")?[1].to_os_string();
+    if command.get_envs().any(|(k, _)| k == "FABVM_IMAGE_DIR") {
         return None;
     }
-    let dir = shm_dir("fabvm-test-images-");
+    let mut dirs = DIRS.lock().unwrap_or_else(|e| e.into_inner());
+    dirs.retain(|(_, dir)| dir.strong_count() > 0);
+    let dir = match dirs.iter().find(|(s, _)| *s == snapshot) {
+        Some((_, dir)) => dir.upgrade()?,
+        None => {
+            let dir = Arc::new(shm_dir("fabvm-test-images-"));
+            dirs.push((snapshot, Arc::downgrade(&dir)));
+            dir
+        }
+    };
     command.env("FABVM_IMAGE_DIR", dir.path());
     Some(dir)
 }
