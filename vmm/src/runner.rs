@@ -351,8 +351,8 @@ fn restore_snapshot(
                 // until the image is complete, then ends.
                 crate::snapshot::lazy::start(&loaded, &store)?.0
             } else {
-                let image = crate::snapshot::image::ensure(&loaded, &store)?;
-                restore::map_image(&image, &state)?
+                let (image, file) = crate::snapshot::image::ensure(&loaded, &store)?;
+                restore::map_file(&file, &image, &state)?
             };
             (memory, Some(loaded))
         }

@@ -84,6 +84,51 @@ pub fn existing(store: &Path, manifest_blake3: &str) -> Result<Option<PathBuf>, 
     Ok(image.exists().then_some(image))
 }
 
+/// Opens an image to map it, with a shared flock held as long as the file (or a clone of
+/// it, such as the one a mapping keeps) is open: [`remove_unused`] leaves such images alone.
+pub fn open_in_use(path: &Path) -> std::io::Result<File> {
+    let file = File::open(path)?;
+    mark_in_use(&file)?;
+    Ok(file)
+}
+
+/// Takes the shared "in use" flock on an open image.
+pub fn mark_in_use(file: &File) -> std::io::Result<()> {
+    // SAFETY: flock only reads the descriptor, which `file` keeps open.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Deletes the images in `dir` that no running VM maps (for `fabvm store gc`): on tmpfs each
+/// holds RAM. Returns how many were deleted and their bytes.
+pub fn remove_unused(dir: &Path) -> (u64, u64) {
+    let (mut count, mut bytes) = (0, 0);
+    let Ok(entries) = fs::read_dir(dir) else {
+        return (0, 0);
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "img") {
+            continue;
+        }
+        let Ok(file) = File::open(&path) else {
+            continue;
+        };
+        // SAFETY: flock only reads the descriptor, which `file` keeps open.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue;
+        }
+        let size = file.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+        if fs::remove_file(&path).is_ok() {
+            count += 1;
+            bytes += size;
+        }
+    }
+    (count, bytes)
+}
+
 /// The build lock of one image, held while it is built.
 #[derive(Debug)]
 pub struct BuildLock {
@@ -219,12 +264,18 @@ impl Drop for BuildLock {
     }
 }
 
-/// The memory image of a snapshot, built from the store unless it exists; concurrent
-/// callers on one host build it once.
-pub fn ensure(loaded: &Loaded, store_dir: &Path) -> Result<PathBuf, RestoreError> {
+/// The memory image of a snapshot, built from the store unless it exists (concurrent
+/// callers on one host build it once), opened and marked in use.
+pub fn ensure(loaded: &Loaded, store_dir: &Path) -> Result<(PathBuf, File), RestoreError> {
     let dir = dir(store_dir)?;
     let lock = match claim(&dir, loaded)? {
-        Claim::Ready(image) => return Ok(image),
+        Claim::Ready(image) => {
+            let file = open_in_use(&image).map_err(|source| RestoreError::Image {
+                path: image.clone(),
+                source,
+            })?;
+            return Ok((image, file));
+        }
         Claim::Build(lock) => lock,
     };
     let started = Instant::now();
@@ -235,6 +286,10 @@ pub fn ensure(loaded: &Loaded, store_dir: &Path) -> Result<PathBuf, RestoreError
     })?;
     let opened = started.elapsed();
     let file = lock.create_tmp(loaded.state.mem)?;
+    mark_in_use(&file).map_err(|source| RestoreError::Image {
+        path: lock.tmp_path(),
+        source,
+    })?;
     let pages = plan(loaded);
     fill(&store, &file, &pages, store_dir, &lock.tmp_path())?;
     drop(store);
@@ -247,7 +302,7 @@ pub fn ensure(loaded: &Loaded, store_dir: &Path) -> Result<PathBuf, RestoreError
         started.elapsed(),
         cpu_time().saturating_sub(cpu)
     );
-    Ok(image)
+    Ok((image, file))
 }
 
 /// The image's non-zero pages: (page index in the file, identity), in file order.
@@ -337,4 +392,29 @@ fn cpu_time() -> Duration {
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unused_images_are_removed_and_mapped_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["used.img", "unused.img", "other.lock"] {
+            fs::write(dir.path().join(name), [1u8; 4096]).unwrap();
+        }
+        let held = open_in_use(&dir.path().join("used.img")).unwrap();
+        let clone = held.try_clone().unwrap();
+        drop(held);
+        let (count, bytes) = remove_unused(dir.path());
+        assert_eq!(count, 1);
+        assert!(bytes >= 4096);
+        assert!(dir.path().join("used.img").exists(), "a mapped image stays");
+        assert!(!dir.path().join("unused.img").exists());
+        assert!(dir.path().join("other.lock").exists());
+        drop(clone);
+        assert_eq!(remove_unused(dir.path()).0, 1);
+        assert!(!dir.path().join("used.img").exists());
+    }
 }

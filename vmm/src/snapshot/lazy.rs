@@ -55,8 +55,8 @@ pub fn start(
             "lazy restore needs the image directory on tmpfs ({} is not): building the image first",
             dir.display()
         );
-        let path = image::ensure(loaded, store_dir)?;
-        return Ok((restore::map_image(&path, &loaded.state)?, None));
+        let (path, file) = image::ensure(loaded, store_dir)?;
+        return Ok((restore::map_file(&file, &path, &loaded.state)?, None));
     }
     let lock = match image::claim(&dir, loaded)? {
         Claim::Ready(path) => {
@@ -67,6 +67,10 @@ pub fn start(
     };
     let tmp = lock.tmp_path();
     let file = lock.create_tmp(loaded.state.mem)?;
+    image::mark_in_use(&file).map_err(|source| RestoreError::Image {
+        path: tmp.clone(),
+        source,
+    })?;
     let memory = restore::map_file(&file, &tmp, &loaded.state)?;
     let uffd_err = |source| RestoreError::Image {
         path: PathBuf::from("userfaultfd"),

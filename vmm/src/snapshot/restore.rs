@@ -175,7 +175,7 @@ fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, RestoreError> {
 
 /// Maps the image copy-on-write as guest memory, region after region.
 pub fn map_image(image: &Path, state: &SnapshotState) -> Result<GuestMemory, RestoreError> {
-    let file = File::open(image).map_err(|source| RestoreError::Image {
+    let file = super::image::open_in_use(image).map_err(|source| RestoreError::Image {
         path: image.to_path_buf(),
         source,
     })?;
