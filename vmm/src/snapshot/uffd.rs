@@ -213,6 +213,7 @@ fn filled(ret: i32) -> io::Result<Filled> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::FromRawFd;
 
     #[test]
     fn ioctl_numbers_match_the_kernel_abi() {
@@ -271,6 +272,62 @@ mod tests {
         }
         assert_eq!(reader.join().unwrap(), (7, 0));
         assert_eq!(uffd.copy(base, &page).unwrap(), Filled::Already);
+        uffd.unregister(base, LEN as u64).unwrap();
+        // SAFETY: unmapping the mapping made above; nothing refers to it any more.
+        unsafe { libc::munmap(addr, LEN) };
+    }
+
+    #[test]
+    fn shmem_pages_written_into_the_file_are_served_by_wake() {
+        let Ok(uffd) = Uffd::new() else {
+            eprintln!("!!! shmem_wake: SKIPPED, userfaultfd unavailable to this user !!!");
+            return;
+        };
+        use std::os::unix::fs::FileExt;
+        const LEN: usize = 2 * 4096;
+        // SAFETY: memfd_create takes a NUL-terminated name and flags, returns a new fd or -1.
+        let raw = unsafe { libc::memfd_create(c"uffd-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: `raw` is a fresh fd that nothing else owns.
+        let file = unsafe { std::fs::File::from_raw_fd(raw) };
+        file.set_len(LEN as u64).unwrap();
+        // SAFETY: a private mapping of the memfd's LEN bytes, unmapped below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        let base = addr as u64;
+        uffd.register(base, LEN as u64).unwrap();
+        let reader = std::thread::spawn(move || {
+            // SAFETY: reads within the mapping; each blocks until the handler serves it.
+            let first = unsafe { std::ptr::read_volatile((base + 8) as *const u8) };
+            // SAFETY: as above, in the second page.
+            let second = unsafe { std::ptr::read_volatile((base + 4096) as *const u8) };
+            (first, second)
+        });
+        let mut served = 0;
+        while served < 2 {
+            assert!(uffd.wait(5000).unwrap(), "no fault arrived");
+            while let Some(fault) = uffd.next_fault().unwrap() {
+                let page_addr = fault & !4095;
+                if page_addr == base {
+                    // The page goes into the shared file; the faulting thread maps it.
+                    file.write_all_at(&[9u8; 4096], 0).unwrap();
+                    uffd.wake(page_addr, 4096).unwrap();
+                } else {
+                    assert_eq!(uffd.zero(page_addr, 4096).unwrap(), Filled::Now);
+                }
+                served += 1;
+            }
+        }
+        assert_eq!(reader.join().unwrap(), (9, 0));
         uffd.unregister(base, LEN as u64).unwrap();
         // SAFETY: unmapping the mapping made above; nothing refers to it any more.
         unsafe { libc::munmap(addr, LEN) };
