@@ -87,6 +87,28 @@ def snapshot(report, out):
     return [_save(fig, out, "snapshot.png")]
 
 
+def serverless(report, out):
+    counts = list(report["counts"])
+    kinds = ["eager_cold", "eager_warm", "lazy_cold", "lazy_warm", "qemu"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    width = 0.8 / len(kinds)
+    for k, kind in enumerate(kinds):
+        color = COLORS["qemu"] if kind == "qemu" else COLORS["fabvm"]
+        alpha = 1.0 if kind in ("qemu", "eager_warm") else 0.45 + 0.15 * k
+        for ax, key in zip(axes, ("all_verified_ms", "pss_ratio")):
+            xs = [i + (k - len(kinds) / 2) * width for i in range(len(counts))]
+            ms = [(report["counts"][n]["summary"][kind].get(key) or {}).get("median", 0) for n in counts]
+            ax.bar(xs, ms, width, color=color, alpha=min(alpha, 1.0), label=kind.replace("_", ", "))
+    for ax, label in zip(axes, ("ms until every VM verified its memory", "total PSS / the guest's data")):
+        ax.set_xticks(range(len(counts)), [f"N={n}" for n in counts])
+        ax.set_ylabel(label)
+    axes[0].set_yscale("log")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"N VMs restored at once from one snapshot ({runs(report['runs'])})")
+    fig.tight_layout()
+    return [_save(fig, out, "serverless.png")]
+
+
 def migrate(report, out):
     import migrate as mig
     names = []

@@ -2,13 +2,15 @@
 """fabvm's benchmark harness: each scenario for fabvm and QEMU in one run, on the same test
 guest, with medians and ranges, written as JSON, Markdown tables and PNG plots.
 
-    python3 bench/run.py [--quick] [--only boot,snapshot,migrate,sharing,micro] [--runs N]
+    python3 bench/run.py [--quick] [--only boot,snapshot,serverless,migrate,sharing,micro] [--runs N]
                          [--links loopback,1g,100m,wan] [--out DIR]
 
 Scenarios (modules of bench/):
   boot      VMM start to first guest exit, first console byte, test guest ready, own memory
   snapshot  snapshot, restore (image built, image cached, lazy), bytes on disk; QEMU: migrate
             to a file and back
+  serverless  N VMs (1, 10, 50) restored at once from one snapshot, image cold or warm, eager
+            and lazy: time until all verified, total PSS against one copy; QEMU -incoming
   migrate   live migration over veth between network namespaces (loopback, tc-shaped links,
             delay from relay.py): total time, downtime, guest pause, bytes on the wire
   sharing   N test guests sharing P% of their pages: fabric-guided KSM (`--share`) against
@@ -33,7 +35,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-SCENARIOS = ["boot", "snapshot", "migrate", "sharing", "identities", "micro"]
+SCENARIOS = ["boot", "snapshot", "serverless", "migrate", "sharing", "identities", "micro"]
 QUICK_OUT = os.path.join(common.ROOT, "target", "bench-quick")
 
 

@@ -137,6 +137,8 @@ pub struct Vm {
     stderr: Arc<Mutex<String>>,
     readers: Vec<JoinHandle<()>>,
     started: Instant,
+    /// A restore's memory image directory, unless the test chose one.
+    _images: Option<Arc<tempfile::TempDir>>,
 }
 
 impl Vm {
@@ -147,6 +149,7 @@ impl Vm {
 
     /// Starts a prepared command (e.g. wrapped in `setpriv` or `unshare`).
     pub fn start_command(command: &mut Command) -> Vm {
+        let images = image_dir_for(command);
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -165,6 +168,7 @@ impl Vm {
             stderr,
             readers,
             started: Instant::now(),
+            _images: images,
         }
     }
 
@@ -254,6 +258,40 @@ impl Drop for Vm {
             self.kill();
         }
     }
+}
+
+/// Restores get a memory image directory on tmpfs, one per snapshot while any VM restored
+/// from it runs (so they share the image), removed with the last of them, unless the test
+/// set `FABVM_IMAGE_DIR`: images would otherwise stay in `/dev/shm` after the test.
+fn image_dir_for(command: &mut Command) -> Option<Arc<tempfile::TempDir>> {
+    static DIRS: Mutex<Vec<(std::ffi::OsString, std::sync::Weak<tempfile::TempDir>)>> =
+        Mutex::new(Vec::new());
+    let args: Vec<&std::ffi::OsStr> = command.get_args().collect();
+    let snapshot = args.windows(2).find(|w| w[0] == "--restore")?[1].to_os_string();
+    if command.get_envs().any(|(k, _)| k == "FABVM_IMAGE_DIR") {
+        return None;
+    }
+    let mut dirs = DIRS.lock().unwrap_or_else(|e| e.into_inner());
+    dirs.retain(|(_, dir)| dir.strong_count() > 0);
+    let dir = match dirs.iter().find(|(s, _)| *s == snapshot) {
+        Some((_, dir)) => dir.upgrade()?,
+        None => {
+            let dir = Arc::new(shm_dir("fabvm-test-images-"));
+            dirs.push((snapshot, Arc::downgrade(&dir)));
+            dir
+        }
+    };
+    command.env("FABVM_IMAGE_DIR", dir.path());
+    Some(dir)
+}
+
+/// A temporary directory on tmpfs (`/dev/shm`, else the temp dir), e.g. for memory images.
+pub fn shm_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::Builder::new().prefix(prefix).tempdir())
+        .expect("create a temporary directory")
 }
 
 fn pump(mut from: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> JoinHandle<()> {

@@ -154,7 +154,16 @@ fn store(args: StoreArgs) {
             Err(e) => fail(&format!("store {}: {e}", dir.display()), 1),
         },
         StoreOp::Gc => match store.gc() {
-            Ok(report) => serde_json::to_value(report).unwrap_or_default(),
+            Ok(report) => {
+                let mut value = serde_json::to_value(report).unwrap_or_default();
+                // Memory images no running VM maps go too (on tmpfs they hold RAM).
+                if let Ok(images) = vmm::snapshot::image::dir(&dir) {
+                    let (count, bytes) = vmm::snapshot::image::remove_unused(&images);
+                    value["images_removed"] = count.into();
+                    value["image_bytes_freed"] = bytes.into();
+                }
+                value
+            }
             Err(e) => fail(&format!("store {}: {e}", dir.display()), 1),
         },
     };

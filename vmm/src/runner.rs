@@ -19,7 +19,7 @@ use crate::snapshot::save::VmMeta;
 use crate::vcpu::exit::StopReason;
 use crate::vcpu::{SaveContext, StopSink, Vcpu, VcpuError, Vcpus};
 use crate::virtio::{VirtioDevices, VirtioError};
-use crate::vm::{Vm, VmError};
+use crate::vm::{Vm, VmError, VmShell};
 use crate::vm_state::VmStateError;
 use fabric::Manifest;
 
@@ -129,6 +129,10 @@ impl RunContext {
             meta,
             contents,
         } = built;
+        // The vCPUs start first: KVM logs every write since the slots went in, and the
+        // memory manager's dirty log, opened just after, sees all of them.
+        let vcpus = start_vcpus(prepared)?;
+        log::debug!(target: "fabvm::timing", "vcpus started after {:?}", self.started.elapsed());
         let initial = match &contents {
             Some(manifest) => Initial::Manifest(manifest),
             None => Initial::Zero,
@@ -140,11 +144,16 @@ impl RunContext {
             initial,
             services.identities,
             Some(&publish),
-        )?;
+        );
+        let memory = match memory {
+            Ok(memory) => memory,
+            Err(e) => {
+                vcpus.stop();
+                return Err(e.into());
+            }
+        };
         drop(contents);
-        log::debug!(target: "fabvm::timing", "guest set up after {:?}", self.started.elapsed());
-        let vcpus = start_vcpus(prepared)?;
-        log::debug!(target: "fabvm::timing", "vcpus started after {:?}", self.started.elapsed());
+        log::debug!(target: "fabvm::timing", "memory manager up after {:?}", self.started.elapsed());
         if let Err(message) = started() {
             vcpus.stop();
             return Ok(StopReason::Failed(message));
@@ -300,37 +309,105 @@ fn create_vcpus(
 
 /// Restores a snapshot: memory mapped copy-on-write from its image, then VM state, devices
 /// and vCPUs in the order KVM needs (irqchip and PIT exist before their state is set; vCPU
-/// state last, see [`crate::vcpu::state::VcpuState::restore`]).
+/// state last, see [`crate::vcpu::state::VcpuState::restore`]). With the image on this host
+/// already, the manifest is read and checked on a second thread meanwhile (the identities
+/// start from it).
 fn restore_snapshot(
     dir: &std::path::Path,
     lazy: bool,
     launch: &Launch,
     sink: &StopSink,
 ) -> Result<Built, RunError> {
-    let loaded = restore::load(dir)?;
-    let state = &loaded.state;
+    let clock = std::time::Instant::now();
+    // The VM, and its costly first memory slot, are made while the snapshot is read.
+    let shell = std::thread::spawn(|| {
+        let shell = VmShell::new()?;
+        shell.warm();
+        Ok::<_, RunError>(shell)
+    });
+    let state = restore::load_state(dir)?;
     let store = launch.store.clone().unwrap_or_else(|| state.store.clone());
-    let memory = if lazy {
-        // The loader thread runs on its own until every page is in, then ends.
-        let (memory, _loader) = crate::snapshot::lazy::start(&loaded, &store)?;
-        memory
-    } else {
-        let image = restore::memory_image(&loaded, &store)?;
-        restore::map_image(&image, state)?
+    let mut manifest = Some({
+        let (dir, hash) = (dir.to_path_buf(), state.manifest_blake3.clone());
+        std::thread::spawn(move || restore::load_manifest(&dir, &hash))
+    });
+    let mut join = || {
+        manifest
+            .take()
+            .and_then(|thread| thread.join().ok())
+            .unwrap_or_else(|| panic!("manifest thread panicked"))
     };
-    let mut built = restore_machine(state, memory, sink)?;
+    let existing = match lazy {
+        true => None,
+        false => crate::snapshot::image::existing(&store, &state.manifest_blake3)?,
+    };
+    let (memory, loaded) = match existing {
+        Some(image) => (restore::map_image(&image, &state)?, None),
+        None => {
+            let (ids, hash) = join()?;
+            let loaded = restore::Loaded::new(dir, state.clone(), ids, hash)?;
+            let memory = if lazy {
+                // The loader thread (if this process builds the image) runs on its own
+                // until the image is complete, then ends.
+                crate::snapshot::lazy::start(&loaded, &store)?.0
+            } else {
+                let (image, file) = crate::snapshot::image::ensure(&loaded, &store)?;
+                restore::map_file(&file, &image, &state)?
+            };
+            (memory, Some(loaded))
+        }
+    };
+    log::debug!(target: "fabvm::timing", "restore: memory mapped after {:?}", clock.elapsed());
+    let shell = shell
+        .join()
+        .unwrap_or_else(|_| panic!("VM creation thread panicked"))?;
+    log::debug!(target: "fabvm::timing", "restore: VM made after {:?}", clock.elapsed());
+    let mut built = restore_machine_in(shell, &state, memory, sink)?;
+    log::debug!(target: "fabvm::timing", "restore: machine restored after {:?}", clock.elapsed());
+    let loaded = match loaded {
+        Some(loaded) => loaded,
+        None => {
+            let (ids, hash) = join()?;
+            restore::Loaded::new(dir, state, ids, hash)?
+        }
+    };
     built.contents = Some(loaded.manifest);
     Ok(built)
 }
 
 /// Builds a VM from saved state and guest memory already holding its contents (a snapshot's
-/// image or lazy loader, or pages received from a migration source).
+/// image or lazy loader, or pages received from a migration source). The memory slots (the
+/// first costs milliseconds on kvm_pvm) go in on a second thread while the vCPUs are made
+/// and the VM and device state set; vCPU state follows once they are in.
 pub fn restore_machine(
     state: &SnapshotState,
     memory: crate::memory::GuestMemory,
     sink: &StopSink,
 ) -> Result<Built, RunError> {
-    restore_into(Shell::build(memory, state.cpus)?, state, sink)
+    restore_machine_in(VmShell::new()?, state, memory, sink)
+}
+
+/// [`restore_machine`] in a VM made beforehand.
+fn restore_machine_in(
+    shell: VmShell,
+    state: &SnapshotState,
+    memory: crate::memory::GuestMemory,
+    sink: &StopSink,
+) -> Result<Built, RunError> {
+    let clock = std::time::Instant::now();
+    let vm = shell.with_memory(memory, state.cpus)?;
+    let (vcpus, devices) = std::thread::scope(|scope| {
+        let slots = scope.spawn(|| vm.register_memory());
+        let early = create_vcpu_fds(&vm, state.cpus)
+            .and_then(|vcpus| Ok((vcpus, restore_devices(&vm, state)?)));
+        let slots = slots
+            .join()
+            .unwrap_or_else(|_| panic!("memory slot thread panicked"));
+        log::debug!(target: "fabvm::timing", "restore: slots in after {:?}", clock.elapsed());
+        slots?;
+        early
+    })?;
+    finish_restore(vm, vcpus, devices, state, sink)
 }
 
 /// A VM whose machine state has not arrived yet: KVM VM, irqchip, memory slots and vCPUs
@@ -347,17 +424,7 @@ impl Shell {
     pub fn build(memory: crate::memory::GuestMemory, cpus: u32) -> Result<Shell, RunError> {
         let vm = Vm::with_memory(memory, cpus)?;
         vm.register_memory()?;
-        let vcpus = (0..cpus)
-            .map(|index| {
-                vm.fd
-                    .create_vcpu(u64::from(index))
-                    .map_err(|source| RunError::Kvm {
-                        index,
-                        what: "CREATE_VCPU",
-                        source,
-                    })
-            })
-            .collect::<Result<_, _>>()?;
+        let vcpus = create_vcpu_fds(&vm, cpus)?;
         Ok(Shell { vm, vcpus })
     }
 
@@ -375,20 +442,55 @@ pub fn restore_into(
     sink: &StopSink,
 ) -> Result<Built, RunError> {
     let Shell { vm, vcpus } = shell;
-    if vcpus.len() != state.vcpus.len() {
-        return Err(RunError::VcpuCount {
-            built: vcpus.len(),
-            saved: state.vcpus.len(),
-        });
-    }
+    let devices = restore_devices(&vm, state)?;
+    finish_restore(vm, vcpus, devices, state, sink)
+}
+
+fn create_vcpu_fds(vm: &Vm, cpus: u32) -> Result<Vec<kvm_ioctls::VcpuFd>, RunError> {
+    (0..cpus)
+        .map(|index| {
+            vm.fd
+                .create_vcpu(u64::from(index))
+                .map_err(|source| RunError::Kvm {
+                    index,
+                    what: "CREATE_VCPU",
+                    source,
+                })
+        })
+        .collect()
+}
+
+/// VM state (irqchip, PIT, clock) and devices: nothing here needs the memory slots.
+fn restore_devices(vm: &Vm, state: &SnapshotState) -> Result<DeviceManager, RunError> {
     state.vm.restore(&vm.fd)?;
     let saved = DeviceStates {
         serial: &state.serial,
         i8042: &state.i8042,
     };
     let virtio = VirtioDevices::restore(&vm.fd, &vm.memory, &state.virtio)?;
-    let devices =
-        DeviceManager::with_virtio(&vm.fd, Box::new(std::io::stdout()), Some(saved), virtio)?;
+    Ok(DeviceManager::with_virtio(
+        &vm.fd,
+        Box::new(std::io::stdout()),
+        Some(saved),
+        virtio,
+    )?)
+}
+
+/// vCPU state, once the memory slots are in (KVM reads guest memory for some of it, e.g.
+/// the kvmclock page).
+fn finish_restore(
+    vm: Vm,
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
+    devices: DeviceManager,
+    state: &SnapshotState,
+    sink: &StopSink,
+) -> Result<Built, RunError> {
+    if vcpus.len() != state.vcpus.len() {
+        return Err(RunError::VcpuCount {
+            built: vcpus.len(),
+            saved: state.vcpus.len(),
+        });
+    }
     let save = save_context(&vm)?;
     let mut prepared = Vec::with_capacity(state.vcpus.len());
     for (index, (fd, vcpu_state)) in vcpus.into_iter().zip(&state.vcpus).enumerate() {

@@ -34,6 +34,7 @@ mod fsutil;
 mod gc;
 mod journal;
 mod pack;
+mod read;
 mod recover;
 mod roots;
 mod state;

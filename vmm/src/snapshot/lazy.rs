@@ -1,166 +1,232 @@
-//! Lazy restore: guest memory starts empty and each page is fetched from the store the first
-//! time anything touches it (a vCPU or KVM itself), through userfaultfd; meanwhile the same
-//! thread prefetches the rest in guest-physical order, so the store is released (and the
-//! range unregistered) once every page is in, usually well under a second per GiB.
+//! Lazy restore: the VM starts at once on a private mapping of the snapshot's memory image
+//! while this process is still building it (a tmpfs file, see [`super::image`]). A page the
+//! guest or KVM touches before the build reaches it raises a userfaultfd missing-page fault
+//! (shmem reports a page absent from the file); the loader writes that page into the shared
+//! file and wakes the faulting thread, which then maps the file's page like any other. So
+//! lazily restored VMs share untouched pages with each other exactly as eager ones do: the
+//! image is the one copy. Zero pages are mapped as the zero page.
+//!
+//! Between faults the loader fills the rest of the image in parallel batches; then it
+//! publishes the image (other restores were waiting for it), unregisters the range and
+//! releases the store. When the image exists already, a lazy restore simply maps it.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use fabric::{Manifest, PageId, Store, PAGE_SIZE};
+use fabric::{PageId, Store, PAGE_SIZE};
+use rayon::prelude::*;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use super::image::{self, BuildLock, ChunkError, Claim};
 use super::open_store;
-use super::restore::{Loaded, RestoreError};
-use super::uffd::{Filled, Uffd};
-use crate::memory::{self, GuestMemory};
+use super::restore::{self, Loaded, RestoreError};
+use super::uffd::Uffd;
+use crate::memory::GuestMemory;
 
-/// Pages prefetched between two looks for faults.
-const PREFETCH_BATCH: usize = 64;
+/// Pages filled between two looks for faults (1 MiB), in tasks of [`TASK_PAGES`].
+const BATCH_PAGES: usize = 256;
+const TASK_PAGES: usize = 64;
 
 /// What the lazy loader did, logged when it finishes.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct LazyStats {
-    /// Pages installed because something touched them.
+    /// Pages written into the image because something touched them first.
     pub faulted: u64,
-    /// Pages installed ahead of use.
+    /// Pages written ahead of use.
     pub prefetched: u64,
-    /// Time until every page was in, ms.
+    /// Zero pages mapped because something touched them.
+    pub zero_faults: u64,
+    /// Time until the image was complete, ms.
     pub complete_ms: f64,
 }
 
-/// One guest RAM region as the loader sees it.
-struct Span {
-    host: u64,
-    ids: Vec<Option<PageId>>,
-    done: Vec<bool>,
-}
-
-/// Maps empty guest memory for the snapshot and starts the loader thread.
+/// Maps guest memory for the snapshot: the finished image if there is one (or another
+/// process is about to finish it), else the image this process starts building, with the
+/// loader thread that completes it.
 pub fn start(
     loaded: &Loaded,
     store_dir: &Path,
-) -> Result<(GuestMemory, JoinHandle<LazyStats>), RestoreError> {
+) -> Result<(GuestMemory, Option<JoinHandle<LazyStats>>), RestoreError> {
+    let dir = image::dir(store_dir)?;
+    if !image::is_tmpfs(&dir) {
+        log::info!(
+            "lazy restore needs the image directory on tmpfs ({} is not): building the image first",
+            dir.display()
+        );
+        let (path, file) = image::ensure(loaded, store_dir)?;
+        return Ok((restore::map_file(&file, &path, &loaded.state)?, None));
+    }
+    let lock = match image::claim(&dir, loaded)? {
+        Claim::Ready(path) => {
+            log::info!(target: "fabvm::timing", "lazy restore: the image exists, mapped it");
+            return Ok((restore::map_image(&path, &loaded.state)?, None));
+        }
+        Claim::Build(lock) => lock,
+    };
+    let tmp = lock.tmp_path();
+    let file = lock.create_tmp(loaded.state.mem)?;
+    image::mark_in_use(&file).map_err(|source| RestoreError::Image {
+        path: tmp.clone(),
+        source,
+    })?;
+    let memory = restore::map_file(&file, &tmp, &loaded.state)?;
     let uffd_err = |source| RestoreError::Image {
         path: PathBuf::from("userfaultfd"),
         source,
     };
-    // Small pages: userfaultfd installs 4 KiB at a time.
-    let memory = memory::create(loaded.state.mem, false)
-        .map_err(|e| uffd_err(std::io::Error::other(e.to_string())))?;
     let uffd = Uffd::new().map_err(uffd_err)?;
     let store = open_store(store_dir).map_err(|source| RestoreError::Store {
         store: store_dir.to_path_buf(),
         source,
     })?;
-    let spans = spans(&memory, &loaded.manifest);
-    for span in &spans {
-        uffd.register(span.host, (span.ids.len() * PAGE_SIZE) as u64)
+    let mut spans = Vec::new();
+    let mut first = 0u64;
+    for region in memory.iter() {
+        let pages = region.len() / PAGE_SIZE as u64;
+        spans.push((region.as_ptr() as u64, pages, first));
+        uffd.register(region.as_ptr() as u64, region.len())
             .map_err(uffd_err)?;
+        first += pages;
     }
+    let mut ids = vec![None; first as usize];
+    let plan = image::plan(loaded);
+    for &(page, id) in &plan {
+        ids[page as usize] = Some(id);
+    }
+    let loader = Loader {
+        done: vec![false; ids.len()],
+        ids,
+        plan,
+        spans,
+        uffd,
+        store,
+        file,
+        lock: Some(lock),
+        stats: LazyStats::default(),
+    };
     let thread = std::thread::Builder::new()
         .name("lazy-restore".into())
-        .spawn(move || serve(uffd, store, spans))
+        .spawn(move || loader.run())
         .map_err(uffd_err)?;
-    Ok((memory, thread))
+    Ok((memory, Some(thread)))
 }
 
-fn spans(memory: &GuestMemory, manifest: &Manifest) -> Vec<Span> {
-    memory
-        .iter()
-        .enumerate()
-        .map(|(index, region)| {
-            let ids = manifest.region_ids(index).unwrap_or_default().to_vec();
-            let pages = (region.len() as usize) / PAGE_SIZE;
-            Span {
-                host: region.as_ptr() as u64,
-                done: vec![false; pages],
-                ids,
-            }
-        })
-        .collect()
+/// The loader thread's state.
+struct Loader {
+    /// Identity of each page of the image (None: zero).
+    ids: Vec<Option<PageId>>,
+    /// Pages already in the image file.
+    done: Vec<bool>,
+    /// Non-zero pages in file order, the prefetch order.
+    plan: Vec<(u64, PageId)>,
+    /// Guest mappings: (host address, pages, first page in the image).
+    spans: Vec<(u64, u64, u64)>,
+    uffd: Uffd,
+    store: Store,
+    file: File,
+    lock: Option<BuildLock>,
+    stats: LazyStats,
 }
 
-/// Serves faults first, prefetches between them, and stops when every page is in.
-fn serve(uffd: Uffd, store: Store, mut spans: Vec<Span>) -> LazyStats {
-    let started = Instant::now();
-    let mut stats = LazyStats::default();
-    let mut page = vec![0u8; PAGE_SIZE];
-    let mut cursor = (0usize, 0usize);
-    loop {
-        loop {
-            match uffd.next_fault() {
-                Ok(Some(addr)) => {
-                    if let Some((s, p)) = locate(&spans, addr) {
-                        if install(&uffd, &store, &mut spans[s], p, &mut page) {
-                            stats.faulted += 1;
-                        }
-                    }
+impl Loader {
+    /// Serves faults first, fills between them, and publishes the image when complete.
+    fn run(mut self) -> LazyStats {
+        let started = Instant::now();
+        let mut cursor = 0;
+        let mut batch = Vec::with_capacity(BATCH_PAGES);
+        while cursor < self.plan.len() {
+            self.serve_faults();
+            batch.clear();
+            while batch.len() < BATCH_PAGES && cursor < self.plan.len() {
+                let (page, id) = self.plan[cursor];
+                if !self.done[page as usize] {
+                    batch.push((page, id));
                 }
-                Ok(None) => break,
+                cursor += 1;
+            }
+            let (store, file) = (&self.store, &self.file);
+            let filled = batch.par_chunks(TASK_PAGES).try_for_each_init(
+                || vec![0u8; TASK_PAGES * PAGE_SIZE],
+                |buf, chunk| image::fill_chunk(store, file, chunk, buf),
+            );
+            if let Err(e) = filled {
+                fatal(e);
+            }
+            for &(page, _) in &batch {
+                self.done[page as usize] = true;
+            }
+            self.stats.prefetched += batch.len() as u64;
+        }
+        self.serve_faults();
+        let lock = self.lock.take().expect("the loader holds the build lock");
+        match lock.publish(&self.file) {
+            Ok(path) => log::debug!("memory image {} published", path.display()),
+            Err(e) => log::warn!("lazy restore: {e}"),
+        }
+        for &(host, pages, _) in &self.spans {
+            if let Err(e) = self.uffd.unregister(host, pages * PAGE_SIZE as u64) {
+                log::warn!("lazy restore: unregister: {e}");
+            }
+        }
+        self.stats.complete_ms = started.elapsed().as_secs_f64() * 1000.0;
+        log::info!(target: "fabvm::timing", "lazy restore complete: {:?}", self.stats);
+        self.stats
+    }
+
+    fn serve_faults(&mut self) {
+        loop {
+            match self.uffd.next_fault() {
+                Ok(Some(addr)) => self.serve(addr & !(PAGE_SIZE as u64 - 1)),
+                Ok(None) => return,
                 Err(e) => {
                     log::error!("lazy restore: {e}");
-                    return stats;
+                    std::process::exit(1);
                 }
             }
         }
-        let mut fetched = 0;
-        while fetched < PREFETCH_BATCH && cursor.0 < spans.len() {
-            let (s, p) = cursor;
-            if p >= spans[s].done.len() {
-                cursor = (s + 1, 0);
-                continue;
+    }
+
+    /// Makes the page at host address `addr` present and wakes whoever waits for it.
+    fn serve(&mut self, addr: u64) {
+        let Some(page) = self.spans.iter().find_map(|&(host, pages, first)| {
+            let index = addr.checked_sub(host)? / PAGE_SIZE as u64;
+            (index < pages).then_some(first + index)
+        }) else {
+            return;
+        };
+        let result = match self.ids[page as usize] {
+            None => {
+                self.stats.zero_faults += 1;
+                self.uffd.zero(addr, PAGE_SIZE as u64).map(|_| ())
             }
-            cursor.1 += 1;
-            if !spans[s].done[p] && install(&uffd, &store, &mut spans[s], p, &mut page) {
-                stats.prefetched += 1;
-                fetched += 1;
+            Some(id) => {
+                if !self.done[page as usize] {
+                    let mut buf = [0u8; PAGE_SIZE];
+                    if let Err(e) =
+                        image::fill_chunk(&self.store, &self.file, &[(page, id)], &mut buf)
+                    {
+                        fatal(e);
+                    }
+                    self.done[page as usize] = true;
+                    self.stats.faulted += 1;
+                }
+                Ok(())
             }
-        }
-        if cursor.0 >= spans.len() {
-            break;
+        };
+        if let Err(e) = result.and_then(|()| self.uffd.wake(addr, PAGE_SIZE as u64)) {
+            log::error!("lazy restore: serving the page at {addr:#x}: {e}");
         }
     }
-    for span in &spans {
-        if let Err(e) = uffd.unregister(span.host, (span.done.len() * PAGE_SIZE) as u64) {
-            log::warn!("lazy restore: unregister: {e}");
-        }
-    }
-    drop(store);
-    stats.complete_ms = started.elapsed().as_secs_f64() * 1000.0;
-    log::info!(target: "fabvm::timing", "lazy restore complete: {stats:?}");
-    stats
 }
 
-fn locate(spans: &[Span], addr: u64) -> Option<(usize, usize)> {
-    spans.iter().enumerate().find_map(|(i, span)| {
-        let offset = addr.checked_sub(span.host)? as usize / PAGE_SIZE;
-        (offset < span.done.len()).then_some((i, offset))
-    })
-}
-
-/// Installs page `p` of `span`; true if this call installed it.
-fn install(uffd: &Uffd, store: &Store, span: &mut Span, p: usize, buf: &mut [u8]) -> bool {
-    let dst = span.host + (p * PAGE_SIZE) as u64;
-    let result = match span.ids.get(p).copied().flatten() {
-        None => uffd.zero(dst, PAGE_SIZE as u64),
-        Some(id) => match store.get(&id, buf) {
-            Ok(()) => uffd.copy(dst, buf),
-            Err(e) => {
-                // The guest would block on this page forever: a store that lost a page is
-                // fatal for the VM, and says so.
-                log::error!("lazy restore: page {id} unavailable: {e}");
-                std::process::exit(1);
-            }
-        },
-    };
-    span.done[p] = true;
-    match result {
-        Ok(Filled::Now) => true,
-        Ok(Filled::Already) => false,
-        Err(e) => {
-            log::error!("lazy restore: installing page at {dst:#x}: {e}");
-            false
-        }
+/// The guest would block on a page forever: a store that lost a page, or an image that
+/// cannot be written, is fatal for the VM, and says so.
+fn fatal(e: ChunkError) -> ! {
+    match e {
+        ChunkError::Store(e) => log::error!("lazy restore: {e}"),
+        ChunkError::Write(e) => log::error!("lazy restore: writing the memory image: {e}"),
     }
+    std::process::exit(1);
 }

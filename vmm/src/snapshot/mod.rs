@@ -7,6 +7,7 @@
 //! keeps the snapshot's pages alive through `fabvm store gc`.
 
 pub mod format;
+pub mod image;
 pub mod lazy;
 pub mod restore;
 pub mod save;

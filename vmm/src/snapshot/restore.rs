@@ -1,19 +1,19 @@
 //! Starting from a snapshot: the state file and manifest are read and checked as untrusted
 //! input, guest memory is mapped copy-on-write (`MAP_PRIVATE`) from an image file built once
-//! per snapshot from the store, so VMs restored from one snapshot share its untouched pages.
+//! per snapshot and host ([`super::image`]), so VMs restored from one snapshot share its
+//! untouched pages.
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use fabric::{DecodeLimits, Manifest, PAGE_SIZE};
+use fabric::{DecodeLimits, Manifest};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::{MmapRegionBuilder, NewBitmap};
 use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 
 use super::format::{self, FormatError, SnapshotState};
-use super::{open_store, MANIFEST_FILE, STATE_FILE};
+use super::{MANIFEST_FILE, STATE_FILE};
 use crate::config::MAX_CPUS;
 use crate::layout;
 use crate::memory::GuestMemory;
@@ -72,17 +72,47 @@ pub struct Loaded {
 
 /// Reads and checks a snapshot directory.
 pub fn load(dir: &Path) -> Result<Loaded, RestoreError> {
+    let state = load_state(dir)?;
+    let (manifest, manifest_blake3) = load_manifest(dir, &state.manifest_blake3)?;
+    Loaded::new(dir, state, manifest, manifest_blake3)
+}
+
+impl Loaded {
+    /// Puts a state file and its manifest (from [`load_state`], [`load_manifest`]) together,
+    /// checking that they agree.
+    pub fn new(
+        dir: &Path,
+        state: SnapshotState,
+        manifest: Manifest,
+        manifest_blake3: String,
+    ) -> Result<Loaded, RestoreError> {
+        check(dir, &state, &manifest)?;
+        Ok(Loaded {
+            state,
+            manifest,
+            manifest_blake3,
+        })
+    }
+}
+
+/// Reads and decodes a snapshot's state file.
+pub fn load_state(dir: &Path) -> Result<SnapshotState, RestoreError> {
     let state_path = dir.join(STATE_FILE);
     let bytes = read_limited(&state_path, format::MAX_BODY + 64)?;
-    let state = format::decode(&bytes).map_err(|source| RestoreError::Format {
+    format::decode(&bytes).map_err(|source| RestoreError::Format {
         path: state_path,
         source,
-    })?;
+    })
+}
+
+/// Reads a snapshot's manifest, which must hash to `expected` (the state file's), and
+/// decodes it; returns it with that hash.
+pub fn load_manifest(dir: &Path, expected: &str) -> Result<(Manifest, String), RestoreError> {
     let manifest_path = dir.join(MANIFEST_FILE);
     let limits = DecodeLimits::default();
     let manifest_bytes = read_limited(&manifest_path, limits.max_pages * 40 + (1 << 20))?;
     let manifest_blake3 = blake3::hash(&manifest_bytes).to_hex().to_string();
-    if manifest_blake3 != state.manifest_blake3 {
+    if manifest_blake3 != expected {
         return Err(RestoreError::ManifestMismatch(manifest_path));
     }
     let manifest =
@@ -90,12 +120,7 @@ pub fn load(dir: &Path) -> Result<Loaded, RestoreError> {
             path: manifest_path,
             source,
         })?;
-    check(dir, &state, &manifest)?;
-    Ok(Loaded {
-        state,
-        manifest,
-        manifest_blake3,
-    })
+    Ok((manifest, manifest_blake3))
 }
 
 fn check(dir: &Path, state: &SnapshotState, manifest: &Manifest) -> Result<(), RestoreError> {
@@ -148,71 +173,25 @@ fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, RestoreError> {
     Ok(bytes)
 }
 
-/// The memory image of a snapshot in `store`: built from the store's pages on first use,
-/// reused afterwards. Zero pages are holes in a sparse file.
-pub fn memory_image(loaded: &Loaded, store: &Path) -> Result<PathBuf, RestoreError> {
-    let images = store.join("images");
-    let path = images.join(format!("{}.img", loaded.manifest_blake3));
-    if path.exists() {
-        return Ok(path);
-    }
-    let img_err = |source| RestoreError::Image {
-        path: path.clone(),
-        source,
-    };
-    std::fs::create_dir_all(&images).map_err(img_err)?;
-    let tmp = images.join(format!(
-        ".{}.{}.tmp",
-        loaded.manifest_blake3,
-        std::process::id()
-    ));
-    let result = build_image(loaded, store, &tmp).and_then(|()| {
-        std::fs::rename(&tmp, &path).map_err(|source| RestoreError::Image {
-            path: path.clone(),
-            source,
-        })
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map(|()| path)
-}
-
-fn build_image(loaded: &Loaded, store_dir: &Path, tmp: &Path) -> Result<(), RestoreError> {
-    let img_err = |source| RestoreError::Image {
-        path: tmp.to_path_buf(),
-        source,
-    };
-    let store_err = |source| RestoreError::Store {
-        store: store_dir.to_path_buf(),
-        source,
-    };
-    let store = open_store(store_dir).map_err(store_err)?;
-    let file = File::create(tmp).map_err(img_err)?;
-    file.set_len(loaded.state.mem).map_err(img_err)?;
-    let mut page = vec![0u8; PAGE_SIZE];
-    let mut offset = 0u64;
-    for (index, region) in loaded.manifest.regions().enumerate() {
-        let ids = loaded.manifest.region_ids(index).expect("region exists");
-        for (i, id) in ids.iter().enumerate() {
-            if let Some(id) = id {
-                store.get(id, &mut page).map_err(store_err)?;
-                file.write_all_at(&page, offset + (i * PAGE_SIZE) as u64)
-                    .map_err(img_err)?;
-            }
-        }
-        offset += region.bytes();
-    }
-    file.sync_all().map_err(img_err)
-}
-
 /// Maps the image copy-on-write as guest memory, region after region.
 pub fn map_image(image: &Path, state: &SnapshotState) -> Result<GuestMemory, RestoreError> {
+    let file = super::image::open_in_use(image).map_err(|source| RestoreError::Image {
+        path: image.to_path_buf(),
+        source,
+    })?;
+    map_file(&file, image, state)
+}
+
+/// [`map_image`] of an open image file (`image` names it in errors).
+pub fn map_file(
+    file: &File,
+    image: &Path,
+    state: &SnapshotState,
+) -> Result<GuestMemory, RestoreError> {
     let img_err = |source| RestoreError::Image {
         path: image.to_path_buf(),
         source,
     };
-    let file = File::open(image).map_err(img_err)?;
     if file.metadata().map_err(img_err)?.len() != state.mem {
         return Err(img_err(std::io::Error::other(
             "size differs from the snapshot's memory",

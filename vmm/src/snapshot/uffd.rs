@@ -58,6 +58,7 @@ struct UffdioZeropage {
 ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3f, UffdioApi);
 ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
 ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, UffdioRange);
+ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
 ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
 ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
 
@@ -113,6 +114,14 @@ impl Uffd {
         let mut range = UffdioRange { start, len };
         // SAFETY: UFFDIO_UNREGISTER reads exactly a uffdio_range.
         check(unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_UNREGISTER(), &mut range) })
+    }
+
+    /// Wakes whoever faulted in a range whose pages appeared by other means (a write into
+    /// the shmem file a private mapping is made of): they fault again and find them.
+    pub fn wake(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut range = UffdioRange { start, len };
+        // SAFETY: UFFDIO_WAKE reads exactly a uffdio_range.
+        check(unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_WAKE(), &mut range) })
     }
 
     /// The next faulting address, if one is waiting.
@@ -204,14 +213,16 @@ fn filled(ret: i32) -> io::Result<Filled> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::FromRawFd;
 
     #[test]
     fn ioctl_numbers_match_the_kernel_abi() {
-        // _IOWR(0xAA, 0x3F, 24 bytes), _IOWR(0xAA, 0x00, 32), _IOR(0xAA, 0x01, 16),
+        // _IOWR(0xAA, 0x3F, 24 bytes), _IOWR(0xAA, 0x00, 32), _IOR(0xAA, 0x01, 16), _IOR(0xAA, 0x02, 16),
         // _IOWR(0xAA, 0x03, 40), _IOWR(0xAA, 0x04, 32), as in linux/userfaultfd.h.
         assert_eq!(UFFDIO_API(), 0xc018_aa3f);
         assert_eq!(UFFDIO_REGISTER(), 0xc020_aa00);
         assert_eq!(UFFDIO_UNREGISTER(), 0x8010_aa01);
+        assert_eq!(UFFDIO_WAKE(), 0x8010_aa02);
         assert_eq!(UFFDIO_COPY(), 0xc028_aa03);
         assert_eq!(UFFDIO_ZEROPAGE(), 0xc020_aa04);
     }
@@ -261,6 +272,62 @@ mod tests {
         }
         assert_eq!(reader.join().unwrap(), (7, 0));
         assert_eq!(uffd.copy(base, &page).unwrap(), Filled::Already);
+        uffd.unregister(base, LEN as u64).unwrap();
+        // SAFETY: unmapping the mapping made above; nothing refers to it any more.
+        unsafe { libc::munmap(addr, LEN) };
+    }
+
+    #[test]
+    fn shmem_pages_written_into_the_file_are_served_by_wake() {
+        let Ok(uffd) = Uffd::new() else {
+            eprintln!("!!! shmem_wake: SKIPPED, userfaultfd unavailable to this user !!!");
+            return;
+        };
+        use std::os::unix::fs::FileExt;
+        const LEN: usize = 2 * 4096;
+        // SAFETY: memfd_create takes a NUL-terminated name and flags, returns a new fd or -1.
+        let raw = unsafe { libc::memfd_create(c"uffd-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: `raw` is a fresh fd that nothing else owns.
+        let file = unsafe { std::fs::File::from_raw_fd(raw) };
+        file.set_len(LEN as u64).unwrap();
+        // SAFETY: a private mapping of the memfd's LEN bytes, unmapped below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        let base = addr as u64;
+        uffd.register(base, LEN as u64).unwrap();
+        let reader = std::thread::spawn(move || {
+            // SAFETY: reads within the mapping; each blocks until the handler serves it.
+            let first = unsafe { std::ptr::read_volatile((base + 8) as *const u8) };
+            // SAFETY: as above, in the second page.
+            let second = unsafe { std::ptr::read_volatile((base + 4096) as *const u8) };
+            (first, second)
+        });
+        let mut served = 0;
+        while served < 2 {
+            assert!(uffd.wait(5000).unwrap(), "no fault arrived");
+            while let Some(fault) = uffd.next_fault().unwrap() {
+                let page_addr = fault & !4095;
+                if page_addr == base {
+                    // The page goes into the shared file; the faulting thread maps it.
+                    file.write_all_at(&[9u8; 4096], 0).unwrap();
+                    uffd.wake(page_addr, 4096).unwrap();
+                } else {
+                    assert_eq!(uffd.zero(page_addr, 4096).unwrap(), Filled::Now);
+                }
+                served += 1;
+            }
+        }
+        assert_eq!(reader.join().unwrap(), (9, 0));
         uffd.unregister(base, LEN as u64).unwrap();
         // SAFETY: unmapping the mapping made above; nothing refers to it any more.
         unsafe { libc::munmap(addr, LEN) };
