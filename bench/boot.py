@@ -36,7 +36,7 @@ def qemu_cmd():
     # QEMU's best settings for a fast start: microvm, KVM, host CPU with the TSC frequency leaf
     # (as fabvm gives), no defaults, no config file, no reboot; isa-debug-exit lets the guest exit.
     return (["qemu-system-x86_64", "-M", "microvm", "-enable-kvm",
-             "-cpu", "host,+invtsc,vmware-cpuid-freq=on", "-m", f"{MEM_MIB}M", "-smp", "1",
+             "-cpu", "host,-arch-capabilities,+invtsc,vmware-cpuid-freq=on", "-m", f"{MEM_MIB}M", "-smp", "1",
              "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
              "-kernel", GUEST, "-append", CMDLINE,
              "-device", "isa-debug-exit,iobase=0xf4,iosize=4",

@@ -40,7 +40,7 @@ NETNS = f"fabvm-bench-{os.getpid()}"
 TAP = "vtap0"
 MAC = "52:54:00:fa:b0:01"
 QEMU_BASE = ["qemu-system-x86_64", "-M", "microvm", "-enable-kvm",
-             "-cpu", "host,+invtsc,vmware-cpuid-freq=on", "-m", MEM, "-smp", "1",
+             "-cpu", "host,-arch-capabilities,+invtsc,vmware-cpuid-freq=on", "-m", MEM, "-smp", "1",
              "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
              "-no-reboot", "-kernel", GUEST, "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
              "-global", "virtio-mmio.force-legacy=false"]
