@@ -99,7 +99,6 @@ pub fn run(
     state.sharing = Some(crate::sharing::Sharing::start(
         &state.machine.vm.memory,
         services.share,
-        Some(state.machine.memory.identities().syncer()),
     ));
     let _raw = RawStdin::new();
     let result = state.serve(stop_evt, stops, &api_wake, &calls);

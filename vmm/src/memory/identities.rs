@@ -358,31 +358,6 @@ impl LiveIdentities {
     }
 }
 
-impl LiveIdentities {
-    /// A handle that can sync these identities from another thread (e.g. page sharing's
-    /// agent, which wants them current before its VM is first planned).
-    pub fn syncer(&self) -> IdentitySync {
-        IdentitySync(self.shared.clone())
-    }
-}
-
-/// Syncs a VM's live identities from another thread (see [`LiveIdentities::syncer`]).
-#[derive(Debug, Clone)]
-pub struct IdentitySync(Arc<Shared>);
-
-impl IdentitySync {
-    /// [`LiveIdentities::sync`].
-    pub fn sync(&self) -> Result<SyncReport, MemoryError> {
-        let mut tracked = self.0.lock();
-        self.0.sync_locked(&mut tracked)
-    }
-
-    /// Pages written since they were last hashed (as of the last harvest).
-    pub fn stale(&self) -> u64 {
-        self.0.lock().stale_count
-    }
-}
-
 impl Drop for LiveIdentities {
     fn drop(&mut self) {
         if let Some((stop, handle)) = self.worker.take() {

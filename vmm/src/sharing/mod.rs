@@ -30,7 +30,6 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::host_index::{self, RegisteredVm};
-use crate::memory::identities::IdentitySync;
 use crate::memory::GuestMemory;
 use index::{Index, VmCounts};
 use ksm::ProcessStat;
@@ -100,7 +99,7 @@ impl Sharing {
     /// running unshared, with a warning: KSM stopped and we may not start it, or no thread
     /// for the agent. (`fabvm` checks for KSM with [`check_available`] before the VM is
     /// built, so a kernel without it is a one-line error instead.)
-    pub fn start(memory: &GuestMemory, mode: Option<ShareMode>, ids: Option<IdentitySync>) -> Self {
+    pub fn start(memory: &GuestMemory, mode: Option<ShareMode>) -> Self {
         let mut sharing = Self {
             mode,
             memory: memory.clone(),
@@ -110,14 +109,14 @@ impl Sharing {
             registration: None,
         };
         if let Some(mode) = mode {
-            if let Err(e) = sharing.enable(mode, ids) {
+            if let Err(e) = sharing.enable(mode) {
                 log::warn!("{e}; the VM runs without sharing");
             }
         }
         sharing
     }
 
-    fn enable(&mut self, mode: ShareMode, ids: Option<IdentitySync>) -> Result<(), SharingError> {
+    fn enable(&mut self, mode: ShareMode) -> Result<(), SharingError> {
         let run = ksm::ensure_running()?;
         match run {
             ksm::RunState::Started => log::warn!(
@@ -159,7 +158,7 @@ impl Sharing {
                 self.marked.store(pages, Ordering::Relaxed);
             }
             ShareMode::Guided => {
-                self.agent = Some(Agent::start(&self.memory, dir, self.marked.clone(), ids)?);
+                self.agent = Some(Agent::start(&self.memory, dir, self.marked.clone())?);
             }
         }
         Ok(())
@@ -236,7 +235,6 @@ impl Agent {
         memory: &GuestMemory,
         dir: PathBuf,
         marked: Arc<AtomicU64>,
-        ids: Option<IdentitySync>,
     ) -> Result<Self, SharingError> {
         let stop = Arc::new(AtomicBool::new(false));
         let leader = Arc::new(AtomicBool::new(false));
@@ -246,7 +244,7 @@ impl Agent {
         std::thread::Builder::new()
             .name("fabvm-share".into())
             .spawn(move || {
-                agent_loop(&memory, &dir, &marked, &stop_flag, &leader_flag, ids);
+                agent_loop(&memory, &dir, &marked, &stop_flag, &leader_flag);
                 let _ = done_tx.send(());
             })
             .map_err(SharingError::Thread)?;
@@ -269,7 +267,6 @@ fn agent_loop(
     marked: &AtomicU64,
     stop: &AtomicBool,
     is_leader: &AtomicBool,
-    ids: Option<IdentitySync>,
 ) {
     let plan_path = leader::plan_path(dir, std::process::id());
     let mut applied = None;
@@ -287,16 +284,6 @@ fn agent_loop(
         }
         if let Some(leader) = &mut leader {
             leader.tick();
-        }
-        // Until the leader first plans this VM, keep its identities fully current (all cores)
-        // instead of waiting for the background's budget: the plan reads them, and a VM
-        // whose published keys still change does not look settled.
-        if applied.is_none() {
-            if let Some(ids) = ids.as_ref().filter(|ids| ids.stale() > 0) {
-                if let Err(e) = ids.sync() {
-                    log::debug!("sharing: identity sync: {e}");
-                }
-            }
         }
         // The plan file is replaced (renamed over) when it changes: read it only then.
         let version = fs::metadata(&plan_path)
