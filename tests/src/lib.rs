@@ -364,6 +364,19 @@ pub fn wait_for_socket(path: &Path, timeout: Duration) -> bool {
     false
 }
 
+/// The pages the test guest filled, from its `ready pages=N` line in `console`.
+pub fn filled_pages(console: &str) -> u64 {
+    let line = console
+        .lines()
+        .find(|l| l.contains("fabvm-guest: ready pages="))
+        .expect("ready line");
+    line.split("pages=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("a page count")
+}
+
 /// How many times `needle` occurs in `haystack`.
 pub fn count(haystack: &str, needle: &str) -> usize {
     haystack.matches(needle).count()

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fabvm_tests::netns::{Host, TwoHosts};
-use fabvm_tests::{count, ctl, fabvm, require_kvm, test_guest, wait_for_socket, Vm};
+use fabvm_tests::{count, ctl, fabvm, filled_pages, require_kvm, test_guest, wait_for_socket, Vm};
 
 const READY: Duration = Duration::from_secs(90);
 const PORT: u16 = 7201;
@@ -222,22 +222,6 @@ impl Fabric {
     }
 }
 
-fn filled(vm: &Vm) -> u64 {
-    let out = vm.stdout();
-    let line = out
-        .lines()
-        .find(|l| l.contains("ready pages="))
-        .expect("ready");
-    line.split("pages=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 /// The source holds half its pages from seed X and half from seed Y (by frame class); host
 /// B runs three VMs, each holding a different part: the first the X pages of classes 0-24,
 /// the second those of 25-49 (and X pages the source does not have), the third the Y pages
@@ -264,7 +248,7 @@ fn destination_finds_pages_across_three_vms() {
         "source",
         &format!("passes=0 hb=500 share=50 sseed={x} seed={y}"),
     );
-    let pages = filled(&source);
+    let pages = filled_pages(&source.stdout());
     // Let the siblings' identities catch up (a few hundred ms at the default budget).
     std::thread::sleep(Duration::from_secs(3));
     let (report, received) = f.migrate(&mut source, &sock);

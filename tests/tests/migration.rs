@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use fabvm_tests::netns::{Host, TwoHosts};
-use fabvm_tests::{count, ctl, fabvm, require_kvm, test_guest, wait_for_socket, Vm};
+use fabvm_tests::{count, ctl, fabvm, filled_pages, require_kvm, test_guest, wait_for_socket, Vm};
 
 const READY: Duration = Duration::from_secs(90);
 const PORT: u16 = 7101;
@@ -101,21 +101,6 @@ fn migrate(sock: &Path, dest: &str, key: &Path) -> (bool, serde_json::Value, Str
     let (ok, out, err) = ctl(sock, &["migrate", dest, "--key", key.to_str().unwrap()]);
     let report = serde_json::from_str(&out).unwrap_or(serde_json::Value::Null);
     (ok, report, err)
-}
-
-fn filled_pages(console: &str) -> u64 {
-    let line = console
-        .lines()
-        .find(|l| l.contains("fabvm-guest: ready pages="))
-        .expect("ready line");
-    line.split("pages=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 /// The guest still runs here and passes two more full verifications.
