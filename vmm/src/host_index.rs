@@ -83,6 +83,11 @@ pub fn registry_dir() -> PathBuf {
         .join("fabvm/vms")
 }
 
+/// Where the VM of process `pid` publishes its identity table: `PID.ids` in the registry.
+pub fn table_path(pid: u32) -> PathBuf {
+    registry_dir().join(format!("{pid}.ids"))
+}
+
 /// This VM's registration; removed when dropped.
 #[derive(Debug)]
 pub struct Registration {
@@ -147,7 +152,7 @@ pub fn running_vms(except: Option<u32>) -> Vec<RegisteredVm> {
         }
         if !Path::new(&format!("/proc/{}", vm.pid)).exists() {
             let _ = fs::remove_file(&path);
-            let _ = fs::remove_file(dir.join(format!("{}.ids", vm.pid)));
+            let _ = fs::remove_file(table_path(vm.pid));
             continue;
         }
         vms.push(vm);
@@ -196,8 +201,7 @@ impl HostPages {
         let mut index = HostIndex::new();
         let mut pids = Vec::new();
         for vm in running_vms(except) {
-            let path = registry_dir().join(format!("{}.ids", vm.pid));
-            match TableReader::open(&path) {
+            match TableReader::open(&table_path(vm.pid)) {
                 Ok(table) if table.pid() == vm.pid && table.owner_alive() => {
                     let at = index.add(table);
                     pids.resize(at + 1, 0);
@@ -487,7 +491,7 @@ mod tests {
     fn publish_own(mem: &[u8]) -> (Registration, IdentityTable) {
         let memory = GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), PAGE_SIZE)]).unwrap();
         let registration = Registration::new(&memory).unwrap();
-        let path = registry_dir().join(format!("{}.ids", std::process::id()));
+        let path = table_path(std::process::id());
         let region = TableRegion {
             guest_addr: 0,
             pages: (mem.len() / PAGE_SIZE) as u64,

@@ -137,7 +137,7 @@ impl RunContext {
             Some(manifest) => Initial::Manifest(manifest),
             None => Initial::Zero,
         };
-        let publish = crate::memory::publish_path();
+        let publish = crate::host_index::table_path(std::process::id());
         let memory = MemoryManager::new(
             vm.fd.clone(),
             &vm.memory,

@@ -9,7 +9,7 @@
 pub mod dirty;
 pub mod identities;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use kvm_bindings::kvm_userspace_memory_region;
@@ -125,11 +125,6 @@ impl MemoryManager {
     pub fn identities(&self) -> &LiveIdentities {
         &self.identities
     }
-}
-
-/// Where this VM publishes its identities: `PID.ids` in the host's VM registry.
-pub fn publish_path() -> PathBuf {
-    crate::host_index::registry_dir().join(format!("{}.ids", std::process::id()))
 }
 
 fn set_slots(vm: &VmFd, memory: &GuestMemory, flags: u32) -> Result<(), MemoryError> {

@@ -62,8 +62,7 @@ pub fn vm_bytes(vm: &RegisteredVm) -> u64 {
 /// The keys `vm` publishes in its identity table (`None`: no table, or its process is
 /// gone).
 pub fn vm_pages(vm: &RegisteredVm) -> Option<VmPages> {
-    let path = crate::host_index::registry_dir().join(format!("{}.ids", vm.pid));
-    let table = TableReader::open(&path).ok()?;
+    let table = TableReader::open(&crate::host_index::table_path(vm.pid)).ok()?;
     if table.pid() != vm.pid || !table.owner_alive() {
         return None;
     }
@@ -293,7 +292,7 @@ mod tests {
         unsafe { std::env::set_var("FABVM_RUNTIME_DIR", dir.path()) };
         std::fs::create_dir_all(crate::host_index::registry_dir()).unwrap();
         let pid = std::process::id();
-        let path = crate::host_index::registry_dir().join(format!("{pid}.ids"));
+        let path = crate::host_index::table_path(pid);
         let region = TableRegion {
             guest_addr: 0x10_0000,
             pages: 600,
