@@ -372,13 +372,17 @@ impl Shared {
         self.tracked.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Guest page at table index `p` (read while the guest may write it).
-    fn page(&self, p: usize) -> &Page {
-        let span = self
-            .spans
+    /// The span holding table index `p`.
+    fn span(&self, p: usize) -> &Span {
+        self.spans
             .iter()
             .find(|s| p >= s.first && p < s.first + s.pages)
-            .expect("page inside guest RAM");
+            .expect("page inside guest RAM")
+    }
+
+    /// Guest page at table index `p` (read while the guest may write it).
+    fn page(&self, p: usize) -> &Page {
+        let span = self.span(p);
         let addr = span.host + (p - span.first) * PAGE_SIZE;
         // SAFETY: `addr` is a whole page inside a mapping that lives as long as `self` (see
         // `Span`); the guest may write it meanwhile, which at worst gives an identity of
@@ -387,11 +391,7 @@ impl Shared {
     }
 
     fn gfn(&self, p: usize) -> u64 {
-        let span = self
-            .spans
-            .iter()
-            .find(|s| p >= s.first && p < s.first + s.pages)
-            .expect("page inside guest RAM");
+        let span = self.span(p);
         span.first_gfn + (p - span.first) as u64
     }
 

@@ -91,7 +91,7 @@ pub struct SaveReport {
     pub state_ms: f64,
     /// Time to hash guest memory, ms.
     pub hash_ms: f64,
-    /// Time to write new pages to the store, ms.
+    /// Time to write new pages and the root to the store, ms.
     pub store_ms: f64,
     /// Pages that changed since the previous snapshot, copied aside while paused.
     pub copied_pages: u64,
@@ -185,7 +185,7 @@ fn save_inner(
     let base = baseline
         .as_ref()
         .filter(|b| b.store == absolute(store_dir) && same_regions(&b.manifest, &manifest));
-    let (new_pages, copied_pages, pause_ms) = match base {
+    let (mut store, distinct, new_pages, copied_pages, pause_ms) = match base {
         Some(base) => {
             // Copy aside what changed since the baseline, then let the guest run.
             let copied = changed_pages(&base.manifest, &manifest, &slices);
@@ -193,23 +193,29 @@ fn save_inner(
             let pause_ms = ms(started);
             resume();
             let copied_pages = copied.len() as u64;
-            let new = store_pages(store_dir, &manifest, &slices, Some(copied))?;
-            (new, copied_pages, pause_ms)
+            let mut store = open_store(store_dir)?;
+            let distinct = manifest.distinct_ids();
+            let new = store_pages(&mut store, &distinct, &manifest, &slices, Some(copied))?;
+            (store, distinct, new, copied_pages, pause_ms)
         }
         None => {
-            let new = store_pages(store_dir, &manifest, &slices, None)?;
+            let mut store = open_store(store_dir)?;
+            let distinct = manifest.distinct_ids();
+            let new = store_pages(&mut store, &distinct, &manifest, &slices, None)?;
             drop(virtio_lock);
             let pause_ms = ms(started);
             resume();
-            (new, 0, pause_ms)
+            (store, distinct, new, 0, pause_ms)
         }
     };
+    let root = root_name();
+    store.add_root(&root, &distinct)?;
+    drop(store);
     let store_ms = ms(storing);
 
     let counts = manifest.counts();
     let manifest_bytes = manifest.encode();
     write_atomic(&dir.join(MANIFEST_FILE), &manifest_bytes)?;
-    let root = root_name();
     let state = SnapshotState {
         mem: source.meta.mem,
         cpus: source.meta.cpus,
@@ -225,10 +231,6 @@ fn save_inner(
         root: root.clone(),
         manifest_blake3: blake3::hash(&manifest_bytes).to_hex().to_string(),
     };
-    {
-        let mut store = open_store(store_dir)?;
-        store.add_root(&root, &manifest.distinct_ids())?;
-    }
     write_atomic(&dir.join(STATE_FILE), &format::encode(&state))?;
     *baseline = Some(Baseline {
         store: absolute(store_dir),
@@ -280,16 +282,13 @@ fn changed_pages(before: &Manifest, now: &Manifest, slices: &[&[u8]]) -> HashMap
 /// (the guest runs meanwhile: a page not copied is read from guest memory and used only if
 /// it still has its identity), else straight from guest memory (the guest is paused).
 fn store_pages(
-    store_dir: &Path,
+    store: &mut fabric::Store,
+    distinct: &[PageId],
     manifest: &Manifest,
     slices: &[&[u8]],
     copied: Option<HashMap<PageId, Vec<u8>>>,
 ) -> Result<u64, SaveError> {
-    let mut store = open_store(store_dir)?;
-    let mut missing: HashSet<PageId> = store
-        .missing(&manifest.distinct_ids())
-        .into_iter()
-        .collect();
+    let mut missing: HashSet<PageId> = store.missing(distinct).into_iter().collect();
     let mut new_pages = 0;
     if let Some(copied) = &copied {
         let mut batch: Vec<(PageId, &[u8])> = Vec::with_capacity(BATCH);
@@ -322,12 +321,12 @@ fn store_pages(
             }
             batch.push((*id, bytes));
             if batch.len() == BATCH {
-                new_pages += put_owned(&mut store, &batch)?;
+                new_pages += put_owned(store, &batch)?;
                 batch.clear();
             }
         }
     }
-    new_pages += put_owned(&mut store, &batch)?;
+    new_pages += put_owned(store, &batch)?;
     Ok(new_pages)
 }
 
