@@ -364,6 +364,37 @@ pub fn wait_for_socket(path: &Path, timeout: Duration) -> bool {
     false
 }
 
+/// Boots the test guest under `cmd` (`fabvm` itself, or wrapped, e.g. in a network
+/// namespace, with any extra options already given) with `mem`, `cmdline` and an API socket
+/// at `sock`, and waits up to `timeout` for the socket and the guest's first verification.
+pub fn boot_guest(
+    cmd: &mut Command,
+    sock: &Path,
+    mem: &str,
+    cmdline: &str,
+    timeout: Duration,
+) -> Vm {
+    cmd.arg("--kernel")
+        .arg(test_guest())
+        .args(["--mem", mem, "--cmdline", cmdline, "--api-sock"])
+        .arg(sock);
+    let mut vm = Vm::start_command(cmd);
+    assert!(
+        wait_for_socket(sock, timeout),
+        "{}: no API socket: {}",
+        sock.display(),
+        vm.stderr()
+    );
+    assert!(
+        vm.wait_for_all(&["fabvm-guest: verify ok pass=1"], timeout),
+        "{}: guest never verified:\n{}\n{}",
+        sock.display(),
+        vm.stdout(),
+        vm.stderr()
+    );
+    vm
+}
+
 /// The pages the test guest filled, from its `ready pages=N` line in `console`.
 pub fn filled_pages(console: &str) -> u64 {
     let line = console

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use fabvm_tests::{count, ctl, fabvm, require_kvm, test_guest, wait_for_socket, workspace, Vm};
+use fabvm_tests::{boot_guest, count, ctl, fabvm, require_kvm, wait_for_socket, workspace, Vm};
 
 const READY: Duration = Duration::from_secs(60);
 
@@ -110,31 +110,9 @@ fn put(sock: &Path, path: &str, body: &str) -> Answer {
 /// Boots the test guest with an API socket; waits for its first verification pass.
 fn boot(dir: &Path, name: &str) -> (Vm, PathBuf) {
     let sock = dir.join(format!("{name}.sock"));
-    let guest = test_guest();
-    let store = dir.join("store");
-    let mut vm = Vm::start(&[
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--mem",
-        "64M",
-        "--cmdline",
-        "passes=0 hb=100 seed=3",
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--store",
-        store.to_str().unwrap(),
-    ]);
-    assert!(
-        wait_for_socket(&sock, READY),
-        "no API socket: {}",
-        vm.stderr()
-    );
-    assert!(
-        vm.wait_for_all(&["fabvm-guest: verify ok pass=1"], READY),
-        "guest never verified:\n{}\n{}",
-        vm.stdout(),
-        vm.stderr()
-    );
+    let mut cmd = Command::new(fabvm());
+    cmd.arg("--store").arg(dir.join("store"));
+    let vm = boot_guest(&mut cmd, &sock, "64M", "passes=0 hb=100 seed=3", READY);
     (vm, sock)
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fabvm_tests::netns::{Host, TwoHosts};
-use fabvm_tests::{count, ctl, fabvm, filled_pages, require_kvm, test_guest, wait_for_socket, Vm};
+use fabvm_tests::{boot_guest, count, ctl, fabvm, filled_pages, require_kvm, wait_for_socket, Vm};
 
 const READY: Duration = Duration::from_secs(90);
 const PORT: u16 = 7201;
@@ -16,26 +16,6 @@ const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccdde
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
-}
-
-/// Boots the test guest with `extra` fabvm options and waits for `verify ok pass=1`.
-fn boot(cmd: &mut std::process::Command, sock: &Path, mem: &str, cmdline: &str) -> Vm {
-    cmd.args(["--kernel", test_guest().to_str().unwrap()])
-        .args(["--mem", mem, "--cmdline", cmdline, "--api-sock"])
-        .arg(sock);
-    let mut vm = Vm::start_command(cmd);
-    assert!(
-        wait_for_socket(sock, READY),
-        "no API socket: {}",
-        vm.stderr()
-    );
-    assert!(
-        vm.wait_for_all(&["verify ok pass=1"], READY),
-        "{}\n{}",
-        vm.stdout(),
-        vm.stderr()
-    );
-    vm
 }
 
 fn check(sock: &Path) -> serde_json::Value {
@@ -62,11 +42,12 @@ fn identities_match_a_full_rehash(extra: &[&str]) {
     cmd.env("FABVM_RUNTIME_DIR", dir.path().join("run"))
         .args(["--disk", disk.to_str().unwrap()])
         .args(extra);
-    let mut vm = boot(
+    let mut vm = boot_guest(
         &mut cmd,
         &sock,
         "256M",
         "fill=96 seed=5 dirty=20000 hb=200 blk=4000 blkwait=1",
+        READY,
     );
     let mut checked = 0;
     for _ in 0..4 {
@@ -126,7 +107,13 @@ fn identities_off_still_gives_exact_identities_on_demand() {
     let mut cmd = std::process::Command::new(fabvm());
     cmd.env("FABVM_RUNTIME_DIR", dir.path().join("run"))
         .args(["--identities", "off"]);
-    let mut vm = boot(&mut cmd, &sock, "128M", "fill=64 seed=9 dirty=5000 hb=200");
+    let mut vm = boot_guest(
+        &mut cmd,
+        &sock,
+        "128M",
+        "fill=64 seed=9 dirty=5000 hb=200",
+        READY,
+    );
     std::thread::sleep(Duration::from_millis(500));
     let before = stats(&sock);
     assert_eq!(before["background"], false, "{before}");
@@ -167,7 +154,7 @@ impl Fabric {
     fn vm(&self, host: Host, name: &str, cmdline: &str) -> (Vm, PathBuf) {
         let sock = self.dir.path().join(format!("{name}.sock"));
         let mut cmd = self.hosts.command(host, &fabvm());
-        let vm = boot(&mut cmd, &sock, "256M", cmdline);
+        let vm = boot_guest(&mut cmd, &sock, "256M", cmdline, READY);
         (vm, sock)
     }
 

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use fabvm_tests::netns::{Host, TwoHosts};
-use fabvm_tests::{count, ctl, fabvm, filled_pages, require_kvm, test_guest, wait_for_socket, Vm};
+use fabvm_tests::{
+    boot_guest, count, ctl, fabvm, filled_pages, require_kvm, test_guest, wait_for_socket, Vm,
+};
 
 const READY: Duration = Duration::from_secs(90);
 const PORT: u16 = 7101;
@@ -43,29 +45,8 @@ impl Setup {
     /// Boots the test guest on `host` and waits for its first verification pass.
     fn guest(&self, host: Host, name: &str, mem: &str, cmdline: &str) -> (Vm, PathBuf) {
         let sock = self.sock(name);
-        let guest = test_guest();
         let mut cmd = self.hosts.command(host, &fabvm());
-        cmd.args([
-            "--kernel",
-            guest.to_str().unwrap(),
-            "--mem",
-            mem,
-            "--cmdline",
-            cmdline,
-        ]);
-        cmd.args(["--api-sock", sock.to_str().unwrap()]);
-        let mut vm = Vm::start_command(&mut cmd);
-        assert!(
-            wait_for_socket(&sock, READY),
-            "{name}: no API socket: {}",
-            vm.stderr()
-        );
-        assert!(
-            vm.wait_for_all(&["verify ok pass=1"], READY),
-            "{name}: {}\n{}",
-            vm.stdout(),
-            vm.stderr()
-        );
+        let vm = boot_guest(&mut cmd, &sock, mem, cmdline, READY);
         (vm, sock)
     }
 

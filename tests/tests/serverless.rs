@@ -7,33 +7,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fabvm_tests::{count, ctl, fabvm, require_kvm, shm_dir, test_guest, wait_for_socket, Vm};
+use fabvm_tests::{boot_guest, count, ctl, fabvm, require_kvm, shm_dir, Vm};
 
 const READY: Duration = Duration::from_secs(90);
 
 /// Boots the test guest, snapshots it into `dir/snap` (pages in `dir/store`), shuts it down.
 fn snapshot(dir: &Path, mem: &str, cmdline: &str) -> PathBuf {
     let sock = dir.join("src.sock");
-    let store = dir.join("store");
-    let guest = test_guest();
-    let mut vm = Vm::start(&[
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--mem",
-        mem,
-        "--cmdline",
-        cmdline,
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--store",
-        store.to_str().unwrap(),
-    ]);
-    assert!(wait_for_socket(&sock, READY), "{}", vm.stderr());
-    assert!(
-        vm.wait_for_all(&["verify ok pass=1"], READY),
-        "{}",
-        vm.stdout()
-    );
+    let mut cmd = Command::new(fabvm());
+    cmd.arg("--store").arg(dir.join("store"));
+    let mut vm = boot_guest(&mut cmd, &sock, mem, cmdline, READY);
     let snap = dir.join("snap");
     let (ok, _, err) = ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
     assert!(ok, "snapshot: {err}");

@@ -4,39 +4,19 @@
 //! from one snapshot share host memory; bad snapshot files are refused with one line.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
-use fabvm_tests::{count, ctl, require_kvm, test_guest, wait_for_socket, Vm};
+use fabvm_tests::{boot_guest, count, ctl, fabvm, require_kvm, Vm};
 
 const READY: Duration = Duration::from_secs(60);
 
 /// Boots the test guest with an API socket; waits for its first verification pass.
 fn boot(dir: &Path, name: &str, mem: &str, cmdline: &str, store: &Path) -> (Vm, PathBuf) {
     let sock = dir.join(format!("{name}.sock"));
-    let guest = test_guest();
-    let mut vm = Vm::start(&[
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--mem",
-        mem,
-        "--cmdline",
-        cmdline,
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--store",
-        store.to_str().unwrap(),
-    ]);
-    assert!(
-        wait_for_socket(&sock, READY),
-        "no API socket; stderr: {}",
-        vm.stderr()
-    );
-    assert!(
-        vm.wait_for_all(&["fabvm-guest: verify ok pass=1"], READY),
-        "guest never verified:\n{}\n{}",
-        vm.stdout(),
-        vm.stderr()
-    );
+    let mut cmd = Command::new(fabvm());
+    cmd.arg("--store").arg(store);
+    let vm = boot_guest(&mut cmd, &sock, mem, cmdline, READY);
     (vm, sock)
 }
 
