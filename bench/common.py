@@ -278,6 +278,20 @@ def fabvm_ctl(sock, *args, timeout=600):
     return json.loads(out.stdout)
 
 
+def wait_identities_current(sock, timeout=60):
+    """Waits until a fabvm VM's live identities have caught up with its writes (`ctl stats`:
+    no stale page), as for a VM that has run a few seconds since it last filled memory.
+    Returns the seconds waited."""
+    t0 = time.time()
+    while True:
+        stale = fabvm_ctl(sock, "stats").get("identities", {}).get("stale")
+        if stale == 0:
+            return time.time() - t0
+        if time.time() - t0 > timeout:
+            raise RuntimeError(f"identities still {stale} pages stale after {timeout} s")
+        time.sleep(0.1)
+
+
 def fabvm_has(subcommand):
     """Whether this build of fabvm has a subcommand (`fabvm SUB --help` succeeds)."""
     try:

@@ -158,7 +158,7 @@ impl Fabric {
         (vm, sock)
     }
 
-    fn receiver(&self) -> (Vm, PathBuf) {
+    fn receiver(&self, extra: &[&str]) -> (Vm, PathBuf) {
         let sock = self.dir.path().join("dest.sock");
         let mut cmd = self.hosts.command(Host::B, &fabvm());
         let listen = format!("{}:{PORT}", self.hosts.ip(Host::B));
@@ -166,7 +166,8 @@ impl Fabric {
             .args(["receive", "--json", "--listen", &listen, "--key"])
             .arg(&self.key)
             .arg("--api-sock")
-            .arg(&sock);
+            .arg(&sock)
+            .args(extra);
         let vm = Vm::start_command(&mut cmd);
         std::thread::sleep(Duration::from_millis(300));
         (vm, sock)
@@ -175,7 +176,17 @@ impl Fabric {
     /// Migrates the VM behind `sock` to host B; checks the source exits 0 and the guest
     /// verifies there; returns the source's report and the destination's.
     fn migrate(&self, source: &mut Vm, sock: &Path) -> (serde_json::Value, serde_json::Value) {
-        let (mut dest, dest_sock) = self.receiver();
+        self.migrate_with(source, sock, &[])
+    }
+
+    /// [`Fabric::migrate`] with `extra` arguments for `fabvm receive`.
+    fn migrate_with(
+        &self,
+        source: &mut Vm,
+        sock: &Path,
+        extra: &[&str],
+    ) -> (serde_json::Value, serde_json::Value) {
+        let (mut dest, dest_sock) = self.receiver(extra);
         let dest_addr = format!("{}:{PORT}", self.hosts.ip(Host::B));
         let (ok, out, err) = ctl(
             sock,
@@ -255,6 +266,38 @@ fn destination_finds_pages_across_three_vms() {
             "VM {pid} gave only {n} of {pages} pages: {received}"
         );
     }
+    // The siblings' identities are current and the siblings only read their memory: a
+    // harvest each asked for after the copy vouches for (nearly) every page, unhashed.
+    let host = &received["host_pages"];
+    let by_harvest = host["confirmed_by_harvest"].as_u64().unwrap();
+    assert!(
+        by_harvest >= found * 9 / 10,
+        "{by_harvest} of {found} pages confirmed by a harvest: {received}"
+    );
+    assert_eq!(host["harvests_unanswered"], 0, "{received}");
+}
+
+/// With `--hash-host-pages` the destination trusts no harvest: every page it copies from a
+/// sibling is hashed, and the guest still verifies.
+#[test]
+fn hash_host_pages_hashes_every_copy() {
+    if require_kvm("identities_hash_host_pages").is_none() {
+        return;
+    }
+    let f = Fabric::new();
+    let (_sibling, _) = f.vm(Host::B, "sibling", "passes=0 hb=500 seed=101");
+    let (mut source, sock) = f.vm(Host::A, "source", "passes=0 hb=500 seed=101");
+    let pages = filled_pages(&source.stdout());
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, received) = f.migrate_with(&mut source, &sock, &["--hash-host-pages"]);
+    let host = &received["host_pages"];
+    assert_eq!(host["confirmed_by_harvest"], 0, "{received}");
+    assert_eq!(host["harvests_asked"], 0, "{received}");
+    let hashed = host["confirmed_by_hash"].as_u64().unwrap();
+    assert!(
+        hashed >= pages * 97 / 100,
+        "{hashed} of {pages} pages hashed: {received}"
+    );
 }
 
 /// A sibling at the destination with the source's pages keeps rewriting them as fast as it
@@ -272,6 +315,13 @@ fn pages_rewritten_after_publication_are_never_used() {
     let host = &received["host_pages"];
     let used = host["same_frame"].as_u64().unwrap() + host["elsewhere"].as_u64().unwrap();
     assert!(used > 0, "the sibling was looked at: {received}");
+    // Its chunks keep changing, so no harvest can vouch for most copies: they are hashed
+    // (and those rewritten meanwhile are refused), never taken on the table's word.
+    let hashed = host["confirmed_by_hash"].as_u64().unwrap() + host["mismatched"].as_u64().unwrap();
+    assert!(
+        hashed > 0,
+        "copies of a rewriting VM were hashed: {received}"
+    );
 }
 
 /// A sibling holding every page is killed while the destination reads from it: the

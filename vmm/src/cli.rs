@@ -207,6 +207,10 @@ pub struct ReceiveArgs {
     /// Print the migration report as one line of JSON on stderr when the VM starts here.
     #[arg(long)]
     pub json: bool,
+    /// Hash every page copied from a VM running here, instead of confirming it by asking
+    /// that VM for a harvest of its dirty log after the copy (slower; for debugging).
+    #[arg(long)]
+    pub hash_host_pages: bool,
     /// How the received VM's page identities are kept.
     #[command(flatten)]
     pub identities: IdentityArgs,

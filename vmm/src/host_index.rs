@@ -2,8 +2,9 @@
 //! (host addresses, `PID.json`) and publishes its live page identities (`PID.ids`, see
 //! `memory::identities`) in a runtime directory; a reader (a migration destination, the
 //! sharing leader, the host figures) learns what they hold from those tables, without
-//! hashing their memory, and copies pages out through `/proc/PID/mem`, re-verifying each
-//! page against its identity at copy time.
+//! hashing their memory, and copies pages out through `/proc/PID/mem`, confirming each page
+//! it copied: by a harvest of the owner's dirty log that it asks for after the copy (see
+//! `fabric::live::harvest`), or by hashing it again when the owner cannot vouch for it.
 
 use std::fs;
 use std::io;
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use fabric::live::{HostIndex, TableReader};
+use fabric::live::{HostIndex, PageState, TableReader, CHUNK_PAGES};
 use fabric::migration::{FetchResult, GuestFrames, PageSource};
 use fabric::{Page, PageId, Store, PAGE_SIZE};
 use rayon::prelude::*;
@@ -162,16 +163,24 @@ pub fn running_vms(except: Option<u32>) -> Vec<RegisteredVm> {
 
 /// The pages this host holds, for a migration destination: the VMs running here (found
 /// through the identity tables they publish; nothing is hashed to learn what they hold) and
-/// the host store. Every page copied out of a running VM is verified against its identity,
-/// since the guest may have rewritten it after it was published; a page that does not
-/// match is reported as such and asked from the source instead.
+/// the host store. The guest may have rewritten a page after its identity was published, so
+/// every page copied out of a running VM is confirmed before use: it was current in the
+/// owner's table, and a harvest the owner made after the copy left its chunk unchanged; or,
+/// when the owner does not answer in time (or [`HostPages::hash_always`]), its copy hashes
+/// to its identity. A page that fails is reported as such and asked from the source.
 #[derive(Debug)]
 pub struct HostPages {
     index: HostIndex,
     pids: Vec<u32>,
     store: Option<Store>,
     counters: HostCounters,
+    /// Hash every copied page, never trusting a harvest.
+    hash_always: bool,
 }
+
+/// How long a destination waits for a running VM to harvest its dirty log on request before
+/// it hashes the pages it copied from that VM instead.
+const HARVEST_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What [`HostPages`] did.
 #[derive(Debug, Default, Serialize)]
@@ -186,6 +195,13 @@ pub struct HostCounters {
     pub store: AtomicU64,
     /// Pages copied from a running VM that no longer matched their identity.
     pub mismatched: AtomicU64,
+    /// Copied pages confirmed by a harvest of their VM's dirty log (not hashed).
+    pub confirmed_by_harvest: AtomicU64,
+    /// Copied pages confirmed by hashing them.
+    pub confirmed_by_hash: AtomicU64,
+    /// Harvests asked of running VMs, and how many were not answered in time.
+    pub harvests_asked: AtomicU64,
+    pub harvests_unanswered: AtomicU64,
     /// Reads of a running VM's memory that failed (it exited meanwhile).
     pub read_failures: AtomicU64,
     /// System calls made to copy pages out of running VMs.
@@ -198,29 +214,58 @@ pub struct HostCounters {
 impl HostPages {
     /// The VMs registered on this host (but `except`) that publish identities, and `store`.
     pub fn open(except: Option<u32>, store: Option<Store>) -> Self {
-        let mut index = HostIndex::new();
-        let mut pids = Vec::new();
+        let mut hosted = HostPages {
+            index: HostIndex::new(),
+            pids: Vec::new(),
+            store,
+            counters: HostCounters::default(),
+            hash_always: false,
+        };
+        hosted.refresh(except);
+        hosted
+    }
+
+    /// Indexes VMs registered since (but `except`), drops those gone, and re-reads the
+    /// chunks of identity tables that changed: cheap after [`HostPages::open`], so a
+    /// destination opens before a source connects and refreshes once it has.
+    pub fn refresh(&mut self, except: Option<u32>) {
+        self.index.refresh();
         for vm in running_vms(except) {
+            if self.pids.contains(&vm.pid) {
+                continue;
+            }
             match TableReader::open(&table_path(vm.pid)) {
                 Ok(table) if table.pid() == vm.pid && table.owner_alive() => {
-                    let at = index.add(table);
-                    pids.resize(at + 1, 0);
-                    pids[at] = vm.pid;
+                    let at = self.index.add(table);
+                    self.pids.resize(at + 1, 0);
+                    self.pids[at] = vm.pid;
                 }
                 Ok(_) => {}
                 Err(e) => log::debug!("VM {} not indexed: {e}", vm.pid),
             }
         }
-        let counters = HostCounters {
-            found_per_vm: pids.iter().map(|_| AtomicU64::new(0)).collect(),
-            ..HostCounters::default()
-        };
-        counters.vms.store(pids.len() as u64, Ordering::Relaxed);
+        let c = &mut self.counters;
+        c.found_per_vm
+            .resize_with(self.pids.len(), AtomicU64::default);
+        c.vms
+            .store(self.index.vms().count() as u64, Ordering::Relaxed);
+    }
+
+    /// Takes pages from `store` too.
+    pub fn with_store(self, store: Option<Store>) -> Self {
+        HostPages { store, ..self }
+    }
+
+    /// Releases the store (for others on this host).
+    pub fn close_store(&mut self) {
+        self.store = None;
+    }
+
+    /// Hash every page copied from a running VM instead of confirming it by a harvest.
+    pub fn hash_always(self, yes: bool) -> Self {
         HostPages {
-            index,
-            pids,
-            store,
-            counters,
+            hash_always: yes,
+            ..self
         }
     }
 
@@ -247,8 +292,8 @@ impl HostPages {
         figures
     }
 
-    /// Where `id` is in a running VM, preferring frame `gfn`: (VM index, pid, host address).
-    fn locate(&self, gfn: Option<u64>, id: &PageId) -> Option<(usize, u32, u64)> {
+    /// Where `id` is in a running VM, preferring frame `gfn`.
+    fn locate(&self, gfn: Option<u64>, id: &PageId) -> Option<Found> {
         let (loc, same) = match gfn.and_then(|gfn| self.index.lookup_at(gfn, id)) {
             Some(loc) => (loc, true),
             None => (self.index.lookup(id)?, false),
@@ -261,7 +306,58 @@ impl HostPages {
             &self.counters.elsewhere
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        Some((loc.vm, self.pids[loc.vm], addr))
+        Some(Found {
+            vm: loc.vm,
+            page: loc.page,
+            pid: self.pids[loc.vm],
+            addr,
+        })
+    }
+
+    /// The generation of `found`'s chunk at which its table entry says it holds `id`, hashed
+    /// since last written: the mark a later harvest is checked against. `None`: the entry
+    /// cannot vouch for the page (stale, another identity, or being written).
+    fn vouched(&self, found: &Found, id: &PageId) -> Option<u64> {
+        if self.hash_always {
+            return None;
+        }
+        let (entry, gen) = self
+            .index
+            .table(found.vm)?
+            .entry_at_generation(found.page)?;
+        (entry.state == PageState::Current && entry.id.as_ref() == Some(id)).then_some(gen)
+    }
+
+    /// Asks each VM in `vms` (true: pages were copied from it on an entry's word) for a
+    /// harvest; returns which answered.
+    fn harvest(&self, vms: &[bool]) -> Vec<bool> {
+        vms.iter()
+            .enumerate()
+            .map(|(vm, &asked)| {
+                if !asked {
+                    return false;
+                }
+                self.counters.harvests_asked.fetch_add(1, Ordering::Relaxed);
+                let answered = self
+                    .index
+                    .table(vm)
+                    .is_some_and(|t| t.request_harvest(HARVEST_WAIT));
+                if !answered {
+                    self.counters
+                        .harvests_unanswered
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                answered
+            })
+            .collect()
+    }
+
+    /// Whether a page copied from `found` on the word of generation `gen` is still vouched
+    /// for after its VM answered a harvest asked for after the copy.
+    fn confirmed(&self, found: &Found, gen: u64) -> bool {
+        self.index
+            .table(found.vm)
+            .is_some_and(|t| t.chunk_generation(found.page / CHUNK_PAGES) == gen)
     }
 
     fn take_from_store(&self, id: &PageId, out: &mut Page) -> bool {
@@ -272,27 +368,35 @@ impl HostPages {
         found
     }
 
+    /// One page (not on the batch path): always hashed.
     fn copy_from_vm(&self, gfn: Option<u64>, id: &PageId, out: &mut Page) -> FetchResult {
-        let Some((vm, pid, addr)) = self.locate(gfn, id) else {
+        let Some(found) = self.locate(gfn, id) else {
             return FetchResult::Absent;
         };
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
-        if read_remote(pid, addr, out).is_err() {
+        if read_remote(found.pid, found.addr, out).is_err() {
             self.counters.read_failures.fetch_add(1, Ordering::Relaxed);
             return FetchResult::Absent;
         }
-        self.verify(Some(vm), id, out)
+        self.verify(found.vm, id, out)
     }
 
-    fn verify(&self, vm: Option<usize>, id: &PageId, page: &Page) -> FetchResult {
+    fn verify(&self, vm: usize, id: &PageId, page: &Page) -> FetchResult {
         if id.matches(page) {
-            if let Some(n) = vm.and_then(|vm| self.counters.found_per_vm.get(vm)) {
-                n.fetch_add(1, Ordering::Relaxed);
-            }
+            self.counters
+                .confirmed_by_hash
+                .fetch_add(1, Ordering::Relaxed);
+            self.found_in(vm);
             FetchResult::Verified
         } else {
             self.counters.mismatched.fetch_add(1, Ordering::Relaxed);
             FetchResult::Mismatch
+        }
+    }
+
+    fn found_in(&self, vm: usize) {
+        if let Some(n) = self.counters.found_per_vm.get(vm) {
+            n.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -314,8 +418,9 @@ impl PageSource for HostPages {
 
     /// Locates every page, copies runs that are contiguous in one VM's memory (and at
     /// their destination) with one read each, straight into empty guest frames where the
-    /// receiver allows it, verifies every page on all cores, and takes what is still
-    /// missing from the store.
+    /// receiver allows it, confirms every page (one harvest per VM it came from, hashing
+    /// only what that cannot vouch for, on all cores), and takes what is still missing from
+    /// the store.
     fn fetch_batch(
         &self,
         wanted: &[(u64, PageId)],
@@ -337,24 +442,28 @@ impl PageSource for HostPages {
             }
         };
         let mut runs: Vec<Run> = Vec::new();
-        let mut located = vec![None; wanted.len()];
+        // Per page: where it was found, and the chunk generation its entry vouched at.
+        let mut located: Vec<Option<(Found, Option<u64>)>> = vec![None; wanted.len()];
+        let mut ask = vec![false; self.pids.len()];
         for (i, (gfn, id)) in wanted.iter().enumerate() {
-            let Some((vm, pid, addr)) = self.locate(Some(*gfn), id) else {
+            let Some(found) = self.locate(Some(*gfn), id) else {
                 continue;
             };
-            located[i] = Some(vm);
+            let vouched = self.vouched(&found, id);
+            ask[found.vm] |= vouched.is_some();
             let (to, _) = target(i);
             match runs.last_mut() {
-                Some(run) if run.extends(pid, addr, to) => run.count += 1,
+                Some(run) if run.extends(found.pid, found.addr, to) => run.count += 1,
                 _ => runs.push(Run {
-                    pid,
-                    addr,
+                    pid: found.pid,
+                    addr: found.addr,
                     to,
                     count: 1,
                     pages: Vec::new(),
                 }),
             }
             runs.last_mut().expect("a run").pages.push(i);
+            located[i] = Some((found, vouched));
         }
         let read_ok: Vec<bool> = runs
             .par_iter()
@@ -367,6 +476,7 @@ impl PageSource for HostPages {
                 let buf = unsafe {
                     std::slice::from_raw_parts_mut(run.to as *mut u8, run.count * PAGE_SIZE)
                 };
+                populate(buf);
                 read_remote(run.pid, run.addr, buf).is_ok()
             })
             .collect();
@@ -379,6 +489,8 @@ impl PageSource for HostPages {
             }
         }
         let read = started.elapsed();
+        // Every copy is done: a harvest that starts now covers them all.
+        let answered = self.harvest(&ask);
         results
             .par_iter_mut()
             .enumerate()
@@ -388,9 +500,18 @@ impl PageSource for HostPages {
                 // SAFETY: as above: page `i`'s target is this task's alone.
                 let page: &mut Page = unsafe { &mut *(addr as *mut Page) };
                 let id = &wanted[i].1;
-                *result = match copied[i] {
-                    true => self.verify(located[i], id, page),
-                    false => FetchResult::Absent,
+                *result = match &located[i] {
+                    Some((found, Some(gen)))
+                        if copied[i] && answered[found.vm] && self.confirmed(found, *gen) =>
+                    {
+                        self.counters
+                            .confirmed_by_harvest
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.found_in(found.vm);
+                        FetchResult::Verified
+                    }
+                    Some((found, _)) if copied[i] => self.verify(found.vm, id, page),
+                    _ => FetchResult::Absent,
                 };
                 if *result == FetchResult::Verified {
                     if in_frame {
@@ -411,11 +532,21 @@ impl PageSource for HostPages {
             });
         log::debug!(
             target: "fabvm::timing",
-            "host pages: {} pages located and read in {read:?}, verified in {:?}",
+            "host pages: {} pages located and read in {read:?}, confirmed in {:?}",
             wanted.len(),
             started.elapsed() - read
         );
     }
+}
+
+/// A page found in a running VM: VM `vm` of the index, page `page` of its table, at `addr`
+/// in process `pid`.
+#[derive(Debug, Clone, Copy)]
+struct Found {
+    vm: usize,
+    page: usize,
+    pid: u32,
+    addr: u64,
 }
 
 /// Most pages copied by one read (4 MiB).
@@ -440,6 +571,17 @@ impl Run {
             && self.to + self.count * PAGE_SIZE == to
             && self.count < MAX_RUN_PAGES
     }
+}
+
+/// Faults `buf` in with one system call before it is written (a copy into fresh memory
+/// otherwise takes one page fault per page inside the read). Best effort: kernels before
+/// 5.14 lack `MADV_POPULATE_WRITE`, and the copy then faults as before.
+fn populate(buf: &mut [u8]) {
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    // SAFETY: `buf` is a whole number of pages of this process's writable memory, which the
+    // caller owns for the call; populating writes nothing visible (it only maps the pages
+    // that writes would map).
+    unsafe { libc::madvise(buf.as_mut_ptr().cast(), buf.len(), MADV_POPULATE_WRITE) };
 }
 
 /// Reads another process's memory, through `/proc/PID/mem`.

@@ -1,10 +1,13 @@
 //! Another process's identity table, mapped read-only: its header and size checked (it is
-//! input from another process), each chunk read whole under the owner's seqlock.
+//! input from another process), each chunk read whole under the owner's seqlock. Its header
+//! is also mapped writable, where the file allows, to ask the owner for harvests.
 
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
+use std::time::Duration;
 
+use super::harvest::HarvestClient;
 use super::table::{
     process_start_time, Entry, Frames, Layout, Mapping, TableError, CHUNK_PAGES, HEADER_LEN, MAGIC,
     MAX_PAGES, MAX_REGIONS, VERSION,
@@ -21,6 +24,8 @@ pub struct TableReader {
     frames: Frames,
     pid: u32,
     start_time: u64,
+    /// The header mapped writable (`None`: the file is not writable by this process).
+    requests: Option<HarvestClient>,
 }
 
 impl TableReader {
@@ -74,11 +79,19 @@ impl TableReader {
         let (pid, start_time) = (h.pid, h.start_time);
         drop(head);
         let map = Mapping::map(Some(&file), layout, false).map_err(io)?;
+        let requests = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .and_then(|rw| Mapping::map(Some(&rw), header_only, true))
+            .ok()
+            .map(|header| HarvestClient { header });
         Ok(TableReader {
             map,
             frames: Frames::new(regions),
             pid,
             start_time,
+            requests,
         })
     }
 
@@ -126,6 +139,22 @@ impl TableReader {
             out.clear();
             out.extend((first..end).map(|p| self.map.raw_entry(p)));
         })
+    }
+
+    /// Asks the owner to harvest its dirty log and waits, at most `timeout`, for a harvest
+    /// that started after the request. `false`: the owner does not answer (its background
+    /// thread is off or busy) or the table is not writable here.
+    pub fn request_harvest(&self, timeout: Duration) -> bool {
+        self.requests.as_ref().is_some_and(|r| r.request(timeout))
+    }
+
+    /// A consistent copy of one page's entry with the chunk generation it was read at.
+    pub fn entry_at_generation(&self, page: usize) -> Option<(Entry, u64)> {
+        let mut entry = None;
+        let gen = self.consistent(page / CHUNK_PAGES, || {
+            entry = Some(self.map.raw_entry(page))
+        })?;
+        Some((entry?, gen))
     }
 
     /// A consistent copy of one page's entry.

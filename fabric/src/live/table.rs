@@ -7,21 +7,25 @@
 //!
 //! ```text
 //! 0      header (4 KiB): magic "FABVMIDS", version, pid, process start time, pages,
-//!        chunk size, table generation, up to 32 regions (guest address, pages, host address)
+//!        chunk size, table generation, the harvest-request words (see [`super::harvest`]),
+//!        up to 32 regions (guest address, pages, host address)
 //! 4096   chunk generations: one u64 per CHUNK_PAGES pages (odd while the owner writes it)
 //! ...    states: one byte per page (0 stale, 1 zero, 2 current), padded to 4 KiB
 //! ...    identities: 32 bytes per page (the last identity computed; zero page: all zero)
 //! ```
 //!
-//! A stale page keeps its last identity: a hint, never a promise. Nothing read from a table
-//! is trusted for content: every page copied on its word is verified against its identity.
+//! A stale page keeps its last identity: a hint, never a promise. A page copied on a table's
+//! word is trusted only once it is confirmed: hashed again, or shown unwritten by a harvest
+//! the reader asked for after its copy ([`super::harvest`]).
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
+use super::harvest::HarvestRequests;
 use crate::identity::PageId;
 
 /// Pages per chunk: the unit of the generation counters (2 MiB of guest memory).
@@ -34,7 +38,7 @@ pub const MAX_REGIONS: usize = 32;
 pub const MAX_PAGES: u64 = 16 << 20;
 
 pub(super) const MAGIC: [u8; 8] = *b"FABVMIDS";
-pub(super) const VERSION: u32 = 1;
+pub(super) const VERSION: u32 = 2;
 pub(super) const HEADER_LEN: usize = 4096;
 
 /// Errors of creating or opening a table.
@@ -114,6 +118,13 @@ pub(super) struct Header {
     pub(super) pages: u64,
     pub(super) chunk_pages: u64,
     pub(super) generation: AtomicU64,
+    /// Harvests asked for by readers (a counter; a futex word).
+    pub(super) harvest_requested: AtomicU32,
+    /// The request count the last harvest covered (a futex word).
+    pub(super) harvest_done: AtomicU32,
+    /// 1 while the owner answers harvest requests.
+    pub(super) harvester: AtomicU32,
+    pub(super) _pad: u32,
     pub(super) regions: [[u64; 3]; MAX_REGIONS],
 }
 
@@ -303,7 +314,7 @@ impl Frames {
 /// The owner's side: one writer (the caller serialises writes, e.g. behind a mutex).
 #[derive(Debug)]
 pub struct IdentityTable {
-    map: Mapping,
+    map: Arc<Mapping>,
     path: Option<PathBuf>,
     frames: Frames,
 }
@@ -365,10 +376,15 @@ impl IdentityTable {
             std::fs::rename(tmp, path).map_err(io)?;
         }
         Ok(IdentityTable {
-            map,
+            map: Arc::new(map),
             path: path.map(Path::to_path_buf),
             frames: Frames::new(regions.to_vec()),
         })
+    }
+
+    /// The owner's side of harvest requests (see [`super::harvest`]).
+    pub fn harvest_requests(&self) -> HarvestRequests {
+        HarvestRequests::new(self.map.clone())
     }
 
     /// Where the table is published (`None`: private to this process).

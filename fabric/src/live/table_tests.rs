@@ -129,3 +129,56 @@ fn readers_never_see_half_written_chunks() {
         assert!(consistent > 0);
     });
 }
+
+#[test]
+fn a_harvest_request_is_answered_only_by_a_harvest_that_started_after_it() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("3.ids");
+    let table = IdentityTable::create(Some(&path), &regions()).unwrap();
+    let reader = TableReader::open(&path).unwrap();
+    let owner = table.harvest_requests();
+    // An owner that does not serve requests is not waited for.
+    let started = std::time::Instant::now();
+    assert!(!reader.request_harvest(Duration::from_secs(5)));
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    owner.set_serving(true);
+    // Serving but not answering: the reader gives up after its timeout.
+    assert!(!reader.request_harvest(Duration::from_millis(50)));
+    assert!(owner.pending(), "the unanswered request is still pending");
+    let pending = owner.pending_count();
+    owner.answered(pending);
+    // A harvest that read the count before the request does not answer it; one after does.
+    let before = owner.pending_count();
+    let asking = std::thread::spawn(move || reader.request_harvest(Duration::from_secs(10)));
+    while !owner.pending() {
+        std::thread::yield_now();
+    }
+    owner.answered(before);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        !asking.is_finished(),
+        "answered by a harvest that began before the request"
+    );
+    owner.wait(Duration::from_secs(1)); // returns at once: a request is pending
+    owner.answered(owner.pending_count());
+    assert!(asking.join().unwrap());
+    let reader = TableReader::open(&path).unwrap();
+    owner.set_serving(false);
+    assert!(!reader.request_harvest(Duration::from_secs(5)));
+}
+
+#[test]
+fn a_reader_gets_the_generation_an_entry_was_read_at() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("4.ids");
+    let mut table = IdentityTable::create(Some(&path), &regions()).unwrap();
+    let reader = TableReader::open(&path).unwrap();
+    let (_, before) = reader.entry_at_generation(600).unwrap();
+    table.set(600, PageState::Current, Some(id(3)));
+    let (entry, after) = reader.entry_at_generation(600).unwrap();
+    assert_eq!((entry.state, entry.id), (PageState::Current, Some(id(3))));
+    assert_ne!(before, after);
+    assert_eq!(after, reader.chunk_generation(600 / CHUNK_PAGES));
+}

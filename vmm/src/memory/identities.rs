@@ -6,14 +6,16 @@
 //! leaves some identities stale, never wrong: stale pages are marked as such, and a consumer
 //! that needs exact identities calls [`LiveIdentities::sync`], which harvests and rehashes
 //! what is stale at once, on all cores. Snapshots (guest paused) and a migration's first
-//! round read the table after a sync instead of hashing all of memory.
+//! round read the table after a sync instead of hashing all of memory. The thread also
+//! harvests when another process asks (see [`fabric::live::harvest`]), which lets a
+//! migration destination trust pages it copied from this VM without hashing them.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use fabric::live::{IdentityTable, PageState, TableRegion, CHUNK_PAGES};
+use fabric::live::{HarvestRequests, IdentityTable, PageState, TableRegion, CHUNK_PAGES};
 use fabric::{identify, Manifest, Page, PageId, Region, PAGE_SIZE};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -68,6 +70,7 @@ pub struct LiveIdentities {
 struct Shared {
     tracked: Mutex<Tracked>,
     view: DirtyView,
+    requests: HarvestRequests,
     spans: Vec<Span>,
     config: IdentityConfig,
     counters: Counters,
@@ -76,6 +79,7 @@ struct Shared {
 #[derive(Debug, Default)]
 struct Counters {
     harvests: AtomicU64,
+    requested_harvests: AtomicU64,
     last_harvest_pages: AtomicU64,
     rehashed: AtomicU64,
     cpu_ns: AtomicU64,
@@ -160,6 +164,9 @@ pub struct IdentityStats {
     pub harvest_period_ms: u64,
     /// Harvests done.
     pub harvests: u64,
+    /// Of those, harvests other processes asked for (migration destinations confirming
+    /// pages they copied from this VM).
+    pub requested_harvests: u64,
     /// Pages the last harvest found written.
     pub last_harvest_pages: u64,
     /// Pages rehashed in the background.
@@ -222,9 +229,11 @@ impl LiveIdentities {
         if let Initial::Manifest(manifest) = initial {
             tracked.load(manifest, &spans);
         }
+        let requests = tracked.table.harvest_requests();
         let shared = Arc::new(Shared {
             tracked: Mutex::new(tracked),
             view,
+            requests,
             spans,
             config,
             counters: Counters::default(),
@@ -236,6 +245,7 @@ impl LiveIdentities {
                 .name("fabvm-ids".into())
                 .spawn(move || s.background(&flag))
                 .map_err(MemoryError::Thread)?;
+            shared.requests.set_serving(true);
             Some((stop, handle))
         } else {
             None
@@ -348,6 +358,7 @@ impl LiveIdentities {
             budget_percent: config.budget_percent,
             harvest_period_ms: config.period.as_millis() as u64,
             harvests: c.harvests.load(Ordering::Relaxed),
+            requested_harvests: c.requested_harvests.load(Ordering::Relaxed),
             last_harvest_pages: c.last_harvest_pages.load(Ordering::Relaxed),
             rehashed_pages: c.rehashed.load(Ordering::Relaxed),
             cpu_ms: c.cpu_ns.load(Ordering::Relaxed) as f64 / 1e6,
@@ -361,6 +372,7 @@ impl LiveIdentities {
 impl Drop for LiveIdentities {
     fn drop(&mut self) {
         if let Some((stop, handle)) = self.worker.take() {
+            self.shared.requests.set_serving(false);
             stop.store(true, Ordering::Relaxed);
             let _ = handle.join();
         }
@@ -395,9 +407,12 @@ impl Shared {
         span.first_gfn + (p - span.first) as u64
     }
 
+    /// Takes the dirty log into the table, answering every harvest request made before it.
     fn harvest(&self, tracked: &mut Tracked) -> Result<u64, MemoryError> {
+        let requests = self.requests.pending_count();
         let dirty = self.view.take()?;
         let pages = tracked.mark_stale(&dirty, &self.spans);
+        self.requests.answered(requests);
         self.counters.harvests.fetch_add(1, Ordering::Relaxed);
         self.counters
             .last_harvest_pages
@@ -429,31 +444,51 @@ impl Shared {
         })
     }
 
-    /// The background thread: harvest every period, rehash stale pages within the budget.
+    /// The background thread: harvest every period and when asked, rehash stale pages
+    /// within the budget.
     fn background(&self, stop: &AtomicBool) {
         let budget = (self.config.budget_percent / 100.0).clamp(0.001, 1.0);
         let mut next_harvest = Instant::now();
         let mut window = (Instant::now(), thread_cpu());
         let mut batch = Vec::with_capacity(BATCH);
+        // Sleep needed to bring the window's CPU back within the budget.
+        let owed = |window: (Instant, Duration)| {
+            let spent = thread_cpu().saturating_sub(window.1).as_secs_f64();
+            let allowed = window.0.elapsed().as_secs_f64() * budget;
+            Duration::from_secs_f64(((spent - allowed) / budget).max(0.0))
+        };
         while !stop.load(Ordering::Relaxed) {
-            if Instant::now() >= next_harvest {
+            let before = thread_cpu();
+            let periodic = Instant::now() >= next_harvest;
+            let asked = self.requests.pending();
+            if periodic || asked {
                 let mut tracked = self.lock();
                 if let Err(e) = self.harvest(&mut tracked) {
                     log::warn!("live identities stop: {e}");
                     return;
                 }
                 drop(tracked);
-                next_harvest = Instant::now() + self.config.period;
-                window = (Instant::now(), thread_cpu());
+                if asked {
+                    self.counters
+                        .requested_harvests
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                if periodic {
+                    next_harvest = Instant::now() + self.config.period;
+                    window = (Instant::now(), thread_cpu());
+                }
             }
-            let before = thread_cpu();
-            let done = {
+            // A harvest asked for between batches does not buy more rehashing.
+            let over = owed(window);
+            let done = if over.is_zero() {
                 let mut tracked = self.lock();
                 tracked.next_stale(&mut batch);
                 let ids: Vec<Option<PageId>> =
                     batch.iter().map(|&p| identify(self.page(p))).collect();
                 tracked.install(&batch, &ids);
                 batch.len()
+            } else {
+                0
             };
             self.counters
                 .rehashed
@@ -462,15 +497,25 @@ impl Shared {
             self.counters
                 .cpu_ns
                 .fetch_add(used.as_nanos() as u64, Ordering::Relaxed);
-            let wait = if done == 0 {
-                next_harvest.saturating_duration_since(Instant::now())
-            } else {
-                // Sleep off whatever the window used beyond the budget.
-                let spent = thread_cpu().saturating_sub(window.1).as_secs_f64();
-                let allowed = window.0.elapsed().as_secs_f64() * budget;
-                Duration::from_secs_f64(((spent - allowed) / budget).max(0.0))
+            let wait = match (done, over.is_zero()) {
+                (_, false) => over.min(next_harvest.saturating_duration_since(Instant::now())),
+                (0, true) => next_harvest.saturating_duration_since(Instant::now()),
+                _ => owed(window),
             };
-            nap(stop, wait);
+            self.nap(stop, wait);
+        }
+    }
+
+    /// Sleeps `total`, in short naps, returning early when `stop` is set or a harvest is
+    /// asked for.
+    fn nap(&self, stop: &AtomicBool, total: Duration) {
+        let until = Instant::now() + total;
+        while !stop.load(Ordering::Relaxed) && !self.requests.pending() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            self.requests.wait(left.min(NAP));
         }
     }
 }
@@ -579,16 +624,4 @@ fn thread_cpu() -> Duration {
     // SAFETY: writes only `ts`, a valid timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
-
-/// Sleeps `total`, in short naps, returning early when `stop` is set.
-fn nap(stop: &AtomicBool, total: Duration) {
-    let until = Instant::now() + total;
-    while !stop.load(Ordering::Relaxed) {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return;
-        }
-        std::thread::sleep(left.min(NAP));
-    }
 }

@@ -56,7 +56,15 @@ pub enum ReceiveError {
 /// Receives one VM and runs it until it stops.
 pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
     let key = read_key(&args.key)?;
-    let stream = accept(&args.listen, args.accept_timeout)?;
+    let listener = TcpListener::bind(&args.listen).map_err(|source| ReceiveError::Listen {
+        addr: args.listen.clone(),
+        source,
+    })?;
+    // What the VMs running here hold is indexed while no source is connected yet, and
+    // refreshed (only what changed) once one is.
+    let me = Some(std::process::id());
+    let mut hosted = HostPages::open(me, None).hash_always(args.hash_host_pages);
+    let stream = accept(&listener, &args.listen, args.accept_timeout)?;
     let started = Instant::now();
     let (mut receiver, description) = Receiver::accept(stream, &key, Limits::default())?;
     let mem: u64 = description.regions.iter().map(|r| r.bytes()).sum();
@@ -91,24 +99,37 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
             return Err(ReceiveError::Refused(e.to_string()));
         }
     };
-    // What this host already holds: the store (if it opens) and the VMs running here.
-    let hosted = HostPages::open(
-        Some(std::process::id()),
-        args.store.as_ref().and_then(|dir| open_store(dir).ok()),
-    );
-    // The VM is built while pages arrive, so the guest's downtime only sets state.
-    let shell = match runner::Shell::build(memory, description.vcpus) {
-        Ok(shell) => shell,
-        Err(e) => {
+    hosted.refresh(me);
+    // The store is opened only now: it is held (locked) until the pages are in.
+    let mut hosted = hosted.with_store(args.store.as_ref().and_then(|dir| open_store(dir).ok()));
+    log::debug!(target: "fabvm::timing", "incoming VM: memory and host pages ready {:?} after the hello", started.elapsed());
+    // The VM is built while pages arrive (the guest's downtime only sets state). The memory
+    // stays mapped here until then, whatever the build does with its handle.
+    let mut sink = GuestPages::new(&memory);
+    let keep_mapped = memory.clone();
+    let vcpus = description.vcpus;
+    let (shell, received) = std::thread::scope(|scope| {
+        let building = scope.spawn(move || runner::Shell::build(memory, vcpus));
+        let received = receiver.receive(&hosted, &mut sink);
+        (building.join(), received)
+    });
+    drop(keep_mapped);
+    let received = received?;
+    log::debug!(target: "fabvm::timing", "incoming VM: pages and state in {:?} after the hello", started.elapsed());
+    let host_figures = hosted.figures();
+    log::info!("incoming migration: pages this host held: {host_figures}");
+    hosted.close_store(); // release the store for others
+    let shell = match shell {
+        Ok(Ok(shell)) => shell,
+        Ok(Err(e)) => {
             receiver.abort("destination cannot create the VM");
             return Err(e.into());
         }
+        Err(_) => {
+            receiver.abort("destination cannot create the VM");
+            return Err(ReceiveError::Refused("building the VM panicked".into()));
+        }
     };
-    let mut sink = GuestPages::new(shell.memory());
-    let received = receiver.receive(&hosted, &mut sink)?;
-    let host_figures = hosted.figures();
-    log::info!("incoming migration: pages this host held: {host_figures}");
-    drop(hosted); // release the store for others
     let state = match format::decode(&received.state) {
         Ok(state) => state,
         Err(e) => {
@@ -165,12 +186,11 @@ fn failpoint(name: &str) {
     }
 }
 
-fn accept(listen: &str, timeout_s: u64) -> Result<TcpStream, ReceiveError> {
+fn accept(listener: &TcpListener, listen: &str, timeout_s: u64) -> Result<TcpStream, ReceiveError> {
     let err = |source| ReceiveError::Listen {
         addr: listen.to_string(),
         source,
     };
-    let listener = TcpListener::bind(listen).map_err(err)?;
     let stream = if timeout_s == 0 {
         listener.accept().map_err(err)?.0
     } else {
