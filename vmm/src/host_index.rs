@@ -4,7 +4,7 @@
 //! sharing leader, the host figures) learns what they hold from those tables, without
 //! hashing their memory, and copies pages out through `/proc/PID/mem`, confirming each page
 //! it copied: by a harvest of the owner's dirty log that it asks for after the copy (see
-//! `fabric::live::harvest`), or by hashing it again when the owner cannot vouch for it.
+//! `fabric::live::requests`), or by hashing it again when the owner cannot vouch for it.
 
 use std::fs;
 use std::io;
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use fabric::live::{HostIndex, PageState, TableReader, CHUNK_PAGES};
+use fabric::live::{HostIndex, PageState, Request, TableReader, CHUNK_PAGES};
 use fabric::migration::{FetchResult, GuestFrames, PageSource};
 use fabric::{Page, PageId, Store, PAGE_SIZE};
 use rayon::prelude::*;
@@ -341,7 +341,7 @@ impl HostPages {
                 let answered = self
                     .index
                     .table(vm)
-                    .is_some_and(|t| t.request_harvest(HARVEST_WAIT));
+                    .is_some_and(|t| t.request(Request::Harvest, HARVEST_WAIT));
                 if !answered {
                     self.counters
                         .harvests_unanswered

@@ -1,13 +1,13 @@
 //! Another process's identity table, mapped read-only: its header and size checked (it is
 //! input from another process), each chunk read whole under the owner's seqlock. Its header
-//! is also mapped writable, where the file allows, to ask the owner for harvests.
+//! is also mapped writable, where the file allows, to ask the owner for harvests and syncs.
 
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
 use std::time::Duration;
 
-use super::harvest::HarvestClient;
+use super::requests::{Request, Requester};
 use super::table::{
     process_start_time, Entry, Frames, Layout, Mapping, TableError, CHUNK_PAGES, HEADER_LEN, MAGIC,
     MAX_PAGES, MAX_REGIONS, VERSION,
@@ -25,7 +25,7 @@ pub struct TableReader {
     pid: u32,
     start_time: u64,
     /// The header mapped writable (`None`: the file is not writable by this process).
-    requests: Option<HarvestClient>,
+    requests: Option<Requester>,
 }
 
 impl TableReader {
@@ -85,7 +85,7 @@ impl TableReader {
             .open(path)
             .and_then(|rw| Mapping::map(Some(&rw), header_only, true))
             .ok()
-            .map(|header| HarvestClient { header });
+            .map(|header| Requester { header });
         Ok(TableReader {
             map,
             frames: Frames::new(regions),
@@ -141,11 +141,14 @@ impl TableReader {
         })
     }
 
-    /// Asks the owner to harvest its dirty log and waits, at most `timeout`, for a harvest
-    /// that started after the request. `false`: the owner does not answer (its background
-    /// thread is off or busy) or the table is not writable here.
-    pub fn request_harvest(&self, timeout: Duration) -> bool {
-        self.requests.as_ref().is_some_and(|r| r.request(timeout))
+    /// Asks the owner for `kind` and waits, at most `wait`, for work that started after the
+    /// request to be done (a zero `wait` leaves the request to be served later). `false`: not
+    /// answered in time, the owner does not serve requests (its background thread is off),
+    /// or the table is not writable here.
+    pub fn request(&self, kind: Request, wait: Duration) -> bool {
+        self.requests
+            .as_ref()
+            .is_some_and(|r| r.request(kind, wait))
     }
 
     /// A consistent copy of one page's entry with the chunk generation it was read at.

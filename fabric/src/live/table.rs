@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! 0      header (4 KiB): magic "FABVMIDS", version, pid, process start time, pages,
-//!        chunk size, table generation, the harvest-request words (see [`super::harvest`]),
+//!        chunk size, table generation, the request words (see [`super::requests`]),
 //!        up to 32 regions (guest address, pages, host address)
 //! 4096   chunk generations: one u64 per CHUNK_PAGES pages (odd while the owner writes it)
 //! ...    states: one byte per page (0 stale, 1 zero, 2 current), padded to 4 KiB
@@ -16,16 +16,16 @@
 //!
 //! A stale page keeps its last identity: a hint, never a promise. A page copied on a table's
 //! word is trusted only once it is confirmed: hashed again, or shown unwritten by a harvest
-//! the reader asked for after its copy ([`super::harvest`]).
+//! the reader asked for after its copy ([`super::requests`]).
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::harvest::HarvestRequests;
+use super::requests::{OwnerRequests, Words};
 use crate::identity::PageId;
 
 /// Pages per chunk: the unit of the generation counters (2 MiB of guest memory).
@@ -118,13 +118,8 @@ pub(super) struct Header {
     pub(super) pages: u64,
     pub(super) chunk_pages: u64,
     pub(super) generation: AtomicU64,
-    /// Harvests asked for by readers (a counter; a futex word).
-    pub(super) harvest_requested: AtomicU32,
-    /// The request count the last harvest covered (a futex word).
-    pub(super) harvest_done: AtomicU32,
-    /// 1 while the owner answers harvest requests.
-    pub(super) harvester: AtomicU32,
-    pub(super) _pad: u32,
+    /// Readers' requests to the owner (see [`super::requests`]).
+    pub(super) requests: Words,
     pub(super) regions: [[u64; 3]; MAX_REGIONS],
 }
 
@@ -382,9 +377,9 @@ impl IdentityTable {
         })
     }
 
-    /// The owner's side of harvest requests (see [`super::harvest`]).
-    pub fn harvest_requests(&self) -> HarvestRequests {
-        HarvestRequests::new(self.map.clone())
+    /// The owner's side of readers' requests (see [`super::requests`]).
+    pub fn requests(&self) -> OwnerRequests {
+        OwnerRequests::new(self.map.clone())
     }
 
     /// Where the table is published (`None`: private to this process).

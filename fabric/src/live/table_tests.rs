@@ -131,42 +131,47 @@ fn readers_never_see_half_written_chunks() {
 }
 
 #[test]
-fn a_harvest_request_is_answered_only_by_a_harvest_that_started_after_it() {
+fn a_request_is_answered_only_by_work_that_started_after_it() {
+    use crate::live::requests::Request::{Harvest, Sync};
     use std::time::Duration;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("3.ids");
     let table = IdentityTable::create(Some(&path), &regions()).unwrap();
     let reader = TableReader::open(&path).unwrap();
-    let owner = table.harvest_requests();
+    let owner = table.requests();
     // An owner that does not serve requests is not waited for.
     let started = std::time::Instant::now();
-    assert!(!reader.request_harvest(Duration::from_secs(5)));
+    assert!(!reader.request(Harvest, Duration::from_secs(5)));
     assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(!owner.any_pending());
 
     owner.set_serving(true);
-    // Serving but not answering: the reader gives up after its timeout.
-    assert!(!reader.request_harvest(Duration::from_millis(50)));
-    assert!(owner.pending(), "the unanswered request is still pending");
-    let pending = owner.pending_count();
-    owner.answered(pending);
-    // A harvest that read the count before the request does not answer it; one after does.
-    let before = owner.pending_count();
-    let asking = std::thread::spawn(move || reader.request_harvest(Duration::from_secs(10)));
-    while !owner.pending() {
+    // Serving but not answering: the reader gives up after its wait; the request stays.
+    assert!(!reader.request(Harvest, Duration::from_millis(50)));
+    assert!(owner.pending(Harvest) && !owner.pending(Sync));
+    owner.answered(Harvest, owner.count(Harvest));
+    assert!(!owner.any_pending());
+    // Work that began before the request does not answer it; work after it does.
+    let before = owner.count(Sync);
+    let asking = std::thread::spawn(move || reader.request(Sync, Duration::from_secs(10)));
+    while !owner.pending(Sync) {
         std::thread::yield_now();
     }
-    owner.answered(before);
+    owner.answered(Sync, before);
     std::thread::sleep(Duration::from_millis(50));
     assert!(
         !asking.is_finished(),
-        "answered by a harvest that began before the request"
+        "answered by work that began before the request"
     );
-    owner.wait(Duration::from_secs(1)); // returns at once: a request is pending
-    owner.answered(owner.pending_count());
+    owner.wait(Duration::from_secs(5)); // returns at once: a request is pending
+    owner.answered(Sync, owner.count(Sync));
     assert!(asking.join().unwrap());
+    // A request left to be served (no wait) is answered later.
     let reader = TableReader::open(&path).unwrap();
+    assert!(!reader.request(Harvest, Duration::ZERO));
+    assert!(owner.pending(Harvest));
     owner.set_serving(false);
-    assert!(!reader.request_harvest(Duration::from_secs(5)));
+    assert!(!reader.request(Harvest, Duration::from_secs(5)));
 }
 
 #[test]

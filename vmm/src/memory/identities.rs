@@ -7,15 +7,16 @@
 //! that needs exact identities calls [`LiveIdentities::sync`], which harvests and rehashes
 //! what is stale at once, on all cores. Snapshots (guest paused) and a migration's first
 //! round read the table after a sync instead of hashing all of memory. The thread also
-//! harvests when another process asks (see [`fabric::live::harvest`]), which lets a
-//! migration destination trust pages it copied from this VM without hashing them.
+//! serves other processes' requests (see [`fabric::live::requests`]): a harvest, which
+//! lets a migration destination trust pages it copied from this VM without hashing them,
+//! and a sync, which the sharing leader asks for before it plans.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use fabric::live::{HarvestRequests, IdentityTable, PageState, TableRegion, CHUNK_PAGES};
+use fabric::live::{IdentityTable, OwnerRequests, PageState, Request, TableRegion, CHUNK_PAGES};
 use fabric::{identify, Manifest, Page, PageId, Region, PAGE_SIZE};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -70,7 +71,7 @@ pub struct LiveIdentities {
 struct Shared {
     tracked: Mutex<Tracked>,
     view: DirtyView,
-    requests: HarvestRequests,
+    requests: OwnerRequests,
     spans: Vec<Span>,
     config: IdentityConfig,
     counters: Counters,
@@ -80,6 +81,7 @@ struct Shared {
 struct Counters {
     harvests: AtomicU64,
     requested_harvests: AtomicU64,
+    requested_syncs: AtomicU64,
     last_harvest_pages: AtomicU64,
     rehashed: AtomicU64,
     cpu_ns: AtomicU64,
@@ -167,6 +169,8 @@ pub struct IdentityStats {
     /// Of those, harvests other processes asked for (migration destinations confirming
     /// pages they copied from this VM).
     pub requested_harvests: u64,
+    /// Syncs other processes asked for (the sharing leader, before it plans).
+    pub requested_syncs: u64,
     /// Pages the last harvest found written.
     pub last_harvest_pages: u64,
     /// Pages rehashed in the background.
@@ -229,7 +233,7 @@ impl LiveIdentities {
         if let Initial::Manifest(manifest) = initial {
             tracked.load(manifest, &spans);
         }
-        let requests = tracked.table.harvest_requests();
+        let requests = tracked.table.requests();
         let shared = Arc::new(Shared {
             tracked: Mutex::new(tracked),
             view,
@@ -359,6 +363,7 @@ impl LiveIdentities {
             harvest_period_ms: config.period.as_millis() as u64,
             harvests: c.harvests.load(Ordering::Relaxed),
             requested_harvests: c.requested_harvests.load(Ordering::Relaxed),
+            requested_syncs: c.requested_syncs.load(Ordering::Relaxed),
             last_harvest_pages: c.last_harvest_pages.load(Ordering::Relaxed),
             rehashed_pages: c.rehashed.load(Ordering::Relaxed),
             cpu_ms: c.cpu_ns.load(Ordering::Relaxed) as f64 / 1e6,
@@ -409,10 +414,10 @@ impl Shared {
 
     /// Takes the dirty log into the table, answering every harvest request made before it.
     fn harvest(&self, tracked: &mut Tracked) -> Result<u64, MemoryError> {
-        let requests = self.requests.pending_count();
+        let requests = self.requests.count(Request::Harvest);
         let dirty = self.view.take()?;
         let pages = tracked.mark_stale(&dirty, &self.spans);
-        self.requests.answered(requests);
+        self.requests.answered(Request::Harvest, requests);
         self.counters.harvests.fetch_add(1, Ordering::Relaxed);
         self.counters
             .last_harvest_pages
@@ -459,8 +464,19 @@ impl Shared {
         };
         while !stop.load(Ordering::Relaxed) {
             let before = thread_cpu();
+            if self.requests.pending(Request::Sync) {
+                let count = self.requests.count(Request::Sync);
+                if let Err(e) = self.sync_locked(&mut self.lock()) {
+                    log::warn!("live identities stop: {e}");
+                    return;
+                }
+                self.requests.answered(Request::Sync, count);
+                self.counters
+                    .requested_syncs
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             let periodic = Instant::now() >= next_harvest;
-            let asked = self.requests.pending();
+            let asked = self.requests.pending(Request::Harvest);
             if periodic || asked {
                 let mut tracked = self.lock();
                 if let Err(e) = self.harvest(&mut tracked) {
@@ -506,11 +522,11 @@ impl Shared {
         }
     }
 
-    /// Sleeps `total`, in short naps, returning early when `stop` is set or a harvest is
-    /// asked for.
+    /// Sleeps `total`, in short naps, returning early when `stop` is set or another process
+    /// asks for something.
     fn nap(&self, stop: &AtomicBool, total: Duration) {
         let until = Instant::now() + total;
-        while !stop.load(Ordering::Relaxed) && !self.requests.pending() {
+        while !stop.load(Ordering::Relaxed) && !self.requests.any_pending() {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return;

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use fabric::live::{TableReader, CHUNK_PAGES};
+use fabric::live::{PageState, Request, TableReader, CHUNK_PAGES};
 #[cfg(test)]
 use fabric::PageId;
 use fabric::PAGE_SIZE;
@@ -28,6 +28,8 @@ pub struct VmPages {
     pub regions: Vec<RegisteredRegion>,
     /// One key per page.
     pub keys: Vec<Key>,
+    /// Pages whose identity is stale (written since last hashed: their key is a hint).
+    pub stale: u64,
 }
 
 impl VmPages {
@@ -68,21 +70,38 @@ pub fn vm_pages(vm: &RegisteredVm) -> Option<VmPages> {
     }
     let mut keys = Vec::with_capacity(table.pages());
     let mut entries = Vec::with_capacity(CHUNK_PAGES);
+    let mut stale = 0;
     for chunk in 0..table.chunks() {
         let first = chunk * CHUNK_PAGES;
         let end = (first + CHUNK_PAGES).min(table.pages());
         // A chunk its owner keeps rewriting counts as unknown this time (keys are hints).
         if table.read_chunk(chunk, &mut entries).is_none() {
             keys.extend(std::iter::repeat_n(ZERO_KEY, end - first));
+            stale += (end - first) as u64;
             continue;
         }
         keys.extend(entries.iter().map(|e| key_of(e.id)));
+        stale += entries
+            .iter()
+            .filter(|e| e.state == PageState::Stale)
+            .count() as u64;
     }
     Some(VmPages {
         pid: vm.pid,
         regions: vm.regions.clone(),
         keys,
+        stale,
     })
+}
+
+/// Asks `vm` to compute every stale identity now, beyond its background budget, without
+/// waiting for it to be done.
+pub fn ask_sync(vm: &RegisteredVm) {
+    if let Ok(table) = TableReader::open(&crate::host_index::table_path(vm.pid)) {
+        if table.pid() == vm.pid {
+            table.request(Request::Sync, std::time::Duration::ZERO);
+        }
+    }
 }
 
 /// [`vm_pages`] of each of `vms`.
@@ -270,6 +289,7 @@ mod tests {
             pid: 1,
             regions: Vec::new(),
             keys: keys.to_vec(),
+            stale: 0,
         };
         let own = vm(&[1, 2, 2, 0, 3]);
         let counts = potential_against(&own, &[vm(&[3, 9]), vm(&[1])]);

@@ -19,10 +19,13 @@ use super::plan::{self, VmPlan};
 use super::{Registered, ShareMode};
 use crate::host_index::RegisteredVm;
 
-/// A VM is sampled (every [`SAMPLE_STRIDE`]th page) until its memory holds still: two
-/// samples taken [`SAMPLE_CPU_MS`] of the VM's own CPU time apart differ in at most
-/// [`SETTLED_CHANGE`] of their pages. Counting the VM's CPU time rather than wall time
-/// keeps a VM the host hardly ran (a loaded host, a niced VM) from looking settled.
+/// A VM is sampled (every [`SAMPLE_STRIDE`]th page of its published identities) until its
+/// memory holds still: two samples taken [`SAMPLE_CPU_MS`] of the VM's own CPU time apart
+/// differ in at most [`SETTLED_CHANGE`] of their pages, and at most that many of its pages
+/// are stale. Counting the VM's CPU time rather than wall time keeps a VM the host hardly
+/// ran (a loaded host, a niced VM) from looking settled. A sample that finds stale pages
+/// asks the VM for a sync, so the next one sees its memory as it is rather than as far as
+/// its background budget has got.
 const SAMPLE_STRIDE: usize = 64;
 /// CPU time a VM must have used between two samples.
 const SAMPLE_CPU_MS: u64 = 100;
@@ -372,15 +375,15 @@ impl Leader {
             if t.sample.is_some() && cpu_ms < t.cpu_ms + SAMPLE_CPU_MS && !overdue {
                 continue;
             }
-            let Some(sample) = sample(&t.vm) else {
+            let Some((sample, stale)) = sample(&t.vm) else {
                 gone.push(pid);
                 continue;
             };
             self.status.hashed_bytes += (sample.len() * PAGE_SIZE) as u64;
-            let still = t
-                .sample
-                .as_ref()
-                .is_some_and(|old| changed(old, &sample) <= SETTLED_CHANGE);
+            let still = stale <= SETTLED_CHANGE
+                && t.sample
+                    .as_ref()
+                    .is_some_and(|old| changed(old, &sample) <= SETTLED_CHANGE);
             t.cpu_ms = cpu_ms;
             t.samples += 1;
             t.sample = Some(sample);
@@ -592,11 +595,19 @@ impl Leader {
     }
 }
 
-/// Keys of every [`SAMPLE_STRIDE`]th page of `vm`, from its published identities (None when
-/// it publishes none).
-fn sample(vm: &RegisteredVm) -> Option<Vec<Key>> {
+/// Keys of every [`SAMPLE_STRIDE`]th page of `vm`, from its published identities, and the
+/// fraction of its pages that are stale (None when it publishes none). A VM with stale pages
+/// is asked for a sync.
+fn sample(vm: &RegisteredVm) -> Option<(Vec<Key>, f64)> {
     let pages = index::vm_pages(vm)?;
-    Some(pages.keys.into_iter().step_by(SAMPLE_STRIDE).collect())
+    let stale = pages.stale as f64 / pages.keys.len().max(1) as f64;
+    if pages.stale > 0 {
+        index::ask_sync(vm);
+    }
+    Some((
+        pages.keys.into_iter().step_by(SAMPLE_STRIDE).collect(),
+        stale,
+    ))
 }
 
 /// Fraction of positions where two key lists differ.
