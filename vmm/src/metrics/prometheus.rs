@@ -19,7 +19,14 @@ use serde_json::Value;
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Fields that only grow, exported as counters under their own name.
-pub const COUNTER_FIELDS: &[&str] = &["harvests", "rehashed_pages", "cpu_ms", "full_scans"];
+pub const COUNTER_FIELDS: &[&str] = &[
+    "harvests",
+    "requested_harvests",
+    "requested_syncs",
+    "rehashed_pages",
+    "cpu_ms",
+    "full_scans",
+];
 
 /// Numeric fields of array elements that name the element (a label, not a sample).
 const ID_FIELDS: &[&str] = &["pid"];
