@@ -252,21 +252,15 @@ impl HostPages {
     }
 
     /// Takes pages from `store` too.
-    pub fn with_store(self, store: Option<Store>) -> Self {
-        HostPages { store, ..self }
-    }
-
-    /// Releases the store (for others on this host).
-    pub fn close_store(&mut self) {
-        self.store = None;
+    pub fn with_store(mut self, store: Option<Store>) -> Self {
+        self.store = store;
+        self
     }
 
     /// Hash every page copied from a running VM instead of confirming it by a harvest.
-    pub fn hash_always(self, yes: bool) -> Self {
-        HostPages {
-            hash_always: yes,
-            ..self
-        }
+    pub fn hash_always(mut self, yes: bool) -> Self {
+        self.hash_always = yes;
+        self
     }
 
     /// The host index over the running VMs.
@@ -539,6 +533,12 @@ impl PageSource for HostPages {
     }
 }
 
+impl Drop for HostPages {
+    fn drop(&mut self) {
+        close_remote_files();
+    }
+}
+
 /// A page found in a running VM: VM `vm` of the index, page `page` of its table, at `addr`
 /// in process `pid`.
 #[derive(Debug, Clone, Copy)]
@@ -584,6 +584,19 @@ fn populate(buf: &mut [u8]) {
     unsafe { libc::madvise(buf.as_mut_ptr().cast(), buf.len(), MADV_POPULATE_WRITE) };
 }
 
+thread_local! {
+    /// `/proc/PID/mem` files [`read_remote`] keeps open on this thread, most recent last.
+    static OPEN: std::cell::RefCell<Vec<(u32, std::rc::Rc<fs::File>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Closes the `/proc/PID/mem` files [`read_remote`] keeps open, on this thread and on every
+/// thread of rayon's pool (where batches read), so nothing outlives the reading.
+pub(crate) fn close_remote_files() {
+    OPEN.with_borrow_mut(Vec::clear);
+    rayon::broadcast(|_| OPEN.with_borrow_mut(Vec::clear));
+}
+
 /// Reads another process's memory, through `/proc/PID/mem`.
 ///
 /// Not `process_vm_readv`: it pins the pages it copies, and the kernel unshares a page
@@ -595,10 +608,6 @@ fn populate(buf: &mut [u8]) {
 pub(crate) fn read_remote(pid: u32, addr: u64, out: &mut [u8]) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     const KEEP: usize = 64;
-    thread_local! {
-        static OPEN: std::cell::RefCell<Vec<(u32, std::rc::Rc<fs::File>)>> =
-            const { std::cell::RefCell::new(Vec::new()) };
-    }
     let file = |fresh: bool| -> io::Result<std::rc::Rc<fs::File>> {
         OPEN.with_borrow_mut(|open| {
             if let Some(i) = open.iter().position(|(p, _)| *p == pid) {

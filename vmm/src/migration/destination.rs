@@ -101,7 +101,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
     };
     hosted.refresh(me);
     // The store is opened only now: it is held (locked) until the pages are in.
-    let mut hosted = hosted.with_store(args.store.as_ref().and_then(|dir| open_store(dir).ok()));
+    let hosted = hosted.with_store(args.store.as_ref().and_then(|dir| open_store(dir).ok()));
     log::debug!(target: "fabvm::timing", "incoming VM: memory and host pages ready {:?} after the hello", started.elapsed());
     // The VM is built while pages arrive (the guest's downtime only sets state). The memory
     // stays mapped here until then, whatever the build does with its handle.
@@ -118,7 +118,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
     log::debug!(target: "fabvm::timing", "incoming VM: pages and state in {:?} after the hello", started.elapsed());
     let host_figures = hosted.figures();
     log::info!("incoming migration: pages this host held: {host_figures}");
-    hosted.close_store(); // release the store for others
+    drop(hosted); // release the store for others, and the files read from
     let shell = match shell {
         Ok(Ok(shell)) => shell,
         Ok(Err(e)) => {

@@ -11,6 +11,7 @@ pub mod image;
 pub mod lazy;
 pub mod restore;
 pub mod save;
+pub mod staging;
 pub mod uffd;
 
 use std::path::Path;

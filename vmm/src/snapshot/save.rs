@@ -12,6 +12,7 @@ use serde::Serialize;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::format::{self, SnapshotState};
+use super::staging::Staging;
 use super::{open_store, MANIFEST_FILE, STATE_FILE};
 use crate::device_manager::DeviceManager;
 use crate::memory::identities::LiveIdentities;
@@ -25,9 +26,9 @@ const BATCH: usize = 4096;
 /// Errors from taking a snapshot.
 #[derive(Debug, thiserror::Error)]
 pub enum SaveError {
-    /// The target directory is unusable.
-    #[error("snapshot directory {path}: {reason}")]
-    Dir { path: PathBuf, reason: String },
+    /// The target directory is unusable, or its files cannot be written.
+    #[error(transparent)]
+    Dir(#[from] super::staging::StagingError),
     /// A vCPU could not be saved.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -166,7 +167,7 @@ fn save_inner(
     started: Instant,
     resume: &mut dyn FnMut(),
 ) -> Result<SaveReport, SaveError> {
-    prepare_dir(dir)?;
+    let staging = Staging::new(dir)?;
     // Held while paused: no virtio device touches guest memory, its queues or the
     // interrupt lines while vCPU, VM and memory state are taken.
     let virtio_lock = source.devices.virtio.lock();
@@ -215,7 +216,7 @@ fn save_inner(
 
     let counts = manifest.counts();
     let manifest_bytes = manifest.encode();
-    write_atomic(&dir.join(MANIFEST_FILE), &manifest_bytes)?;
+    staging.write(MANIFEST_FILE, &manifest_bytes)?;
     let state = SnapshotState {
         mem: source.meta.mem,
         cpus: source.meta.cpus,
@@ -231,7 +232,8 @@ fn save_inner(
         root: root.clone(),
         manifest_blake3: blake3::hash(&manifest_bytes).to_hex().to_string(),
     };
-    write_atomic(&dir.join(STATE_FILE), &format::encode(&state))?;
+    staging.write(STATE_FILE, &format::encode(&state))?;
+    staging.publish()?;
     *baseline = Some(Baseline {
         store: absolute(store_dir),
         manifest,
@@ -350,40 +352,6 @@ fn memory_slices(memory: &GuestMemory) -> (Vec<Region>, Vec<&[u8]>) {
         slices.push(unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) });
     }
     (regions, slices)
-}
-
-fn prepare_dir(dir: &Path) -> Result<(), SaveError> {
-    let err = |reason: String| SaveError::Dir {
-        path: dir.to_path_buf(),
-        reason,
-    };
-    match std::fs::read_dir(dir) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
-                return Err(err("exists and is not empty".into()));
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))
-        }
-        Err(e) => Err(err(e.to_string())),
-    }
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SaveError> {
-    let err = |source| SaveError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let tmp = path.with_extension("tmp");
-    {
-        use std::io::Write;
-        let mut file = std::fs::File::create(&tmp).map_err(err)?;
-        file.write_all(bytes).map_err(err)?;
-        file.sync_all().map_err(err)?;
-    }
-    std::fs::rename(&tmp, path).map_err(err)
 }
 
 /// A root name unique to this snapshot: time and process id.
