@@ -100,6 +100,20 @@ pub struct RunArgs {
     /// How page identities are kept.
     #[command(flatten)]
     pub identities: IdentityArgs,
+
+    /// seccomp filters.
+    #[command(flatten)]
+    pub seccomp: SeccompArgs,
+}
+
+/// seccomp filters on the VMM's threads (see `seccomp` and docs/seccomp.md).
+#[derive(Debug, Clone, Copy, Args)]
+pub struct SeccompArgs {
+    /// seccomp filters on every thread: `on`; `off` (debugging only); `log` (forbidden calls
+    /// are allowed and logged by the kernel, see `dmesg`).
+    #[arg(long = "seccomp", value_name = "on|off|log", default_value = "on", value_enum,
+          env = "FABVM_SECCOMP")]
+    pub mode: crate::seccomp::Mode,
 }
 
 /// Live page identities (see `memory::identities`).
@@ -210,6 +224,9 @@ pub struct ReceiveArgs {
     /// How the received VM's page identities are kept.
     #[command(flatten)]
     pub identities: IdentityArgs,
+    /// seccomp filters.
+    #[command(flatten)]
+    pub seccomp: SeccompArgs,
 }
 
 /// `fabvm ctl`.

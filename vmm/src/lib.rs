@@ -15,6 +15,7 @@ pub mod memory;
 pub mod metrics;
 pub mod migration;
 pub mod runner;
+pub mod seccomp;
 pub mod sharing;
 pub mod snapshot;
 pub mod vcpu;

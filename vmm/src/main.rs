@@ -40,6 +40,7 @@ fn main() {
 }
 
 fn run(args: vmm::cli::RunArgs) {
+    start_seccomp(args.seccomp);
     if args.share.is_some() {
         if let Err(e) = vmm::sharing::check_available() {
             fail(&e.to_string(), 2);
@@ -60,6 +61,7 @@ fn run(args: vmm::cli::RunArgs) {
 }
 
 fn receive(args: ReceiveArgs) {
+    start_seccomp(args.seccomp);
     match vmm::migration::destination::receive(&args) {
         Ok(StopReason::Failed(message)) => fail(&message, 1),
         Ok(reason) => std::process::exit(reason.exit_code()),
@@ -192,6 +194,14 @@ fn host(args: HostArgs) {
             );
         }
     }
+}
+
+/// Sets the seccomp mode and starts rayon's workers under their filter, before any thread.
+fn start_seccomp(args: vmm::cli::SeccompArgs) {
+    if let Err(e) = vmm::seccomp::init(args.mode) {
+        fail(&e.to_string(), 1);
+    }
+    vmm::seccomp::start_workers();
 }
 
 /// Prints a result: one line of JSON with `--json`, else indented JSON for people.

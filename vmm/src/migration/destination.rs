@@ -51,11 +51,16 @@ pub enum ReceiveError {
     /// Building the VM failed.
     #[error(transparent)]
     Run(#[from] RunError),
+    /// The seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// Receives one VM and runs it until it stops.
 pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
     let key = read_key(&args.key)?;
+    // From here this thread takes bytes from the network: no more than a destination needs.
+    crate::seccomp::install(crate::seccomp::ThreadKind::MigrationDestination)?;
     let stream = accept(&args.listen, args.accept_timeout)?;
     let started = Instant::now();
     let (mut receiver, description) = Receiver::accept(stream, &key, Limits::default())?;
