@@ -35,6 +35,10 @@ fn main() {
         Some(Command::Store(args)) => store(args),
         Some(Command::Receive(args)) => receive(args),
         Some(Command::Host(args)) => host(args),
+        Some(Command::Jail(args)) => match vmm::jail::run(&args) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => fail(&format!("jail: {e}"), e.exit_code()),
+        },
         None => run(cli.run),
     }
 }
