@@ -111,8 +111,13 @@ pub struct RunArgs {
 pub struct SeccompArgs {
     /// seccomp filters on every thread: `on`; `off` (debugging only); `log` (forbidden calls
     /// are allowed and logged by the kernel, see `dmesg`).
-    #[arg(long = "seccomp", value_name = "on|off|log", default_value = "on", value_enum,
-          env = "FABVM_SECCOMP")]
+    #[arg(
+        long = "seccomp",
+        value_name = "on|off|log",
+        default_value = "on",
+        value_enum,
+        env = "FABVM_SECCOMP"
+    )]
     pub mode: crate::seccomp::Mode,
 }
 

@@ -406,9 +406,11 @@ fn migrate_on_thread(
                 source::migrate(&*machine, paused, request, progress)
             })
             .map_err(source::MigrateError::Thread)?;
-        thread
-            .join()
-            .unwrap_or_else(|_| Err(source::MigrateError::Thread(std::io::Error::other("the migration thread panicked"))))
+        thread.join().unwrap_or_else(|_| {
+            Err(source::MigrateError::Thread(std::io::Error::other(
+                "the migration thread panicked",
+            )))
+        })
     })
 }
 

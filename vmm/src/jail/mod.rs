@@ -136,7 +136,10 @@ pub fn run(args: &JailArgs) -> Result<i32, JailError> {
     let jail_dir = args.chroot_base.join("fabvm").join(&id);
     let root = jail_dir.join("root");
     if root.exists() {
-        return Err(JailError::Path(root, "in use (another jail with this --id?)".into()));
+        return Err(JailError::Path(
+            root,
+            "in use (another jail with this --id?)".into(),
+        ));
     }
     std::fs::create_dir_all(&root).map_err(|e| JailError::Path(root.clone(), e.to_string()))?;
     let setup = Setup {
@@ -261,7 +264,13 @@ fn enter(setup: &Setup) -> Result<std::convert::Infallible, JailError> {
 fn build_root(setup: &Setup) -> Result<(), JailError> {
     let root = &setup.root;
     let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
-    sys::mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None)?;
+    sys::mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )?;
     sys::mount(
         Some(Path::new("tmpfs")),
         root,
@@ -297,7 +306,13 @@ fn build_root(setup: &Setup) -> Result<(), JailError> {
         None,
     )?;
     let dev = root.join("dev");
-    sys::char_device(&dev.join("kvm"), Path::new("/dev/kvm"), 0o600, setup.uid, setup.gid)?;
+    sys::char_device(
+        &dev.join("kvm"),
+        Path::new("/dev/kvm"),
+        0o600,
+        setup.uid,
+        setup.gid,
+    )?;
     if setup.plan.tun && Path::new("/dev/net/tun").exists() {
         sys::char_device(
             &dev.join("net/tun"),

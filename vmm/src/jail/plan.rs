@@ -37,7 +37,11 @@ pub fn plan(command: &[OsString], extra: &[String]) -> Result<Plan, JailError> {
     let argv = std::iter::once(OsString::from("fabvm")).chain(command.iter().cloned());
     let cli = Cli::try_parse_from(argv).map_err(|e| {
         let rendered = e.render().to_string();
-        let first = rendered.lines().next().unwrap_or("invalid arguments").to_string();
+        let first = rendered
+            .lines()
+            .next()
+            .unwrap_or("invalid arguments")
+            .to_string();
         JailError::Command(first.trim_start_matches("error: ").to_string())
     })?;
     let mut binds = Vec::new();

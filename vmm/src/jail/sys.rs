@@ -124,10 +124,8 @@ pub fn pivot_root(new_root: &Path) -> Result<()> {
     let ret = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) };
     check(ret as libc::c_int, || "pivot_root".into())?;
     // SAFETY: detaches the old root, now mounted on "."; the string outlives the call.
-    check(
-        unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) },
-        || "detaching the old root".into(),
-    )?;
+    let ret = unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) };
+    check(ret, || "detaching the old root".into())?;
     std::env::set_current_dir("/").map_err(|source| SysError {
         what: "chdir /".into(),
         source,
@@ -204,15 +202,12 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<()> {
         format!("setresuid {uid}")
     })?;
     // SAFETY: prctl with numbers only.
-    check(
-        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
-        || "no_new_privs".into(),
-    )?;
+    let ret = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    check(ret, || "no_new_privs".into())?;
+    let kill = libc::SIGKILL as libc::c_ulong;
     // SAFETY: as above; set after the id change, which would clear it.
-    check(
-        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) },
-        || "parent death signal".into(),
-    )
+    let ret = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, kill, 0, 0, 0) };
+    check(ret, || "parent death signal".into())
 }
 
 /// Replaces this process with `program` `args` in environment `env`; returns only on error.

@@ -32,32 +32,32 @@ const fn iowr(nr: u64, size: usize) -> u64 {
 /// What a vCPU thread asks of its own vCPU fd: run, and read every part of its state (for
 /// snapshots and migrations; state is written only before the thread starts).
 pub const VCPU: [u64; 13] = [
-    io(0x80),                                   // KVM_RUN
-    ior(0x81, size_of::<kvm_regs>()),           // KVM_GET_REGS
-    ior(0x83, size_of::<kvm_sregs>()),          // KVM_GET_SREGS
-    iowr(0x88, size_of::<kvm_msrs>()),          // KVM_GET_MSRS
-    ior(0x8e, size_of::<kvm_lapic_state>()),    // KVM_GET_LAPIC
-    iowr(0x91, size_of::<kvm_cpuid2>()),        // KVM_GET_CPUID2
-    ior(0x98, size_of::<kvm_mp_state>()),       // KVM_GET_MP_STATE
-    ior(0x9f, size_of::<kvm_vcpu_events>()),    // KVM_GET_VCPU_EVENTS
-    ior(0xa1, size_of::<kvm_debugregs>()),      // KVM_GET_DEBUGREGS
-    io(0xa3),                                   // KVM_GET_TSC_KHZ
-    ior(0xa4, size_of::<kvm_xsave>()),          // KVM_GET_XSAVE
-    ior(0xa6, size_of::<kvm_xcrs>()),           // KVM_GET_XCRS
-    ior(0xcf, size_of::<kvm_xsave>()),          // KVM_GET_XSAVE2
+    io(0x80),                                // KVM_RUN
+    ior(0x81, size_of::<kvm_regs>()),        // KVM_GET_REGS
+    ior(0x83, size_of::<kvm_sregs>()),       // KVM_GET_SREGS
+    iowr(0x88, size_of::<kvm_msrs>()),       // KVM_GET_MSRS
+    ior(0x8e, size_of::<kvm_lapic_state>()), // KVM_GET_LAPIC
+    iowr(0x91, size_of::<kvm_cpuid2>()),     // KVM_GET_CPUID2
+    ior(0x98, size_of::<kvm_mp_state>()),    // KVM_GET_MP_STATE
+    ior(0x9f, size_of::<kvm_vcpu_events>()), // KVM_GET_VCPU_EVENTS
+    ior(0xa1, size_of::<kvm_debugregs>()),   // KVM_GET_DEBUGREGS
+    io(0xa3),                                // KVM_GET_TSC_KHZ
+    ior(0xa4, size_of::<kvm_xsave>()),       // KVM_GET_XSAVE
+    ior(0xa6, size_of::<kvm_xcrs>()),        // KVM_GET_XCRS
+    ior(0xcf, size_of::<kvm_xsave>()),       // KVM_GET_XSAVE2
 ];
 
 /// The dirty log of the VM fd (harvested by the identity thread, migrations and snapshots).
 pub const DIRTY_LOG: [u64; 2] = [
-    iow(0x42, size_of::<kvm_dirty_log>()),       // KVM_GET_DIRTY_LOG
+    iow(0x42, size_of::<kvm_dirty_log>()), // KVM_GET_DIRTY_LOG
     iowr(0xc0, size_of::<kvm_clear_dirty_log>()), // KVM_CLEAR_DIRTY_LOG
 ];
 
 /// Reading the VM-wide state a snapshot or migration saves.
 pub const VM_STATE: [u64; 3] = [
-    iowr(0x62, size_of::<kvm_irqchip>()),     // KVM_GET_IRQCHIP
-    ior(0x7c, size_of::<kvm_clock_data>()),   // KVM_GET_CLOCK
-    ior(0x9f, size_of::<kvm_pit_state2>()),   // KVM_GET_PIT2
+    iowr(0x62, size_of::<kvm_irqchip>()),   // KVM_GET_IRQCHIP
+    ior(0x7c, size_of::<kvm_clock_data>()), // KVM_GET_CLOCK
+    ior(0x9f, size_of::<kvm_pit_state2>()), // KVM_GET_PIT2
 ];
 
 #[cfg(test)]

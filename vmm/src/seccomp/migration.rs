@@ -12,10 +12,10 @@ use super::vmm::FILE_FLAGS;
 
 /// Attaching a tap: `TUNSETIFF`, `TUNSETOFFLOAD`, `TUNSETVNETHDRSZ`, `TUNGETVNETHDRSZ`.
 const TAP: [u64; 4] = [
-    libc::TUNSETIFF as u64,
-    libc::TUNSETOFFLOAD as u64,
-    libc::TUNSETVNETHDRSZ as u64,
-    libc::TUNGETVNETHDRSZ as u64,
+    libc::TUNSETIFF,
+    libc::TUNSETOFFLOAD,
+    libc::TUNSETVNETHDRSZ,
+    libc::TUNGETVNETHDRSZ,
 ];
 
 /// A TCP connection to a migration peer (IPv4 or IPv6): connecting with a timeout, socket

@@ -293,11 +293,10 @@ mod report {
             .map_or("unfiltered", |k| k.name());
         let mut buf = [0u8; 192];
         let len = line(&mut buf, i64::from(nr), kind);
-        // SAFETY: write(2) and _exit(2) are async-signal-safe; `buf[..len]` is initialised.
-        unsafe {
-            libc::write(2, buf.as_ptr().cast(), len);
-            libc::_exit(VIOLATION_EXIT);
-        }
+        // SAFETY: write(2) is async-signal-safe; `buf[..len]` is initialised.
+        unsafe { libc::write(2, buf.as_ptr().cast(), len) };
+        // SAFETY: _exit(2) is async-signal-safe and ends the process at once.
+        unsafe { libc::_exit(VIOLATION_EXIT) };
     }
 
     /// Writes the report line into `buf`; returns its length (cut short if `buf` is).

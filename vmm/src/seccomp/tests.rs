@@ -39,11 +39,21 @@ fn no_kind_may_run_programs_trace_or_mount() {
     for kind in ThreadKind::ALL {
         let rules = kind.rules();
         for nr in never {
-            assert!(!rules.allows(nr), "{} allows {}", kind.name(), names::name(nr));
+            assert!(
+                !rules.allows(nr),
+                "{} allows {}",
+                kind.name(),
+                names::name(nr)
+            );
         }
         // What the SIGSYS report and thread exit need is in every filter.
         for nr in [libc::SYS_write, libc::SYS_exit_group, libc::SYS_exit] {
-            assert!(rules.allows(nr), "{} lacks {}", kind.name(), names::name(nr));
+            assert!(
+                rules.allows(nr),
+                "{} lacks {}",
+                kind.name(),
+                names::name(nr)
+            );
         }
     }
 }
@@ -61,7 +71,12 @@ fn guest_facing_threads_open_nothing_and_reach_no_network() {
             libc::SYS_clone,
             libc::SYS_process_vm_readv,
         ] {
-            assert!(!rules.allows(nr), "{} allows {}", kind.name(), names::name(nr));
+            assert!(
+                !rules.allows(nr),
+                "{} allows {}",
+                kind.name(),
+                names::name(nr)
+            );
         }
     }
     assert!(!ThreadKind::Api.rules().allows(libc::SYS_openat));
