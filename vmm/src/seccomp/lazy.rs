@@ -9,10 +9,11 @@ const UFFDIO: u64 = 0xAA;
 
 pub(super) fn rules(r: &mut Rules) {
     rules::write_files(r);
-    r.allow(&[libc::SYS_poll, libc::SYS_ppoll]).allow_masked(
-        libc::SYS_ioctl,
-        1,
-        0xFF00,
-        UFFDIO << 8,
-    );
+    r.allow(&[
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+        libc::SYS_statfs,
+        libc::SYS_fstatfs,
+    ])
+    .allow_masked(libc::SYS_ioctl, 1, 0xFF00, UFFDIO << 8);
 }
