@@ -1,7 +1,8 @@
 //! seccomp filters: every thread of a running VMM is filtered, and a forbidden system call
 //! ends the process with one line naming the call and the thread's kind instead of passing.
 //! The violations come from the debug build's test hook `FABVM_TEST_SECCOMP_VIOLATION=KIND`
-//! (see `vmm/src/seccomp/mod.rs`).
+//! (see `vmm/src/seccomp/mod.rs`). They clear `FABVM_SECCOMP`, so a suite run with it set
+//! to `log` or `off` still checks the default.
 
 use std::process::Command;
 use std::time::Duration;
@@ -19,6 +20,7 @@ fn violate(kind: &str, extra: &[&str]) -> (Option<i32>, String) {
     let sock = dir.path().join("api.sock");
     let mut vm = Vm::start_command(
         Command::new(fabvm())
+            .env_remove("FABVM_SECCOMP")
             .env("FABVM_TEST_SECCOMP_VIOLATION", kind)
             .arg("--kernel")
             .arg(test_guest())
@@ -63,6 +65,7 @@ fn a_migration_destination_is_filtered_before_it_listens() {
     std::fs::write(&key, "00112233445566778899aabbccddeeff\n").unwrap();
     let mut vm = Vm::start_command(
         Command::new(fabvm())
+            .env_remove("FABVM_SECCOMP")
             .env("FABVM_TEST_SECCOMP_VIOLATION", "migration-destination")
             .args(["receive", "--listen", "127.0.0.1:0", "--key"])
             .arg(&key),
@@ -98,7 +101,8 @@ fn every_thread_of_a_running_vmm_is_filtered() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
     let mut cmd = Command::new(fabvm());
-    cmd.args(["--rng", "--cpus", "2", "--store"])
+    cmd.env_remove("FABVM_SECCOMP")
+        .args(["--rng", "--cpus", "2", "--store"])
         .arg(dir.path().join("store"));
     let mut vm = boot_guest(&mut cmd, &sock, "128M", "cpus=2 passes=0 hb=500", EXIT);
     // A request and a snapshot start the API's connection threads and use the workers.
