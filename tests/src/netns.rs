@@ -100,6 +100,11 @@ impl TwoHosts {
         &self.ips[Self::i(host)]
     }
 
+    /// The host's network namespace (an `ip netns` name).
+    pub fn name(&self, host: Host) -> &str {
+        &self.names[Self::i(host)]
+    }
+
     /// The host's VM registry (FABVM_RUNTIME_DIR).
     pub fn runtime_dir(&self, host: Host) -> PathBuf {
         self.runtime.path().join(&self.names[Self::i(host)])

@@ -100,6 +100,25 @@ pub struct RunArgs {
     /// How page identities are kept.
     #[command(flatten)]
     pub identities: IdentityArgs,
+
+    /// seccomp filters.
+    #[command(flatten)]
+    pub seccomp: SeccompArgs,
+}
+
+/// seccomp filters on the VMM's threads (see `seccomp` and docs/seccomp.md).
+#[derive(Debug, Clone, Copy, Args)]
+pub struct SeccompArgs {
+    /// seccomp filters on every thread: `on`; `off` (debugging only); `log` (forbidden calls
+    /// are allowed and logged by the kernel, see `dmesg`).
+    #[arg(
+        long = "seccomp",
+        value_name = "on|off|log",
+        default_value = "on",
+        value_enum,
+        env = "FABVM_SECCOMP"
+    )]
+    pub mode: crate::seccomp::Mode,
 }
 
 /// Live page identities (see `memory::identities`).
@@ -159,6 +178,38 @@ pub enum Command {
     Receive(ReceiveArgs),
     /// Figures about every VM running on this host (page sharing).
     Host(HostArgs),
+    /// Run a VM (or `receive`) as an unprivileged user in namespaces and a chroot of its own
+    /// holding only its files (as root; see docs/jail.md).
+    Jail(JailArgs),
+}
+
+/// `fabvm jail`.
+#[derive(Debug, Args)]
+pub struct JailArgs {
+    /// The jail's name (letters, digits, '-', '_'); its root is CHROOT_BASE/fabvm/ID/root
+    /// [default: jail-PID].
+    #[arg(long)]
+    pub id: Option<String>,
+    /// User the VMM runs as (not 0).
+    #[arg(long, value_name = "UID")]
+    pub uid: u32,
+    /// Group the VMM runs as (not 0).
+    #[arg(long, value_name = "GID")]
+    pub gid: u32,
+    /// Directory the jail's root is made under (absolute, existing).
+    #[arg(long, value_name = "DIR")]
+    pub chroot_base: PathBuf,
+    /// Run in this network namespace (a name from `ip netns`, or a path) instead of a new,
+    /// empty one (loopback only).
+    #[arg(long, value_name = "NAME|PATH")]
+    pub netns: Option<String>,
+    /// Also make PATH available inside, writable (or read-only with `:ro`): e.g. where
+    /// snapshots go or a migration key `ctl migrate` names (repeatable).
+    #[arg(long = "bind", value_name = "PATH[:ro]")]
+    pub binds: Vec<String>,
+    /// The fabvm command to jail, after `--`: a VM (`--kernel` or `--restore`) or `receive`.
+    #[arg(last = true, required = true, value_name = "FABVM ARGS")]
+    pub command: Vec<std::ffi::OsString>,
 }
 
 /// `fabvm host`.
@@ -214,6 +265,9 @@ pub struct ReceiveArgs {
     /// How the received VM's page identities are kept.
     #[command(flatten)]
     pub identities: IdentityArgs,
+    /// seccomp filters.
+    #[command(flatten)]
+    pub seccomp: SeccompArgs,
 }
 
 /// `fabvm ctl`.

@@ -30,6 +30,9 @@ pub enum LoopError {
     /// The API socket could not be served.
     #[error(transparent)]
     Api(#[from] ServerError),
+    /// The main thread's seccomp filter.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// The services around a running VM.
@@ -101,6 +104,9 @@ pub fn run(
         services.share,
     ));
     let _raw = RawStdin::new();
+    // Every service thread runs (each under its own filter, not inheriting this one): the
+    // main thread's filter goes on before it serves the first event.
+    crate::seccomp::install(crate::seccomp::ThreadKind::Vmm)?;
     let result = state.serve(stop_evt, stops, &api_wake, &calls);
     state.machine.vcpus.stop();
     result
@@ -233,7 +239,11 @@ impl LoopState {
     }
 
     /// Answers one API request.
-    fn handle(&mut self, request: Request, progress: &dyn Fn(serde_json::Value)) -> Response {
+    fn handle(
+        &mut self,
+        request: Request,
+        progress: &(dyn Fn(serde_json::Value) + Sync),
+    ) -> Response {
         match request {
             Request::Pause => match self.machine.vcpus.pause() {
                 Ok(()) => {
@@ -269,7 +279,7 @@ impl LoopState {
                     compress,
                 };
                 let started = Instant::now();
-                let result = source::migrate(&self.machine, self.paused, &request, progress);
+                let result = migrate_on_thread(&mut self.machine, self.paused, &request, progress);
                 metrics::MIGRATIONS.record(
                     started.elapsed(),
                     result.as_ref().ok().map(|r| r.bytes_sent),
@@ -378,6 +388,30 @@ impl LoopState {
             Err(e) => Response::error(e.to_string()),
         }
     }
+}
+
+/// Runs a migration on a thread of its own, under the migration source's seccomp filter (the
+/// main thread's has no network), and waits for it.
+fn migrate_on_thread(
+    machine: &mut Machine,
+    paused: bool,
+    request: &MigrateRequest,
+    progress: &(dyn Fn(serde_json::Value) + Sync),
+) -> Result<source::MigrationReport, source::MigrateError> {
+    std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new()
+            .name("migrate".into())
+            .spawn_scoped(scope, move || {
+                crate::seccomp::install(crate::seccomp::ThreadKind::MigrationSource)?;
+                source::migrate(&*machine, paused, request, progress)
+            })
+            .map_err(source::MigrateError::Thread)?;
+        thread.join().unwrap_or_else(|_| {
+            Err(source::MigrateError::Thread(std::io::Error::other(
+                "the migration thread panicked",
+            )))
+        })
+    })
 }
 
 /// Sizes from /proc/self/smaps_rollup, in bytes.

@@ -35,11 +35,16 @@ fn main() {
         Some(Command::Store(args)) => store(args),
         Some(Command::Receive(args)) => receive(args),
         Some(Command::Host(args)) => host(args),
+        Some(Command::Jail(args)) => match vmm::jail::run(&args) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => fail(&format!("jail: {e}"), e.exit_code()),
+        },
         None => run(cli.run),
     }
 }
 
 fn run(args: vmm::cli::RunArgs) {
+    start_seccomp(args.seccomp);
     if args.share.is_some() {
         if let Err(e) = vmm::sharing::check_available() {
             fail(&e.to_string(), 2);
@@ -60,6 +65,7 @@ fn run(args: vmm::cli::RunArgs) {
 }
 
 fn receive(args: ReceiveArgs) {
+    start_seccomp(args.seccomp);
     match vmm::migration::destination::receive(&args) {
         Ok(StopReason::Failed(message)) => fail(&message, 1),
         Ok(reason) => std::process::exit(reason.exit_code()),
@@ -192,6 +198,14 @@ fn host(args: HostArgs) {
             );
         }
     }
+}
+
+/// Sets the seccomp mode and starts rayon's workers under their filter, before any thread.
+fn start_seccomp(args: vmm::cli::SeccompArgs) {
+    if let Err(e) = vmm::seccomp::init(args.mode) {
+        fail(&e.to_string(), 1);
+    }
+    vmm::seccomp::start_workers();
 }
 
 /// Prints a result: one line of JSON with `--json`, else indented JSON for people.

@@ -54,6 +54,7 @@ pub enum Reply {
 pub struct ApiServer {
     path: PathBuf,
     server: Arc<Server>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for ApiServer {
@@ -89,16 +90,25 @@ impl ApiServer {
             path: path.to_path_buf(),
             source,
         };
-        let server =
-            Server::http_unix(path).map_err(|e| bind(std::io::Error::other(e.to_string())))?;
-        let server = Arc::new(server);
+        let listener = std::os::unix::net::UnixListener::bind(path).map_err(bind)?;
         let vmm = Vmm { calls, wake };
-        let listener = server.clone();
-        std::thread::Builder::new()
+        // The server is made on the API thread, under its seccomp filter: tiny_http's own
+        // threads (acceptor, connections) start from there and inherit it.
+        let (made_tx, made) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Api);
+                let server = match Server::from_listener(listener, None) {
+                    Ok(server) => Arc::new(server),
+                    Err(e) => {
+                        let _ = made_tx.send(Err(std::io::Error::other(e.to_string())));
+                        return;
+                    }
+                };
+                let _ = made_tx.send(Ok(server.clone()));
                 // Ends when the server is unblocked (dropped).
-                while let Ok(request) = listener.recv() {
+                while let Ok(request) = server.recv() {
                     let vmm = vmm.clone();
                     let _ = std::thread::Builder::new()
                         .name("api-request".into())
@@ -106,9 +116,14 @@ impl ApiServer {
                 }
             })
             .map_err(bind)?;
+        let server = made
+            .recv()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the API thread ended")))
+            .map_err(bind)?;
         Ok(Self {
             path: path.to_path_buf(),
             server,
+            thread: Some(thread),
         })
     }
 }
@@ -116,6 +131,11 @@ impl ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.server.unblock();
+        // The server itself is dropped here, not on the API thread: closing it connects to
+        // the socket and removes it, which the API thread's filter does not allow.
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }

@@ -247,7 +247,10 @@ impl LiveIdentities {
             let (s, flag) = (shared.clone(), stop.clone());
             let handle = std::thread::Builder::new()
                 .name("fabvm-ids".into())
-                .spawn(move || s.background(&flag))
+                .spawn(move || {
+                    crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Identities);
+                    s.background(&flag)
+                })
                 .map_err(MemoryError::Thread)?;
             shared.requests.set_serving(true);
             Some((stop, handle))

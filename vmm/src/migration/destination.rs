@@ -51,6 +51,9 @@ pub enum ReceiveError {
     /// Building the VM failed.
     #[error(transparent)]
     Run(#[from] RunError),
+    /// The seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// Receives one VM and runs it until it stops.
@@ -64,6 +67,8 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
     // refreshed (only what changed) once one is.
     let me = Some(std::process::id());
     let mut hosted = HostPages::open(me, None).hash_always(args.hash_host_pages);
+    // From here this thread takes bytes from the network: no more than a destination needs.
+    crate::seccomp::install(crate::seccomp::ThreadKind::MigrationDestination)?;
     let stream = accept(&listener, &args.listen, args.accept_timeout)?;
     let started = Instant::now();
     let (mut receiver, description) = Receiver::accept(stream, &key, Limits::default())?;

@@ -52,6 +52,12 @@ pub enum MigrateError {
     /// Saving the VM state.
     #[error(transparent)]
     VmState(#[from] VmStateError),
+    /// The migration's thread could not start or died.
+    #[error("migration thread: {0}")]
+    Thread(std::io::Error),
+    /// Its seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// What the caller asked for.

@@ -244,6 +244,7 @@ impl Agent {
         std::thread::Builder::new()
             .name("fabvm-share".into())
             .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Sharing);
                 agent_loop(&memory, &dir, &marked, &stop_flag, &leader_flag);
                 let _ = done_tx.send(());
             })

@@ -108,7 +108,10 @@ pub fn start(
     };
     let thread = std::thread::Builder::new()
         .name("lazy-restore".into())
-        .spawn(move || loader.run())
+        .spawn(move || {
+            crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::LazyRestore);
+            loader.run()
+        })
         .map_err(uffd_err)?;
     Ok((memory, Some(thread)))
 }

@@ -199,6 +199,7 @@ impl Vcpu {
     }
 
     fn run(mut self, mailbox: Receiver<Request>, acks: Sender<Ack>) {
+        crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Vcpu);
         KVM_RUN.with(|cell| cell.set(self.fd.get_kvm_run()));
         let mut state = State::Running;
         let mut first_exit = true;

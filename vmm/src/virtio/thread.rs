@@ -35,6 +35,7 @@ impl DeviceThread {
         let thread = std::thread::Builder::new()
             .name("virtio".into())
             .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Device);
                 while !stopped.load(Ordering::Acquire) {
                     if let Err(e) = manager.run() {
                         log::error!("virtio device thread: {e}");
