@@ -129,3 +129,17 @@ fn readers_never_see_half_written_chunks() {
         assert!(consistent > 0);
     });
 }
+
+/// Found by the identity_table fuzz target: a region whose host address runs past the end of
+/// the address space overflowed `Frames::host_addr`.
+#[test]
+fn host_addresses_past_the_address_space_are_none() {
+    let frames = Frames::new(vec![TableRegion {
+        guest_addr: 0,
+        pages: 4,
+        host_addr: u64::MAX - 4095,
+    }]);
+    assert_eq!(frames.host_addr(0), Some(u64::MAX - 4095));
+    assert_eq!(frames.host_addr(1), None);
+    assert_eq!(frames.host_addr(4), None);
+}
