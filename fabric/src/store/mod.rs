@@ -31,6 +31,8 @@
 //! the journal, and one process at a time has a store open (others get [`StoreError::Busy`]).
 
 mod fsutil;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 mod gc;
 mod journal;
 mod pack;
