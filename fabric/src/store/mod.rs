@@ -354,7 +354,10 @@ impl Store {
             if e.refs > 0 {
                 s.referenced_pages += 1;
             }
-            s.logical_bytes += e.refs * PAGE_SIZE as u64;
+            // Saturating: the counts come from files (a damaged journal can say anything).
+            s.logical_bytes = s
+                .logical_bytes
+                .saturating_add(e.refs.saturating_mul(PAGE_SIZE as u64));
         }
         s.unreferenced_pages = s.pages - s.referenced_pages;
         s.page_bytes = s.pages * PAGE_SIZE as u64;

@@ -137,6 +137,35 @@ fn reference_counts() {
     assert_eq!(s.logical_bytes, 2 * PAGE_SIZE as u64);
 }
 
+/// Found by the store_open fuzz target: a journal that raises a page's reference count
+/// past 2^52 made `stats` overflow (logical bytes = references x 4096).
+#[test]
+fn huge_reference_counts_from_the_journal_do_not_overflow_stats() {
+    let dir = tempfile::tempdir().unwrap();
+    let batch = pages(0..1);
+    let id = batch[0].0;
+    {
+        let mut store = Store::open(dir.path()).unwrap();
+        store.put_many(&refs(&batch)).unwrap();
+    }
+    let path = dir.path().join(JOURNAL);
+    let mut bytes = fs::read(&path).unwrap();
+    let seq = journal::payloads(&bytes).len() as u64;
+    bytes.extend(journal::batch(
+        seq,
+        &[Record::Ref {
+            id,
+            delta: i64::MAX,
+        }],
+    ));
+    fs::write(&path, bytes).unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.refs(&id), Some(i64::MAX as u64));
+    let s = store.stats();
+    assert_eq!(s.logical_bytes, u64::MAX);
+    assert_eq!(s.referenced_pages, 1);
+}
+
 #[test]
 fn roots_hold_references() {
     let dir = tempfile::tempdir().unwrap();
