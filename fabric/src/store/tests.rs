@@ -313,6 +313,33 @@ fn truncated_pack_is_reported_missing() {
     assert_eq!(store.stats().packs, 2);
 }
 
+/// Found by the store_open fuzz target: an index stating a pack of 2^32 - 1 slots made
+/// verify allocate a slot table that long (out of memory).
+#[test]
+fn verify_is_bounded_by_the_pages_not_by_a_stated_pack_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    store.put_many(&refs(&pages(0..1))).unwrap();
+    store.checkpoint().unwrap();
+    drop(store);
+    let index = dir.path().join(INDEX);
+    let mut state = State::decode(&fs::read(&index).unwrap()).unwrap();
+    let pack = *state.packs.keys().next().unwrap();
+    state.packs.insert(pack, u32::MAX);
+    fs::write(&index, state.encode()).unwrap();
+
+    let store = Store::open(dir.path()).unwrap();
+    let report = store.verify().unwrap();
+    let hole = format!(
+        "{} of the {} slots of pack {pack} hold no page",
+        u32::MAX - 1,
+        u32::MAX
+    );
+    assert!(report.problems.contains(&hole), "{report:?}");
+    assert_eq!(report.pages_checked, 1);
+    assert!(report.corrupt.is_empty() && report.missing.is_empty());
+}
+
 #[test]
 fn corrupted_index_is_detected() {
     let dir = tempfile::tempdir().unwrap();
