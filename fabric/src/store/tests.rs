@@ -340,6 +340,35 @@ fn verify_is_bounded_by_the_pages_not_by_a_stated_pack_length() {
     assert!(report.corrupt.is_empty() && report.missing.is_empty());
 }
 
+/// Found by the store_open fuzz target: with every pack number used (an index saying the
+/// next is u32::MAX), a put that needed a new pack overflowed the pack number.
+#[test]
+fn a_put_without_a_pack_number_left_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let one_page_packs = StoreOptions {
+        pack_pages: 1,
+        ..SMALL
+    };
+    let mut store = Store::open_with(dir.path(), one_page_packs).unwrap();
+    store.put_many(&refs(&pages(0..1))).unwrap();
+    store.checkpoint().unwrap();
+    drop(store);
+    let index = dir.path().join(INDEX);
+    let mut state = State::decode(&fs::read(&index).unwrap()).unwrap();
+    state.next_pack = u32::MAX;
+    fs::write(&index, state.encode()).unwrap();
+
+    let mut store = Store::open_with(dir.path(), one_page_packs).unwrap();
+    assert!(matches!(
+        store.put_many(&refs(&pages(1..2))),
+        Err(StoreError::Corrupt(_))
+    ));
+    assert_eq!(store.stats().pages, 1);
+    drop(store);
+    let store = Store::open_with(dir.path(), one_page_packs).unwrap();
+    assert_eq!(store.stats().pages, 1);
+}
+
 #[test]
 fn corrupted_index_is_detected() {
     let dir = tempfile::tempdir().unwrap();
