@@ -8,7 +8,8 @@
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 #
 # cargo fuzz needs nightly flags (-Zsanitizer=address); the toolchain here is stable, so
-# RUSTC_BOOTSTRAP=1 lets stable rustc take them. As root, each run gets a private tmpfs as
+# RUSTC_BOOTSTRAP=1 lets stable rustc take them. Targets run one per core at a time
+# (FABVM_FUZZ_JOBS overrides). As root, each run gets a private tmpfs as
 # its TMPDIR (a mount namespace of its own, gone when it exits): the store target syncs
 # files, which costs milliseconds on a disk and nothing on tmpfs (about 30x the executions).
 set -euo pipefail
@@ -54,18 +55,17 @@ with_tmp() {
 	fi
 }
 
-failed=()
-summary=()
-for t in "${targets[@]}"; do
-	corpus="$work/corpus/$t"
-	artifacts="$work/artifacts/$t"
+# Fuzzes target $1; writes its summary line to $work/$1.summary, and $work/$1.failed if it
+# failed.
+run_target() {
+	local t="$1"
+	local corpus="$work/corpus/$t" artifacts="$work/artifacts/$t" log="$work/$t.log"
 	mkdir -p "$corpus" "$artifacts"
 	if [ -d "seeds/$t" ]; then
 		cp seeds/"$t"/* "$corpus"/
 	fi
+	local seeds status=0 result done_line execs cov ft corp
 	seeds=$(find "$corpus" -type f | wc -l)
-	log="$work/$t.log"
-	status=0
 	with_tmp cargo fuzz run "$t" "$corpus" -- \
 		-max_total_time="$seconds" -timeout=20 -rss_limit_mb=2048 \
 		-artifact_prefix="$artifacts/" -print_final_stats=1 >"$log" 2>&1 || status=$?
@@ -78,23 +78,44 @@ for t in "${targets[@]}"; do
 		result=ok
 	else
 		result="FAILED (exit $status)"
-		failed+=("$t")
-		echo "!!! fuzz: $t FAILED; the end of its log:" >&2
-		tail -40 "$log" >&2
-		if compgen -G "$artifacts/*" >/dev/null; then
-			mkdir -p "artifacts/$t"
-			cp "$artifacts"/* "artifacts/$t/"
-			for a in "$artifacts"/*; do
-				echo "!!! replay: (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run $t artifacts/$t/$(basename "$a"))" >&2
-			done
-		fi
+		touch "$work/$t.failed"
+		{
+			echo "!!! fuzz: $t FAILED; the end of its log:"
+			tail -40 "$log"
+			if compgen -G "$artifacts/*" >/dev/null; then
+				mkdir -p "artifacts/$t"
+				cp "$artifacts"/* "artifacts/$t/"
+				for a in "$artifacts"/*; do
+					echo "!!! replay: (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run $t artifacts/$t/$(basename "$a"))"
+				done
+			fi
+		} >&2
 	fi
-	summary+=("$(printf '%-20s %6s seeds %10s execs  cov %6s  ft %6s  corpus %-12s %s' \
-		"$t" "$seeds" "${execs:-?}" "${cov:-?}" "${ft:-?}" "${corp:-?}" "$result")")
-done
+	printf '%-20s %6s seeds %10s execs  cov %6s  ft %6s  corpus %-12s %s\n' \
+		"$t" "$seeds" "${execs:-?}" "${cov:-?}" "${ft:-?}" "${corp:-?}" "$result" >"$work/$t.summary"
+}
 
-echo "fuzz: ${seconds}s per target" >&2
-printf '%s\n' "${summary[@]}" >&2
+# One target per core at a time (each libFuzzer run is one thread).
+jobs="${FABVM_FUZZ_JOBS:-$(nproc)}"
+echo "fuzz: ${#targets[@]} targets, ${seconds}s each, $jobs at a time" >&2
+running=0
+for t in "${targets[@]}"; do
+	if [ "$running" -ge "$jobs" ]; then
+		wait -n || true
+		running=$((running - 1))
+	fi
+	run_target "$t" &
+	running=$((running + 1))
+done
+wait
+
+failed=()
+for t in "${targets[@]}"; do
+	cat "$work/$t.summary" >&2
+	if [ -e "$work/$t.failed" ]; then
+		failed+=("$t")
+	fi
+done
 if [ "${#failed[@]}" -gt 0 ]; then
 	echo "!!! fuzz: ${#failed[@]} target(s) FAILED: ${failed[*]} !!!" >&2
 	exit 1
