@@ -122,6 +122,11 @@ pub enum StoreError {
     Poisoned,
 }
 
+/// The error of a checkpoint past generation u64::MAX (a damaged index).
+fn generation_exhausted() -> StoreError {
+    StoreError::Corrupt("index generation out of range".into())
+}
+
 /// Tuning of a store; the defaults suit production, tests use small values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreOptions {
@@ -379,8 +384,7 @@ impl Store {
     /// when the journal grows large and by `gc`.
     pub fn checkpoint(&mut self) -> Result<(), StoreError> {
         self.mutate(|s| {
-            let mut next = s.state.clone();
-            next.generation += 1;
+            let next = s.state.successor().ok_or_else(generation_exhausted)?;
             s.install_checkpoint(next)
         })
     }
@@ -541,12 +545,15 @@ impl Store {
             .options
             .checkpoint_bytes
             .max(self.state.entries.len() as u64 * 24);
-        if self.journal_len >= threshold {
-            let mut next = self.state.clone();
-            next.generation += 1;
-            // The batch is committed whatever happens here, so a failed checkpoint does
-            // not fail this call; it leaves the handle poisoned, and the files as they
-            // were before it or with a stale journal, both of which open recovers.
+        // The batch is committed whatever happens here, so a failed checkpoint does not
+        // fail this call; it leaves the handle poisoned, and the files as they were before
+        // it or with a stale journal, both of which open recovers. Past the last generation
+        // (a damaged index) the journal just grows.
+        if let Some(next) = self
+            .state
+            .successor()
+            .filter(|_| self.journal_len >= threshold)
+        {
             if self.install_checkpoint(next).is_err() {
                 self.poisoned = true;
             }

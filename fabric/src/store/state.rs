@@ -116,6 +116,15 @@ impl State {
         Ok(())
     }
 
+    /// This state as the next checkpoint (generation one more); `None` past the last
+    /// generation, which only a damaged index reaches.
+    pub(crate) fn successor(&self) -> Option<State> {
+        Some(State {
+            generation: self.generation.checked_add(1)?,
+            ..self.clone()
+        })
+    }
+
     /// Encodes the checkpoint file.
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut w = Writer::with_capacity(64 + self.packs.len() * 8 + self.entries.len() * 48);
