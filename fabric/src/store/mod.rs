@@ -549,13 +549,11 @@ impl Store {
         // fail this call; it leaves the handle poisoned, and the files as they were before
         // it or with a stale journal, both of which open recovers. Past the last generation
         // (a damaged index) the journal just grows.
-        if let Some(next) = self
-            .state
-            .successor()
-            .filter(|_| self.journal_len >= threshold)
-        {
-            if self.install_checkpoint(next).is_err() {
-                self.poisoned = true;
+        if self.journal_len >= threshold {
+            if let Some(next) = self.state.successor() {
+                if self.install_checkpoint(next).is_err() {
+                    self.poisoned = true;
+                }
             }
         }
         Ok(())
