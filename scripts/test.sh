@@ -17,4 +17,10 @@ cargo build --workspace --all-targets --quiet
 if ! timeout 600 python3 bench/run.py --quick; then
 	echo "!!! bench/run.py --quick FAILED or timed out (exit $?): see its output above !!!" >&2
 fi
+# Every fuzz target for a few seconds from its committed seeds (scripts/fuzz.sh, docs/testing.md);
+# a crash, leak or hang fails the run here. FABVM_FUZZ_SECONDS=0 skips it.
+fuzz_seconds="${FABVM_FUZZ_SECONDS:-15}"
+if [ "$fuzz_seconds" != 0 ]; then
+	bash scripts/fuzz.sh "$fuzz_seconds"
+fi
 exec cargo nextest run --workspace --no-fail-fast

@@ -228,11 +228,14 @@ fn restored_vm_with_a_disk_keeps_doing_round_trips() {
         "the snapshot does not record the disk ({report})"
     );
 
+    // The snapshot's disk is confirmed on the command line (docs/snapshots.md).
     let mut restored = Vm::start(&[
         "--restore",
         snap.to_str().unwrap(),
         "--store",
         store.to_str().unwrap(),
+        "--disk",
+        disk.to_str().unwrap(),
     ]);
     let status = restored.wait_exit(EXIT).expect("restored VM did not exit");
     let out = restored.stdout();
@@ -382,6 +385,8 @@ fn restored_vm_reattaches_its_tap() {
         snap.to_str().unwrap(),
         "--store",
         store.to_str().unwrap(),
+        "--net",
+        "tap=vtap0",
     ]);
     let mut restored = Vm::start_command(&mut cmd);
     assert!(

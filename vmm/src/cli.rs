@@ -77,12 +77,14 @@ pub struct RunArgs {
           default_missing_value = "guided", value_enum, conflicts_with = "lazy")]
     pub share: Option<crate::sharing::ShareMode>,
 
-    /// A virtio-blk disk on a raw image (repeatable); `,ro` refuses guest writes.
-    #[arg(long = "disk", value_name = "PATH[,ro]", value_parser = spec::parse_disk, conflicts_with = "restore")]
+    /// A virtio-blk disk on a raw image (repeatable); `,ro` refuses guest writes. With
+    /// --restore: confirms a disk the snapshot reopens (each must be named, as recorded).
+    #[arg(long = "disk", value_name = "PATH[,ro]", value_parser = spec::parse_disk)]
     pub disks: Vec<DiskArg>,
 
     /// A virtio-net device on a tap interface (repeatable; the tap is created if missing).
-    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = spec::parse_net, conflicts_with = "restore")]
+    /// With --restore: confirms a tap the snapshot reopens (each must be named).
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = spec::parse_net)]
     pub nets: Vec<NetArg>,
 
     /// A virtio-rng device fed by the host's getrandom.

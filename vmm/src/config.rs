@@ -8,6 +8,7 @@ use devices::virtio::MacAddr;
 
 use crate::cli::RunArgs;
 use crate::layout;
+use crate::snapshot::confirm::Confirmed;
 use crate::virtio::spec::{DiskArg, NetArg};
 use crate::virtio::{self, DeviceSpec};
 
@@ -113,6 +114,8 @@ pub enum Source {
         dir: PathBuf,
         /// Lazy (userfaultfd) rather than eager (memory image) restore.
         lazy: bool,
+        /// The disks and taps the user lets the snapshot reopen (`--disk`, `--net`).
+        confirmed: Confirmed,
     },
 }
 
@@ -127,6 +130,10 @@ impl Launch {
                 Source::Restore {
                     dir,
                     lazy: args.lazy,
+                    confirmed: Confirmed {
+                        disks: args.disks,
+                        nets: args.nets,
+                    },
                 }
             }
             (Some(kernel), None) => Source::Boot(

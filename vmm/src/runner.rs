@@ -13,6 +13,7 @@ use crate::device_manager::{DeviceError, DeviceManager, DeviceStates};
 use crate::event_loop::{self, Machine};
 use crate::memory::identities::Initial;
 use crate::memory::MemoryManager;
+use crate::snapshot::confirm::Confirmed;
 use crate::snapshot::format::SnapshotState;
 use crate::snapshot::restore::{self, RestoreError};
 use crate::snapshot::save::VmMeta;
@@ -35,6 +36,9 @@ pub enum RunError {
     /// Reading a snapshot.
     #[error(transparent)]
     Restore(#[from] RestoreError),
+    /// A snapshot's disks or taps not confirmed on the command line.
+    #[error(transparent)]
+    Unconfirmed(#[from] crate::snapshot::confirm::ConfirmError),
     /// Restoring VM state.
     #[error("restoring VM state: {0}")]
     VmState(#[from] VmStateError),
@@ -79,7 +83,11 @@ pub fn run(launch: &Launch) -> Result<StopReason, RunError> {
     let ctx = RunContext::new()?;
     let built = match &launch.source {
         Source::Boot(config) => boot(config, &ctx.sink)?,
-        Source::Restore { dir, lazy } => restore_snapshot(dir, *lazy, launch, &ctx.sink)?,
+        Source::Restore {
+            dir,
+            lazy,
+            confirmed,
+        } => restore_snapshot(dir, *lazy, confirmed, launch, &ctx.sink)?,
     };
     let services = event_loop::Services {
         api_sock: launch.api_sock.clone(),
@@ -307,7 +315,8 @@ fn create_vcpus(
     Ok(prepared)
 }
 
-/// Restores a snapshot: memory mapped copy-on-write from its image, then VM state, devices
+/// Restores a snapshot: its disks and taps checked against the user's confirmations, memory
+/// mapped copy-on-write from its image, then VM state, devices
 /// and vCPUs in the order KVM needs (irqchip and PIT exist before their state is set; vCPU
 /// state last, see [`crate::vcpu::state::VcpuState::restore`]). With the image on this host
 /// already, the manifest is read and checked on a second thread meanwhile (the identities
@@ -315,6 +324,7 @@ fn create_vcpus(
 fn restore_snapshot(
     dir: &std::path::Path,
     lazy: bool,
+    confirmed: &Confirmed,
     launch: &Launch,
     sink: &StopSink,
 ) -> Result<Built, RunError> {
@@ -326,6 +336,7 @@ fn restore_snapshot(
         Ok::<_, RunError>(shell)
     });
     let state = restore::load_state(dir)?;
+    confirmed.check(dir, &state.virtio)?;
     let store = launch.store.clone().unwrap_or_else(|| state.store.clone());
     let mut manifest = Some({
         let (dir, hash) = (dir.to_path_buf(), state.manifest_blake3.clone());

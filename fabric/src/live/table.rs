@@ -294,11 +294,14 @@ impl Frames {
         None
     }
 
-    /// The owner's host address of table index `page`.
+    /// The owner's host address of table index `page` (`None` past the address space: a
+    /// table read from another process may say anything).
     pub fn host_addr(&self, mut page: usize) -> Option<u64> {
         for r in &self.regions {
             if (page as u64) < r.pages {
-                return Some(r.host_addr + page as u64 * crate::PAGE_SIZE as u64);
+                return r
+                    .host_addr
+                    .checked_add(page as u64 * crate::PAGE_SIZE as u64);
             }
             page -= r.pages as usize;
         }

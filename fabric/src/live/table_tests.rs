@@ -187,3 +187,17 @@ fn a_reader_gets_the_generation_an_entry_was_read_at() {
     assert_ne!(before, after);
     assert_eq!(after, reader.chunk_generation(600 / CHUNK_PAGES));
 }
+
+/// Found by the identity_table fuzz target: a region whose host address runs past the end of
+/// the address space overflowed `Frames::host_addr`.
+#[test]
+fn host_addresses_past_the_address_space_are_none() {
+    let frames = Frames::new(vec![TableRegion {
+        guest_addr: 0,
+        pages: 4,
+        host_addr: u64::MAX - 4095,
+    }]);
+    assert_eq!(frames.host_addr(0), Some(u64::MAX - 4095));
+    assert_eq!(frames.host_addr(1), None);
+    assert_eq!(frames.host_addr(4), None);
+}

@@ -55,8 +55,10 @@ impl Store {
             .collect();
         let compact: BTreeSet<u32> = dead.iter().map(|id| self.state.entries[id].pack).collect();
 
-        let mut next = self.state.clone();
-        next.generation += 1;
+        let mut next = self
+            .state
+            .successor()
+            .ok_or_else(super::generation_exhausted)?;
         for id in &dead {
             next.entries.remove(id);
         }

@@ -80,16 +80,33 @@ pub(crate) fn batch(seq: u64, records: &[Record]) -> Vec<u8> {
     for r in records {
         encode_record(&mut payload, r);
     }
-    let mut w = Writer::with_capacity(FRAME_HEADER_LEN + payload.buf.len() + SUM_LEN);
+    frame(seq, &payload.buf)
+}
+
+/// Frames an encoded payload (records) as the batch with sequence number `seq`.
+pub(crate) fn frame(seq: u64, payload: &[u8]) -> Vec<u8> {
+    let mut w = Writer::with_capacity(FRAME_HEADER_LEN + payload.len() + SUM_LEN);
     w.bytes(BATCH_MAGIC);
-    w.u32(u32::try_from(payload.buf.len()).expect("batch under 4 GiB"));
+    w.u32(u32::try_from(payload.len()).expect("batch under 4 GiB"));
     w.u64(seq);
     let sum = short_sum(&w.buf);
     w.bytes(&sum);
-    w.bytes(&payload.buf);
+    w.bytes(payload);
     let sum = blake3::hash(&w.buf);
     w.bytes(sum.as_bytes());
     w.buf
+}
+
+/// The payloads of the valid batches of a journal (see [`replay`]), undecoded.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn payloads(bytes: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut pos = HEADER_LEN;
+    while let Some((end, payload)) = read_batch(bytes, pos, out.len() as u64) {
+        out.push(payload);
+        pos = end;
+    }
+    out
 }
 
 /// Replays a journal file's bytes. Errors are damage the journal cannot explain by a

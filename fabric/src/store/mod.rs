@@ -31,6 +31,8 @@
 //! the journal, and one process at a time has a store open (others get [`StoreError::Busy`]).
 
 mod fsutil;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 mod gc;
 mod journal;
 mod pack;
@@ -118,6 +120,11 @@ pub enum StoreError {
     /// An earlier write failed; the on-disk store is intact but this handle must be reopened.
     #[error("store is unusable after a failed write; reopen it")]
     Poisoned,
+}
+
+/// The error of a checkpoint past generation u64::MAX (a damaged index).
+fn generation_exhausted() -> StoreError {
+    StoreError::Corrupt("index generation out of range".into())
 }
 
 /// Tuning of a store; the defaults suit production, tests use small values.
@@ -352,7 +359,10 @@ impl Store {
             if e.refs > 0 {
                 s.referenced_pages += 1;
             }
-            s.logical_bytes += e.refs * PAGE_SIZE as u64;
+            // Saturating: the counts come from files (a damaged journal can say anything).
+            s.logical_bytes = s
+                .logical_bytes
+                .saturating_add(e.refs.saturating_mul(PAGE_SIZE as u64));
         }
         s.unreferenced_pages = s.pages - s.referenced_pages;
         s.page_bytes = s.pages * PAGE_SIZE as u64;
@@ -374,8 +384,7 @@ impl Store {
     /// when the journal grows large and by `gc`.
     pub fn checkpoint(&mut self) -> Result<(), StoreError> {
         self.mutate(|s| {
-            let mut next = s.state.clone();
-            next.generation += 1;
+            let next = s.state.successor().ok_or_else(generation_exhausted)?;
             s.install_checkpoint(next)
         })
     }
@@ -536,14 +545,15 @@ impl Store {
             .options
             .checkpoint_bytes
             .max(self.state.entries.len() as u64 * 24);
+        // The batch is committed whatever happens here, so a failed checkpoint does not
+        // fail this call; it leaves the handle poisoned, and the files as they were before
+        // it or with a stale journal, both of which open recovers. Past the last generation
+        // (a damaged index) the journal just grows.
         if self.journal_len >= threshold {
-            let mut next = self.state.clone();
-            next.generation += 1;
-            // The batch is committed whatever happens here, so a failed checkpoint does
-            // not fail this call; it leaves the handle poisoned, and the files as they
-            // were before it or with a stale journal, both of which open recovers.
-            if self.install_checkpoint(next).is_err() {
-                self.poisoned = true;
+            if let Some(next) = self.state.successor() {
+                if self.install_checkpoint(next).is_err() {
+                    self.poisoned = true;
+                }
             }
         }
         Ok(())

@@ -181,8 +181,12 @@ impl PackWriter {
                 Ok((pack, len, (self.pack_pages - len) as usize))
             }
             _ => {
+                // Pack u32::MAX is never used, so `next_pack` always fits (the journal
+                // refuses a put into it); only a damaged index gets here.
                 let pack = self.next_pack;
-                self.next_pack += 1;
+                self.next_pack = pack
+                    .checked_add(1)
+                    .ok_or_else(|| StoreError::Corrupt("no pack number left".into()))?;
                 packs.create(pack)?;
                 self.created = true;
                 self.current = Some((pack, 0));

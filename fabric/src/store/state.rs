@@ -59,7 +59,9 @@ impl State {
                 let len = match self.packs.get_mut(pack) {
                     Some(len) => len,
                     None if *pack >= self.next_pack => {
-                        self.next_pack = pack + 1;
+                        self.next_pack = pack
+                            .checked_add(1)
+                            .ok_or_else(|| format!("put into pack {pack}, past the last"))?;
                         self.packs.entry(*pack).or_insert(0)
                     }
                     None => return Err(format!("put into retired pack {pack}")),
@@ -67,7 +69,9 @@ impl State {
                 if *slot != *len {
                     return Err(format!("put into slot {slot} of pack {pack} of {len}"));
                 }
-                *len += 1;
+                *len = len
+                    .checked_add(1)
+                    .ok_or_else(|| format!("put into full pack {pack}"))?;
                 self.entries.insert(
                     *id,
                     Entry {
@@ -110,6 +114,15 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    /// This state as the next checkpoint (generation one more); `None` past the last
+    /// generation, which only a damaged index reaches.
+    pub(crate) fn successor(&self) -> Option<State> {
+        Some(State {
+            generation: self.generation.checked_add(1)?,
+            ..self.clone()
+        })
     }
 
     /// Encodes the checkpoint file.
@@ -263,6 +276,21 @@ mod tests {
         assert!(s.apply(&add).is_err());
         s.apply(&Record::DelRoot { name: "a".into() }).unwrap();
         assert!(s.apply(&Record::DelRoot { name: "a".into() }).is_err());
+    }
+
+    /// Found by the store_open fuzz target: a put into pack u32::MAX overflowed the next
+    /// pack number, and one into the last slot of a full pack its length.
+    #[test]
+    fn puts_at_the_end_of_the_numbers_are_refused() {
+        let mut s = State::default();
+        assert!(s.apply(&put(1, u32::MAX, 0)).is_err());
+        assert_eq!(s, State::default(), "a refused record changes nothing");
+        s.next_pack = 3;
+        s.packs.insert(2, u32::MAX);
+        assert!(s.apply(&put(2, 2, u32::MAX)).is_err());
+        assert_eq!(s.packs[&2], u32::MAX);
+        s.apply(&put(3, 3, 0)).unwrap();
+        assert_eq!(s.next_pack, 4);
     }
 
     #[test]

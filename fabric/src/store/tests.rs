@@ -137,6 +137,35 @@ fn reference_counts() {
     assert_eq!(s.logical_bytes, 2 * PAGE_SIZE as u64);
 }
 
+/// Found by the store_open fuzz target: a journal that raises a page's reference count
+/// past 2^52 made `stats` overflow (logical bytes = references x 4096).
+#[test]
+fn huge_reference_counts_from_the_journal_do_not_overflow_stats() {
+    let dir = tempfile::tempdir().unwrap();
+    let batch = pages(0..1);
+    let id = batch[0].0;
+    {
+        let mut store = Store::open(dir.path()).unwrap();
+        store.put_many(&refs(&batch)).unwrap();
+    }
+    let path = dir.path().join(JOURNAL);
+    let mut bytes = fs::read(&path).unwrap();
+    let seq = journal::payloads(&bytes).len() as u64;
+    bytes.extend(journal::batch(
+        seq,
+        &[Record::Ref {
+            id,
+            delta: i64::MAX,
+        }],
+    ));
+    fs::write(&path, bytes).unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.refs(&id), Some(i64::MAX as u64));
+    let s = store.stats();
+    assert_eq!(s.logical_bytes, u64::MAX);
+    assert_eq!(s.referenced_pages, 1);
+}
+
 #[test]
 fn roots_hold_references() {
     let dir = tempfile::tempdir().unwrap();
@@ -282,6 +311,87 @@ fn truncated_pack_is_reported_missing() {
     // New pages go to a new pack rather than after the hole.
     store.put_many(&refs(&pages(20..21))).unwrap();
     assert_eq!(store.stats().packs, 2);
+}
+
+/// Found by the store_open fuzz target: an index stating a pack of 2^32 - 1 slots made
+/// verify allocate a slot table that long (out of memory).
+#[test]
+fn verify_is_bounded_by_the_pages_not_by_a_stated_pack_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    store.put_many(&refs(&pages(0..1))).unwrap();
+    store.checkpoint().unwrap();
+    drop(store);
+    let index = dir.path().join(INDEX);
+    let mut state = State::decode(&fs::read(&index).unwrap()).unwrap();
+    let pack = *state.packs.keys().next().unwrap();
+    state.packs.insert(pack, u32::MAX);
+    fs::write(&index, state.encode()).unwrap();
+
+    let store = Store::open(dir.path()).unwrap();
+    let report = store.verify().unwrap();
+    let hole = format!(
+        "{} of the {} slots of pack {pack} hold no page",
+        u32::MAX - 1,
+        u32::MAX
+    );
+    assert!(report.problems.contains(&hole), "{report:?}");
+    assert_eq!(report.pages_checked, 1);
+    assert!(report.corrupt.is_empty() && report.missing.is_empty());
+}
+
+/// Found by the store_open fuzz target: with every pack number used (an index saying the
+/// next is u32::MAX), a put that needed a new pack overflowed the pack number.
+#[test]
+fn a_put_without_a_pack_number_left_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let one_page_packs = StoreOptions {
+        pack_pages: 1,
+        ..SMALL
+    };
+    let mut store = Store::open_with(dir.path(), one_page_packs).unwrap();
+    store.put_many(&refs(&pages(0..1))).unwrap();
+    store.checkpoint().unwrap();
+    drop(store);
+    let index = dir.path().join(INDEX);
+    let mut state = State::decode(&fs::read(&index).unwrap()).unwrap();
+    state.next_pack = u32::MAX;
+    fs::write(&index, state.encode()).unwrap();
+
+    let mut store = Store::open_with(dir.path(), one_page_packs).unwrap();
+    assert!(matches!(
+        store.put_many(&refs(&pages(1..2))),
+        Err(StoreError::Corrupt(_))
+    ));
+    assert_eq!(store.stats().pages, 1);
+    drop(store);
+    let store = Store::open_with(dir.path(), one_page_packs).unwrap();
+    assert_eq!(store.stats().pages, 1);
+}
+
+/// Seen while fixing the store_open findings: an index at generation u64::MAX made the
+/// next checkpoint (explicit, after a large journal, or by gc) overflow the generation.
+#[test]
+fn a_checkpoint_past_the_last_generation_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
+    store.put_many(&refs(&pages(0..2))).unwrap();
+    store.checkpoint().unwrap();
+    drop(store);
+    let index = dir.path().join(INDEX);
+    let mut state = State::decode(&fs::read(&index).unwrap()).unwrap();
+    state.generation = u64::MAX;
+    fs::write(&index, state.encode()).unwrap();
+
+    let mut store = Store::open(dir.path()).unwrap();
+    assert!(matches!(store.checkpoint(), Err(StoreError::Corrupt(_))));
+    assert!(matches!(store.gc(), Err(StoreError::Corrupt(_))));
+    // Batches still commit; only the automatic checkpoint after them is skipped.
+    store.incref(&ids(&pages(0..1))).unwrap();
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.stats().pages, 2);
+    assert_eq!(store.refs(&pages(0..1)[0].0), Some(1));
 }
 
 #[test]

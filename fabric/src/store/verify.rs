@@ -1,7 +1,8 @@
 //! `Store::verify`: every page read back and rehashed, the index on disk compared with
 //! the one in memory, packs, roots and reference counts checked against each other.
 
-use std::collections::HashMap;
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 
 use rayon::prelude::*;
@@ -84,23 +85,32 @@ impl Store {
         }
     }
 
-    /// Rehashes every page, pack by pack, and checks slot occupancy.
+    /// Rehashes every page, pack by pack, and checks slot occupancy. Memory and time are
+    /// bounded by the pages in the index and the bytes on disk, never by a pack length the
+    /// index states (a damaged one may say anything).
     fn verify_packs(&self, report: &mut VerifyReport) -> Result<(), StoreError> {
-        let mut slots: HashMap<u32, Vec<Option<PageId>>> = self
+        let mut slots: HashMap<u32, BTreeMap<u32, PageId>> = self
             .state
             .packs
-            .iter()
-            .map(|(&pack, &len)| (pack, vec![None; len as usize]))
+            .keys()
+            .map(|&p| (p, BTreeMap::new()))
             .collect();
         for (id, e) in &self.state.entries {
-            match slots
-                .get_mut(&e.pack)
-                .and_then(|s| s.get_mut(e.slot as usize))
-            {
-                Some(slot @ None) => *slot = Some(*id),
-                Some(Some(other)) => report.problems.push(format!(
-                    "pages {id} and {other} share slot {} of pack {}",
-                    e.slot, e.pack
+            let in_pack = self
+                .state
+                .packs
+                .get(&e.pack)
+                .is_some_and(|&len| e.slot < len);
+            let table = slots.get_mut(&e.pack).filter(|_| in_pack);
+            match table.map(|t| t.entry(e.slot)) {
+                Some(Entry::Vacant(slot)) => {
+                    slot.insert(*id);
+                }
+                Some(Entry::Occupied(other)) => report.problems.push(format!(
+                    "pages {id} and {} share slot {} of pack {}",
+                    other.get(),
+                    e.slot,
+                    e.pack
                 )),
                 None => report.problems.push(format!(
                     "page {id} is at slot {} of pack {}, which is not in the index",
@@ -110,32 +120,37 @@ impl Store {
         }
 
         let mut buf = vec![0u8; READ_CHUNK * PAGE_SIZE];
-        for (&pack, table) in &slots {
+        for (&pack, &len) in &self.state.packs {
+            let table = &slots[&pack];
+            let empty = u64::from(len) - table.len() as u64;
+            if empty > 0 {
+                report.problems.push(format!(
+                    "{empty} of the {len} slots of pack {pack} hold no page"
+                ));
+            }
             let on_disk = match self.packs.slots_on_disk(pack) {
-                Ok((n, _)) => n.min(table.len() as u64) as usize,
+                Ok((n, _)) => n.min(u64::from(len)) as u32,
                 Err(_) => {
                     report.problems.push(format!("pack {pack} is missing"));
                     0
                 }
             };
-            for (slot, id) in table.iter().enumerate() {
-                match id {
-                    None => report
-                        .problems
-                        .push(format!("slot {slot} of pack {pack} holds no page")),
-                    Some(id) if slot >= on_disk => report.missing.push(*id),
-                    Some(_) => {}
-                }
-            }
+            report
+                .missing
+                .extend(table.range(on_disk..).map(|(_, id)| *id));
             for start in (0..on_disk).step_by(READ_CHUNK) {
-                let n = READ_CHUNK.min(on_disk - start);
+                let n = READ_CHUNK.min((on_disk - start) as usize);
                 let chunk = &mut buf[..n * PAGE_SIZE];
-                self.packs.read(pack, start as u32, chunk)?;
-                let corrupt: Vec<PageId> = chunk
-                    .par_chunks(PAGE_SIZE)
-                    .zip(&table[start..start + n])
-                    .filter_map(|(data, id)| {
-                        let id = (*id)?;
+                self.packs.read(pack, start, chunk)?;
+                let held: Vec<(u32, PageId)> = table
+                    .range(start..start + n as u32)
+                    .map(|(&slot, &id)| (slot, id))
+                    .collect();
+                let corrupt: Vec<PageId> = held
+                    .par_iter()
+                    .filter_map(|&(slot, id)| {
+                        let at = (slot - start) as usize * PAGE_SIZE;
+                        let data = &chunk[at..at + PAGE_SIZE];
                         (!id.matches(crate::identity::as_page(data))).then_some(id)
                     })
                     .collect();

@@ -117,6 +117,28 @@ pub enum RouteError {
     NoRoute(String),
 }
 
+impl RouteError {
+    /// The HTTP status the server answers this error with.
+    pub fn status(&self) -> u16 {
+        match self {
+            RouteError::NotFound(_) | RouteError::NoRoute(_) => 404,
+            RouteError::MethodNotAllowed { .. } => 405,
+            RouteError::BadBody(_) => 400,
+        }
+    }
+}
+
+/// What the server makes of a request's method, path and body: [`find`] then [`request`]
+/// (the server reads the body in between, once the route is known).
+pub fn route(
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<(&'static Route, Request), RouteError> {
+    let route = find(method, path)?;
+    Ok((route, request(route, body)?))
+}
+
 /// The route for `method` and `path` (a query string is ignored).
 pub fn find(method: &str, path: &str) -> Result<&'static Route, RouteError> {
     let path = path.split('?').next().unwrap_or(path);
@@ -203,6 +225,19 @@ mod tests {
             find("DELETE", "/vm/pause"),
             Err(RouteError::MethodNotAllowed { allowed, .. }) if allowed == "PUT"
         ));
+    }
+
+    #[test]
+    fn method_path_and_body_become_a_request_or_a_status() {
+        let (found, req) = route("PUT", "/vm/snapshot", br#"{"dir":"/s"}"#).unwrap();
+        assert_eq!(found.op, "snapshot");
+        assert_eq!(req, Request::Snapshot { dir: "/s".into() });
+        let status = |m: &str, p: &str, b: &[u8]| route(m, p, b).unwrap_err().status();
+        assert_eq!(status("GET", "/nope", b""), 404);
+        assert_eq!(status("GET", "/vm/pause", b""), 405);
+        assert_eq!(status("PUT", "/vm/snapshot", b"{"), 400);
+        // The route is found before the body is looked at.
+        assert_eq!(status("GET", "/nope", b"{"), 404);
     }
 
     #[test]

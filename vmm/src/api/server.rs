@@ -145,14 +145,7 @@ fn serve(mut http: tiny_http::Request, vmm: &Vmm) {
     let method = http.method().to_string();
     let route = match routes::find(&method, http.url()) {
         Ok(route) => route,
-        Err(e @ RouteError::MethodNotAllowed { .. }) => {
-            let allow = match &e {
-                RouteError::MethodNotAllowed { path, .. } => routes::allowed(path),
-                _ => String::new(),
-            };
-            return send_error(http, 405, &e.to_string(), Some(("Allow", &allow)));
-        }
-        Err(e) => return send_error(http, 404, &e.to_string(), None),
+        Err(e) => return send_route_error(http, &e),
     };
     let body = match read_body(&mut http) {
         Ok(body) => body,
@@ -160,7 +153,7 @@ fn serve(mut http: tiny_http::Request, vmm: &Vmm) {
     };
     let request = match routes::request(route, &body) {
         Ok(request) => request,
-        Err(e) => return send_error(http, 400, &e.to_string(), None),
+        Err(e) => return send_route_error(http, &e),
     };
     if route.answer == Answer::Streamed && wants_stream(&http) {
         return stream(http, request, vmm);
@@ -258,6 +251,16 @@ fn send_response(http: tiny_http::Request, route: &Route, response: Response) {
         ),
         Answer::Json | Answer::Streamed => send(http, 200, super::JSON, json_line(&result), None),
     }
+}
+
+/// The answer to a request no route takes: its status, with `Allow` on a 405.
+fn send_route_error(http: tiny_http::Request, e: &RouteError) {
+    let allow = match e {
+        RouteError::MethodNotAllowed { path, .. } => Some(routes::allowed(path)),
+        _ => None,
+    };
+    let header = allow.as_deref().map(|methods| ("Allow", methods));
+    send_error(http, e.status(), &e.to_string(), header);
 }
 
 /// An error answer: `{"error": "one line"}`.

@@ -6,6 +6,7 @@
 //! manifest format). The store holds one root per snapshot, named in the state file, which
 //! keeps the snapshot's pages alive through `fabvm store gc`.
 
+pub mod confirm;
 pub mod format;
 pub mod image;
 pub mod lazy;
