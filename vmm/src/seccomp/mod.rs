@@ -192,14 +192,25 @@ pub fn init(mode: Mode) -> Result<(), SeccompError> {
     Ok(())
 }
 
-/// glibc's malloc reads `/sys/devices/system/cpu/online` the first time a thread needs a new
-/// arena, to cap their number, unless the cap is set: set it here, to glibc's own default
-/// (8 per core), so no filtered thread has to open files for that.
+/// glibc's malloc opens files from whichever thread happens to need them, which a filtered
+/// thread may not: `/sys/devices/system/cpu/online` the first time a thread needs a new arena
+/// (unless the arena cap is set: set it here, to glibc's own default, 8 per core), and
+/// `/proc/sys/vm/overcommit_memory` the first time a thread's arena heap shrinks (seen: the
+/// identity thread freeing a sync's page lists, killed for `openat`). Large blocks are
+/// mmapped at a fixed threshold (so they go back to the kernel when freed) and arena heaps
+/// are never trimmed, so the second never happens.
 fn fix_malloc_arenas() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cap = i32::try_from(cores.saturating_mul(8)).unwrap_or(i32::MAX);
-    // SAFETY: mallopt only changes malloc's tunables; M_ARENA_MAX takes any positive count.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, cap) };
+    for (param, value) in [
+        (libc::M_ARENA_MAX, cap),
+        (libc::M_MMAP_THRESHOLD, 128 << 10),
+        (libc::M_TRIM_THRESHOLD, i32::MAX),
+    ] {
+        // SAFETY: mallopt only changes malloc's tunables; each of these takes any positive
+        // value.
+        unsafe { libc::mallopt(param, value) };
+    }
 }
 
 /// The mode set by [`init`] (`Off` if it was never called).
