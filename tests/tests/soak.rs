@@ -117,6 +117,18 @@ impl Host {
     }
 }
 
+/// Resident memory of process `pid`, KiB (`VmRSS`).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
@@ -201,6 +213,7 @@ fn api_requests_and_snapshots_leak_no_descriptors() {
         .0
     );
     let before = open_fds(vm.pid());
+    let rss_before = rss_kib(vm.pid());
     let requests = trials() * 40;
     for i in 0..requests {
         let op = ["stats", "status", "pause", "resume"][i % 4];
@@ -213,6 +226,13 @@ fn api_requests_and_snapshots_leak_no_descriptors() {
         assert!(ok, "snapshot {i}: {err}");
     }
     let after = open_fds(vm.pid());
+    let rss_after = rss_kib(vm.pid());
+    // The guest's memory is all touched by now; what the VMM allocates per request or
+    // snapshot must go back (a few MiB of allocator slack allowed).
+    assert!(
+        rss_after <= rss_before + 8 * 1024,
+        "resident memory grew from {rss_before} to {rss_after} KiB"
+    );
     assert!(
         after <= before,
         "descriptors grew from {before} to {after} over {requests} requests and {} snapshots",
@@ -221,7 +241,7 @@ fn api_requests_and_snapshots_leak_no_descriptors() {
     assert!(keeps_verifying(&mut vm, 1), "{}", vm.stdout());
     shutdown(&mut vm, &sock);
     eprintln!(
-        "soak: api-requests={requests} snapshots={} fds-before={before} fds-after={after}",
+        "soak: api-requests={requests} snapshots={} fds-before={before} fds-after={after} rss-kib-before={rss_before} rss-kib-after={rss_after}",
         trials()
     );
 }
