@@ -437,3 +437,12 @@ pub fn expect_error(mut vm: Vm) -> String {
     );
     lines[0].to_string()
 }
+
+/// A loopback port nothing listens on (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

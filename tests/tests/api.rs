@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use fabvm_tests::{boot_guest, count, ctl, fabvm, require_kvm, wait_for_socket, workspace, Vm};
+use fabvm_tests::{
+    boot_guest, count, ctl, fabvm, free_port, require_kvm, wait_for_socket, workspace, Vm,
+};
 
 const READY: Duration = Duration::from_secs(60);
 
@@ -145,15 +147,6 @@ fn documented() -> Vec<(String, String)> {
         }
     }
     out
-}
-
-/// A loopback port nothing listens on (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

@@ -5,12 +5,11 @@
 //! random points from `FABVM_SOAK_SEED` (printed, so a failure can be replayed), and prints
 //! one `soak:` line of figures that `scripts/soak.sh` collects into a table.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fabvm_tests::{boot_guest, count, ctl, fabvm, require_kvm, test_guest, wait_for_socket, Vm};
+use fabvm_tests::{boot_guest, count, ctl, fabvm, free_port, require_kvm, wait_for_socket, Vm};
 
 const READY: Duration = Duration::from_secs(90);
 const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
@@ -131,14 +130,6 @@ fn rss_kib(pid: u32) -> u64 {
 
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn shutdown(vm: &mut Vm, sock: &Path) {
@@ -451,10 +442,4 @@ fn destination_killed_at_random_points_leaves_the_guest_on_the_source() {
         "soak: kill9-destination trials={} source-kept={kept} completed-before-kill={completed} lost=0",
         trials()
     );
-}
-
-/// Guards against a silently empty run: the guest image the checks boot exists.
-#[test]
-fn the_soak_guest_exists() {
-    assert!(test_guest().exists(), "{}", test_guest().display());
 }
