@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use fabric::live::{PageState, Request, TableReader, CHUNK_PAGES};
+use fabric::live::{PageState, TableReader, CHUNK_PAGES};
 #[cfg(test)]
 use fabric::PageId;
 use fabric::PAGE_SIZE;
@@ -64,10 +64,17 @@ pub fn vm_bytes(vm: &RegisteredVm) -> u64 {
 /// The keys `vm` publishes in its identity table (`None`: no table, or its process is
 /// gone).
 pub fn vm_pages(vm: &RegisteredVm) -> Option<VmPages> {
+    open_table(vm).map(|table| read_pages(vm, &table))
+}
+
+/// `vm`'s identity table (`None`: no table, or its process is gone).
+pub fn open_table(vm: &RegisteredVm) -> Option<TableReader> {
     let table = TableReader::open(&crate::host_index::table_path(vm.pid)).ok()?;
-    if table.pid() != vm.pid || !table.owner_alive() {
-        return None;
-    }
+    (table.pid() == vm.pid && table.owner_alive()).then_some(table)
+}
+
+/// The keys in `vm`'s identity `table`.
+pub fn read_pages(vm: &RegisteredVm, table: &TableReader) -> VmPages {
     let mut keys = Vec::with_capacity(table.pages());
     let mut entries = Vec::with_capacity(CHUNK_PAGES);
     let mut stale = 0;
@@ -86,21 +93,11 @@ pub fn vm_pages(vm: &RegisteredVm) -> Option<VmPages> {
             .filter(|e| e.state == PageState::Stale)
             .count() as u64;
     }
-    Some(VmPages {
+    VmPages {
         pid: vm.pid,
         regions: vm.regions.clone(),
         keys,
         stale,
-    })
-}
-
-/// Asks `vm` to compute every stale identity now, beyond its background budget, without
-/// waiting for it to be done.
-pub fn ask_sync(vm: &RegisteredVm) {
-    if let Ok(table) = TableReader::open(&crate::host_index::table_path(vm.pid)) {
-        if table.pid() == vm.pid {
-            table.request(Request::Sync, std::time::Duration::ZERO);
-        }
     }
 }
 

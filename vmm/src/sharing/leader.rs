@@ -10,6 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use fabric::live::Request;
 use fabric::PAGE_SIZE;
 use serde::{Deserialize, Serialize};
 
@@ -597,12 +598,13 @@ impl Leader {
 
 /// Keys of every [`SAMPLE_STRIDE`]th page of `vm`, from its published identities, and the
 /// fraction of its pages that are stale (None when it publishes none). A VM with stale pages
-/// is asked for a sync.
+/// is asked for a sync (through the same table, without waiting for it).
 fn sample(vm: &RegisteredVm) -> Option<(Vec<Key>, f64)> {
-    let pages = index::vm_pages(vm)?;
+    let table = index::open_table(vm)?;
+    let pages = index::read_pages(vm, &table);
     let stale = pages.stale as f64 / pages.keys.len().max(1) as f64;
     if pages.stale > 0 {
-        index::ask_sync(vm);
+        table.request(Request::Sync, Duration::ZERO);
     }
     Some((
         pages.keys.into_iter().step_by(SAMPLE_STRIDE).collect(),
