@@ -445,13 +445,14 @@ impl PageSource for HostPages {
             };
             let vouched = self.vouched(&found, id);
             ask[found.vm] |= vouched.is_some();
-            let (to, _) = target(i);
+            let (to, in_frames) = target(i);
             match runs.last_mut() {
-                Some(run) if run.extends(found.pid, found.addr, to) => run.count += 1,
+                Some(run) if run.extends(found.pid, found.addr, to, in_frames) => run.count += 1,
                 _ => runs.push(Run {
                     pid: found.pid,
                     addr: found.addr,
                     to,
+                    in_frames,
                     count: 1,
                     pages: Vec::new(),
                 }),
@@ -470,7 +471,9 @@ impl PageSource for HostPages {
                 let buf = unsafe {
                     std::slice::from_raw_parts_mut(run.to as *mut u8, run.count * PAGE_SIZE)
                 };
-                populate(buf);
+                if run.in_frames {
+                    populate(buf); // fresh guest memory; `out` is touched already
+                }
                 read_remote(run.pid, run.addr, buf).is_ok()
             })
             .collect();
@@ -553,28 +556,32 @@ struct Found {
 const MAX_RUN_PAGES: usize = 1024;
 
 /// Batch pages `pages`, contiguous at `addr` in process `pid` and at host address `to`
-/// here (guest frames or slots of the output buffer).
+/// here (empty guest frames when `in_frames`, else slots of the output buffer).
 #[derive(Debug)]
 struct Run {
     pid: u32,
     addr: u64,
     to: usize,
+    in_frames: bool,
     count: usize,
     pages: Vec<usize>,
 }
 
 impl Run {
-    /// Whether a page at `addr` in `pid`, going to `to`, continues this run.
-    fn extends(&self, pid: u32, addr: u64, to: usize) -> bool {
+    /// Whether a page at `addr` in `pid`, going to `to` (a guest frame when `in_frames`),
+    /// continues this run.
+    fn extends(&self, pid: u32, addr: u64, to: usize, in_frames: bool) -> bool {
         self.pid == pid
+            && self.in_frames == in_frames
             && self.addr + (self.count * PAGE_SIZE) as u64 == addr
             && self.to + self.count * PAGE_SIZE == to
             && self.count < MAX_RUN_PAGES
     }
 }
 
-/// Faults `buf` in with one system call before it is written (a copy into fresh memory
-/// otherwise takes one page fault per page inside the read). Best effort: kernels before
+/// Faults `buf` (whole, page-aligned pages of fresh memory) in with one system call before
+/// it is written (a copy into fresh memory otherwise takes one page fault per page inside
+/// the read). Best effort: kernels before
 /// 5.14 lack `MADV_POPULATE_WRITE`, and the copy then faults as before.
 fn populate(buf: &mut [u8]) {
     const MADV_POPULATE_WRITE: libc::c_int = 23;
