@@ -27,7 +27,7 @@ pub enum StagingError {
 pub struct Staging {
     target: PathBuf,
     path: PathBuf,
-    published: std::cell::Cell<bool>,
+    published: bool,
 }
 
 impl Staging {
@@ -66,7 +66,7 @@ impl Staging {
         Ok(Staging {
             target: target.to_path_buf(),
             path,
-            published: std::cell::Cell::new(false),
+            published: false,
         })
     }
 
@@ -84,13 +84,13 @@ impl Staging {
 
     /// Renames the staging directory to the target (which replaces an empty target
     /// directory) and syncs their parent.
-    pub fn publish(&self) -> Result<(), StagingError> {
+    pub fn publish(mut self) -> Result<(), StagingError> {
         let err = |source| StagingError::Write {
             path: self.target.clone(),
             source,
         };
         fs::rename(&self.path, &self.target).map_err(err)?;
-        self.published.set(true);
+        self.published = true;
         if let Some(parent) = self.target.parent().filter(|p| !p.as_os_str().is_empty()) {
             fs::File::open(parent)
                 .and_then(|d| d.sync_all())
@@ -102,7 +102,7 @@ impl Staging {
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        if !self.published.get() {
+        if !self.published {
             let _ = fs::remove_dir_all(&self.path);
         }
     }
