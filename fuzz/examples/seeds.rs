@@ -15,7 +15,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use fabric::live::{IdentityTable, TableRegion};
-use fabric::{Manifest, PageId, Region, Store, PAGE_SIZE};
+use fabric::{Manifest, PageId, Region, PAGE_SIZE};
 use vmm::api::{routes, Request};
 use vmm::snapshot::format;
 use vmm::virtio::VirtioDeviceState;
@@ -249,19 +249,7 @@ fn store_open() -> Seeds {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("store");
     {
-        let mut store = Store::open_with(&dir, fabric::store::fuzzing::OPTIONS).unwrap();
-        let pages: Vec<[u8; PAGE_SIZE]> = (1..=6u8).map(|b| [b; PAGE_SIZE]).collect();
-        let ids: Vec<PageId> = pages.iter().map(PageId::of).collect();
-        let batch: Vec<(PageId, &[u8])> = ids
-            .iter()
-            .copied()
-            .zip(pages.iter().map(|p| &p[..]))
-            .collect();
-        store.put_many(&batch[..3]).unwrap();
-        store.add_root("snap-1", &ids[..2]).unwrap();
-        store.checkpoint().unwrap();
-        store.put_many(&batch[3..]).unwrap();
-        store.incref(&ids[4..]).unwrap();
+        let (mut store, ids) = fabric::store::fuzzing::sample_store(&dir).unwrap();
         store.add_root("snap-2", &ids[3..]).unwrap();
         store.remove_root("snap-1").unwrap();
     }

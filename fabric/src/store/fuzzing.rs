@@ -118,20 +118,19 @@ impl Files {
     }
 
     fn batch(&mut self, payload: &[u8]) {
-        if self.journal.is_empty() {
-            self.journal = journal::header(1);
-        }
-        self.journal
-            .extend_from_slice(&journal::frame(self.batches, payload));
-        self.batches += 1;
+        self.append(journal::frame(self.batches, payload));
     }
 
     fn batch_records(&mut self, records: &[Record]) {
+        self.append(journal::batch(self.batches, records));
+    }
+
+    /// Appends a framed batch to the journal (started with its header if empty).
+    fn append(&mut self, frame: Vec<u8>) {
         if self.journal.is_empty() {
             self.journal = journal::header(1);
         }
-        self.journal
-            .extend_from_slice(&journal::batch(self.batches, records));
+        self.journal.extend_from_slice(&frame);
         self.batches += 1;
     }
 
@@ -272,32 +271,35 @@ pub fn describe(dir: &Path) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// A small real store at `dir`, for tests and seeds: six pages in two packs, root `snap-1`
+/// over the first two, a checkpoint, then journal batches (three more pages, references to
+/// the last two). Returns it open, with the pages' identities.
+pub fn sample_store(dir: &Path) -> Result<(Store, Vec<PageId>), super::StoreError> {
+    let mut store = Store::open_with(dir, OPTIONS)?;
+    let pages: Vec<[u8; PAGE_SIZE]> = (1..=6u8).map(|b| [b; PAGE_SIZE]).collect();
+    let ids: Vec<PageId> = pages.iter().map(PageId::of).collect();
+    let batch: Vec<(PageId, &[u8])> = ids
+        .iter()
+        .copied()
+        .zip(pages.iter().map(|p| &p[..]))
+        .collect();
+    store.put_many(&batch[..3])?;
+    store.add_root("snap-1", &ids[..2])?;
+    store.checkpoint()?;
+    store.put_many(&batch[3..])?;
+    store.incref(&ids[4..])?;
+    Ok((store, ids))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A store with pages in two packs, a root, and journal batches after a checkpoint.
-    fn real_store(dir: &Path) {
-        let mut store = Store::open_with(dir, OPTIONS).unwrap();
-        let pages: Vec<[u8; PAGE_SIZE]> = (1..=6u8).map(|b| [b; PAGE_SIZE]).collect();
-        let ids: Vec<PageId> = pages.iter().map(PageId::of).collect();
-        let batch: Vec<(PageId, &[u8])> = ids
-            .iter()
-            .copied()
-            .zip(pages.iter().map(|p| &p[..]))
-            .collect();
-        store.put_many(&batch[..3]).unwrap();
-        store.add_root("snap-1", &ids[..2]).unwrap();
-        store.checkpoint().unwrap();
-        store.put_many(&batch[3..]).unwrap();
-        store.incref(&ids[4..]).unwrap();
-    }
 
     #[test]
     fn a_described_store_is_written_back_the_same() {
         let tmp = tempfile::tempdir().unwrap();
         let original = tmp.path().join("a");
-        real_store(&original);
+        sample_store(&original).unwrap();
         let input = describe(&original).unwrap();
         let copy = tmp.path().join("b");
         write_store(&copy, &input).unwrap();
@@ -323,7 +325,7 @@ mod tests {
     #[test]
     fn the_harness_runs_a_real_store_through_its_checks() {
         let tmp = tempfile::tempdir().unwrap();
-        real_store(&tmp.path().join("a"));
+        sample_store(&tmp.path().join("a")).unwrap();
         let input = describe(&tmp.path().join("a")).unwrap();
         run_open(&tmp.path().join("b"), &input);
         let store = Store::open_with(tmp.path().join("b"), OPTIONS).unwrap();
