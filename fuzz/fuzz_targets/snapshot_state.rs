@@ -21,6 +21,10 @@ use vmm::snapshot::format;
 use vmm::snapshot::restore::Loaded;
 use vmm::virtio::VirtioDeviceState;
 
+#[path = "common/interrupt.rs"]
+mod interrupt;
+use interrupt::NoInterrupt;
+
 /// Largest disk made for a restored block device (sparse): 1 GiB.
 const MAX_SECTORS: u64 = 1 << 21;
 
@@ -73,18 +77,6 @@ fn frame(body: &[u8]) -> Vec<u8> {
     out.extend_from_slice(body);
     out.extend_from_slice(blake3::hash(body).as_bytes());
     out
-}
-
-#[derive(Debug)]
-struct NoInterrupt;
-
-impl Interrupt for NoInterrupt {
-    fn signal_used_queue(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn signal_config(&self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// Restores one device over 4 MiB of guest memory and notifies each of its queues.

@@ -5,9 +5,12 @@
 
 use std::sync::Arc;
 
-use devices::virtio::{GuestMemoryMmap, Interrupt, MmioTransport, VirtioDevice};
+use devices::virtio::{GuestMemoryMmap, MmioTransport, VirtioDevice};
 use devices::BusDevice;
 use vm_memory::{Bytes, GuestAddress};
+
+mod interrupt;
+use interrupt::NoInterrupt;
 
 /// Guest RAM that buffers point into: 1 MiB at 0.
 pub const MEM_SIZE: u64 = 0x10_0000;
@@ -25,18 +28,6 @@ const USED: u64 = RINGS + 0x2000;
 const IDLE_RINGS: u64 = RINGS + 0x3000;
 /// Where the rest of the input lands, for headers and frames to point at.
 pub const DATA: u64 = 0x4000;
-
-#[derive(Debug)]
-struct NoInterrupt;
-
-impl Interrupt for NoInterrupt {
-    fn signal_used_queue(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn signal_config(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Reads fixed-size pieces off the input, zero-padded once it runs out.
 pub struct Input<'a>(pub &'a [u8]);
