@@ -198,60 +198,27 @@ fn bad_jail_arguments_give_one_line() {
     }
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().to_str().unwrap();
-    let cases: [&[&str]; 4] = [
-        &[
-            "jail",
-            "--uid",
-            "0",
-            "--gid",
-            "0",
-            "--chroot-base",
-            base,
-            "--",
-            "--kernel",
-            "/k",
-        ],
-        &[
-            "jail",
-            "--uid",
-            "1",
-            "--gid",
-            "1",
-            "--chroot-base",
-            base,
-            "--",
-            "--kernel",
-            "/no/such/kernel",
-        ],
-        &[
-            "jail",
-            "--uid",
-            "1",
-            "--gid",
-            "1",
-            "--chroot-base",
-            "relative",
-            "--",
-            "--kernel",
-            "/k",
-        ],
-        &[
-            "jail",
-            "--uid",
-            "1",
-            "--gid",
-            "1",
-            "--chroot-base",
-            base,
-            "--",
-            "ctl",
-            "--api-sock",
-            "/a",
-            "status",
-        ],
+    // (uid and gid, chroot base, what to run): uid 0, a missing kernel, a relative base,
+    // and a command that is not a VM.
+    let cases: [(&str, &str, &[&str]); 4] = [
+        ("0", base, &["--kernel", "/k"]),
+        ("1", base, &["--kernel", "/no/such/kernel"]),
+        ("1", "relative", &["--kernel", "/k"]),
+        ("1", base, &["ctl", "--api-sock", "/a", "status"]),
     ];
-    for args in cases {
-        let line = expect_error(Vm::start(args));
+    for (id, chroot, run) in cases {
+        let mut args = vec![
+            "jail",
+            "--uid",
+            id,
+            "--gid",
+            id,
+            "--chroot-base",
+            chroot,
+            "--",
+        ];
+        args.extend_from_slice(run);
+        let line = expect_error(Vm::start(&args));
         assert!(line.starts_with("fabvm: jail: "), "{args:?}: {line}");
     }
 }
