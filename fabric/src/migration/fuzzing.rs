@@ -297,7 +297,7 @@ pub fn run_receiver(data: &[u8]) -> bool {
                 (Some(_), None) => panic!("frame {gfn:#x} in the manifest but not installed"),
             }
         }
-        return receiver.ready().is_ok() && receiver.confirm_resumed().is_ok();
+        return receiver.confirm_resumed().is_ok();
     }
     false
 }
@@ -405,7 +405,6 @@ pub fn seed_inputs() -> Vec<Vec<u8>> {
         (MsgType::RoundEnd, end2),
         (MsgType::State, state_msg),
         (MsgType::Complete, complete),
-        (MsgType::Commit, Vec::new()),
     ];
     seeds.push(push(&frames, 2));
     let mut describe = Vec::new();

@@ -145,10 +145,14 @@ mod error;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 mod layout;
+pub mod ranges;
 mod receiver;
+mod rx_ranges;
 mod rx_state;
 mod sender;
 mod stats;
+mod tx_push;
+mod tx_ranges;
 pub mod wire;
 
 #[cfg(test)]
@@ -166,6 +170,7 @@ use crate::manifest::Region;
 use crate::store::Store;
 
 pub use error::{KeyError, MigrationError};
+pub use ranges::RangeIndex;
 pub use receiver::{ReceivedVm, Receiver};
 pub use sender::Sender;
 pub use stats::{MigrationStats, ReceiverStats, RoundStats};
@@ -233,6 +238,18 @@ pub trait PageSource: Sync {
     fn fetch_at(&self, gfn: u64, id: &PageId, out: &mut Page) -> bool {
         let _ = gfn;
         self.fetch(id, out)
+    }
+
+    /// The digests of the ranges of pages this host holds, with their identities, for
+    /// answering range summaries; `None` (the default) answers none from here.
+    fn ranges(&self) -> Option<&RangeIndex> {
+        None
+    }
+
+    /// Whether this host may hold any page the source has. `false` makes the receiver
+    /// ask the source to push every page at once instead of describing them.
+    fn holds_any(&self) -> bool {
+        true
     }
 
     /// True when every page this source returns has been checked against its identity
@@ -308,6 +325,10 @@ pub struct NoPages;
 
 impl PageSource for NoPages {
     fn fetch(&self, _id: &PageId, _out: &mut Page) -> bool {
+        false
+    }
+
+    fn holds_any(&self) -> bool {
         false
     }
 }

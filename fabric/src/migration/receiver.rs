@@ -1,6 +1,6 @@
 //! The destination end: answers each offer with the pages it lacks after taking what it
 //! holds (this migration's earlier pages, the host's [`PageSource`]), verifies every page
-//! before installing it, and checks the whole guest is covered before it says `Ready`.
+//! before installing it, and checks the whole guest is covered before the VMM may resume it.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
@@ -19,7 +19,8 @@ use crate::identity::PAGE_SIZE;
 use crate::manifest::Manifest;
 
 /// What the destination has once the source completed: the guest's memory is installed
-/// (through the [`GuestSink`]); the VMM restores `state`, then calls [`Receiver::ready`].
+/// (through the [`GuestSink`]); the VMM restores `state`, resumes the guest, then calls
+/// [`Receiver::confirm_resumed`].
 #[derive(Debug)]
 pub struct ReceivedVm {
     /// The VM as the source described it.
@@ -37,9 +38,9 @@ pub struct ReceivedVm {
 ///
 /// [`Receiver::accept`] authenticates the source and reads the VM's description; the VMM
 /// prepares guest memory and calls [`Receiver::receive`] (or [`Receiver::abort`]); once
-/// it has restored the returned state, [`Receiver::ready`] waits for `Commit`; after
-/// resuming the guest, [`Receiver::confirm_resumed`] sends `Ack`. On any error before
-/// `Commit` the VMM discards the guest; the receiver is unusable after an error.
+/// it has restored the returned state and resumed the guest (the source committed with
+/// `Complete`), [`Receiver::confirm_resumed`] sends `Ack`. On any error before that the VMM
+/// discards the guest; the receiver is unusable after an error.
 #[derive(Debug)]
 pub struct Receiver<S: Read + Write> {
     ch: Channel<S>,
@@ -56,7 +57,6 @@ enum Phase {
     Described,
     Receiving,
     Completed,
-    Committed,
     Done,
     Failed,
 }
@@ -133,6 +133,11 @@ impl<S: Read + Write> Receiver<S> {
                 manifest,
                 covered: Bitmap::new(total),
                 seen: Bitmap::new(total),
+                expect: vec![0; total as usize],
+                expected: 0,
+                examined: 0,
+                found: 0,
+                holds_any: source.holds_any(),
                 stale: Bitmap::new(total),
                 have: HashMap::new(),
                 round: 1,
@@ -165,6 +170,14 @@ impl<S: Read + Write> Receiver<S> {
                             r.ch.commit(MsgType::Need)?;
                         }
                     }
+                    (MsgType::Summary, payload) => {
+                        let summary = wire::Summary::decode(payload)?;
+                        let (flags, answers) = rx.summary(&summary, &r.layout, stats, source, sink)?;
+                        let answers: Vec<_> = answers.iter().map(|a| a.wire()).collect();
+                        wire::encode_answer(r.ch.begin(), summary.batch, flags, &answers);
+                        r.ch.commit(MsgType::Answer)?;
+                    }
+                    (MsgType::Push, payload) => rx.push(payload, &r.layout, stats, sink)?,
                     (MsgType::Pages, payload) => rx.pages(payload, &r.layout, stats, sink)?,
                     (MsgType::RoundEnd, payload) => rx.round_end(payload, &r.limits, stats)?,
                     (MsgType::State, payload) => rx.state(payload, &r.limits)?,
@@ -188,32 +201,14 @@ impl<S: Read + Write> Receiver<S> {
         })
     }
 
-    /// Tells the source the guest is installed and its state restored (`Ready`), and
-    /// waits for `Commit`. After `Ok` the VMM resumes the guest, then calls
-    /// [`Receiver::confirm_resumed`]; after an error it discards the guest.
-    pub fn ready(&mut self) -> Result<(), MigrationError> {
-        self.guard(|r| {
-            if r.phase != Phase::Completed {
-                return Err(MigrationError::Misuse(
-                    "ready before the migration completed",
-                ));
-            }
-            r.ch.send(MsgType::Ready, &[])?;
-            match r.ch.recv()? {
-                (MsgType::Commit, payload) => wire::expect_empty(payload, "Commit")?,
-                other => return Err(unexpected(other, "while waiting for Commit")),
-            }
-            r.phase = Phase::Committed;
-            Ok(())
-        })
-    }
-
     /// Sends `Ack`: the guest runs here now and the source may exit. If this fails the
     /// source will resume its copy, so the VMM must stop the guest here.
     pub fn confirm_resumed(&mut self) -> Result<ReceiverStats, MigrationError> {
         self.guard(|r| {
-            if r.phase != Phase::Committed {
-                return Err(MigrationError::Misuse("confirm_resumed before Commit"));
+            if r.phase != Phase::Completed {
+                return Err(MigrationError::Misuse(
+                    "confirm_resumed before the migration completed",
+                ));
             }
             r.ch.send(MsgType::Ack, &[])?;
             r.phase = Phase::Done;

@@ -7,6 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use rayon::prelude::*;
 
 use super::layout::{Bitmap, Layout};
+use super::ranges::EVIDENCE_PAGES;
 use super::stats::ReceiverStats;
 use super::wire::{self, Body, Complete, OfferView, PAGES_PER_MESSAGE};
 use super::{FetchResult, GuestSink, Limits, MigrationError, PageSource};
@@ -22,6 +23,16 @@ pub(super) struct RxState {
     pub(super) covered: Bitmap,
     /// Frames offered in the current round.
     pub(super) seen: Bitmap,
+    /// Per frame (dense index): what the destination asked the source to send for it in
+    /// this round (an [`Expect`] as u8), and how many such frames are outstanding.
+    pub(super) expect: Vec<u8>,
+    pub(super) expected: u64,
+    /// Pages this migration looked up one by one or by range, and of those found here:
+    /// the evidence for pushing instead of offering.
+    pub(super) examined: u64,
+    pub(super) found: u64,
+    /// Whether the host holds any page at all ([`PageSource::holds_any`]).
+    pub(super) holds_any: bool,
     /// Frames whose last page arrived not matching its identity (changed at the source
     /// after it was offered, or damaged on the way): a later round must offer them again.
     pub(super) stale: Bitmap,
@@ -59,6 +70,20 @@ pub(super) struct Needed {
     pub(super) next: usize,
 }
 
+/// What the destination asked the source to send for a frame this round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(super) enum Expect {
+    /// Nothing (the frame is not in this round yet, or is settled).
+    Nothing = 0,
+    /// A sub-range summary covering it.
+    SubRange = 1,
+    /// An offer of its identity.
+    Offer = 2,
+    /// Its content, in a push.
+    Push = 3,
+}
+
 /// What to do for one page of an offer, in offer order.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Action {
@@ -88,15 +113,7 @@ impl RxState {
         source: &dyn PageSource,
         sink: &mut dyn GuestSink,
     ) -> Result<Option<(u32, usize)>, MigrationError> {
-        if offer.batch != self.next_batch {
-            return Err(bad("Offer", "batch out of order"));
-        }
-        if offer.round != self.round {
-            return Err(bad("Offer", "wrong round"));
-        }
-        self.round_open = true;
-        self.next_batch += 1;
-        self.batches_in_round += 1;
+        self.open_batch("Offer", offer.batch, offer.round)?;
         let n = offer.id_count();
         self.actions.clear();
         self.fetch.clear();
@@ -124,14 +141,7 @@ impl RxState {
             }
             for k in 0..count {
                 let gfn = run.first + k;
-                if self.seen.test_and_set(base + k) {
-                    return Err(MigrationError::DuplicateGfn {
-                        gfn,
-                        round: self.round,
-                    });
-                }
-                self.covered.test_and_set(base + k);
-                self.stale.unset(base + k);
+                self.arrive(base + k, gfn, Expect::Offer)?;
                 let current = self.manifest.get(gfn).flatten();
                 if run.zero {
                     stats.pages_zero += 1;
@@ -145,46 +155,86 @@ impl RxState {
                 if id.is_zero_page() {
                     return Err(bad("Offer", "zero page offered as data"));
                 }
-                if current == Some(id) {
-                    stats.pages_unchanged += 1;
-                } else {
-                    if let Some(old) = current {
-                        self.forget(old, gfn);
-                    }
-                    match self.have.get(&id) {
-                        Some(&from) => self.actions.push(Action::Copy { from, to: gfn, id }),
-                        None => {
-                            self.actions.push(Action::Fetch {
-                                slot: self.fetch.len(),
-                                entry,
-                            });
-                            self.fetch.push((gfn, id));
-                            // An empty frame is no copy's source: it may be filled directly.
-                            self.direct.push(current.is_none());
-                        }
-                    }
-                }
+                self.plan(gfn, id, entry, stats);
                 entry += 1;
             }
         }
 
-        // Fetch and verify what the host holds, on all cores.
+        let mut needed = Vec::new();
+        for (entry, gfn, id) in self.act(stats, source, sink) {
+            stats.pages_needed += 1;
+            self.need_bits[entry / 8] |= 1 << (entry % 8);
+            needed.push((gfn, id));
+        }
+        self.evidence(n as u64, (n - needed.len()) as u64);
+        if !needed.is_empty() {
+            if self.outstanding.len() >= limits.max_window as usize {
+                return Err(MigrationError::TooLarge {
+                    what: "offers awaiting pages",
+                    len: self.outstanding.len() as u64 + 1,
+                    limit: limits.max_window.into(),
+                });
+            }
+            self.outstanding.push_back(Needed {
+                batch: offer.batch,
+                entries: needed,
+                next: 0,
+            });
+        }
+        Ok((n > 0).then_some((offer.batch, n)))
+    }
+
+    /// Decides how `gfn` gets `id` without the source (pass 1): already there, a copy of a
+    /// page received earlier, or a fetch from the host; `entry` names it in the answer.
+    /// The frame stops being a copy source at once, so later decisions never copy from it.
+    pub(super) fn plan(&mut self, gfn: u64, id: PageId, entry: usize, stats: &mut ReceiverStats) {
+        let current = self.manifest.get(gfn).flatten();
+        if current == Some(id) {
+            stats.pages_unchanged += 1;
+            return;
+        }
+        if let Some(old) = current {
+            self.forget(old, gfn);
+        }
+        match self.have.get(&id) {
+            Some(&from) => self.actions.push(Action::Copy { from, to: gfn, id }),
+            None => {
+                self.actions.push(Action::Fetch {
+                    slot: self.fetch.len(),
+                    entry,
+                });
+                self.fetch.push((gfn, id));
+                // An empty frame is no copy's source: it may be filled directly.
+                self.direct.push(current.is_none());
+            }
+        }
+    }
+
+    /// Carries out the planned actions (pass 2): fetches and verifies what the host holds,
+    /// on all cores, then zeroes, copies and installs in plan order. Returns
+    /// `(entry, gfn, id)` of each page the host could not give.
+    pub(super) fn act(
+        &mut self,
+        stats: &mut ReceiverStats,
+        source: &dyn PageSource,
+        sink: &mut dyn GuestSink,
+    ) -> Vec<(usize, u64, PageId)> {
         let m = self.fetch.len();
         if self.fetch_buf.len() < m * PAGE_SIZE {
             self.fetch_buf.resize(m * PAGE_SIZE, 0);
         }
         self.fetch_result.clear();
         self.fetch_result.resize(m, FetchResult::Absent);
-        source.fetch_batch(
-            &self.fetch,
-            &self.direct,
-            sink.frames(),
-            &mut self.fetch_buf[..m * PAGE_SIZE],
-            &mut self.fetch_result,
-        );
-
-        // Pass 2: act, in offer order.
-        let mut needed = Vec::new();
+        if m > 0 {
+            source.fetch_batch(
+                &self.fetch,
+                &self.direct,
+                sink.frames(),
+                &mut self.fetch_buf[..m * PAGE_SIZE],
+                &mut self.fetch_result,
+            );
+        }
+        let mut missing = Vec::new();
         let actions = std::mem::take(&mut self.actions);
         for action in &actions {
             match *action {
@@ -218,30 +268,17 @@ impl RxState {
                         }
                         result => {
                             stats.fetch_mismatches += u64::from(result == FetchResult::Mismatch);
-                            stats.pages_needed += 1;
-                            self.need_bits[entry / 8] |= 1 << (entry % 8);
-                            needed.push((gfn, id));
+                            missing.push((entry, gfn, id));
                         }
                     }
                 }
             }
         }
         self.actions = actions;
-        if !needed.is_empty() {
-            if self.outstanding.len() >= limits.max_window as usize {
-                return Err(MigrationError::TooLarge {
-                    what: "offers awaiting pages",
-                    len: self.outstanding.len() as u64 + 1,
-                    limit: limits.max_window.into(),
-                });
-            }
-            self.outstanding.push_back(Needed {
-                batch: offer.batch,
-                entries: needed,
-                next: 0,
-            });
-        }
-        Ok((n > 0).then_some((offer.batch, n)))
+        self.actions.clear();
+        self.fetch.clear();
+        self.direct.clear();
+        missing
     }
 
     /// Handles pages the source sent: decodes and verifies them all against their
@@ -341,6 +378,59 @@ impl RxState {
         Ok(())
     }
 
+    /// Checks an offer's or summary's batch and round numbers and counts it.
+    pub(super) fn open_batch(&mut self, what: &'static str, batch: u32, round: u32) -> Result<(), MigrationError> {
+        if batch != self.next_batch {
+            return Err(bad(what, "batch out of order"));
+        }
+        if round != self.round {
+            return Err(bad(what, "wrong round"));
+        }
+        self.round_open = true;
+        self.next_batch += 1;
+        self.batches_in_round += 1;
+        Ok(())
+    }
+
+    /// Frame `gfn` (dense index `index`) arrives in a message of kind `kind`: either new in
+    /// this round, or one the destination asked for in that form.
+    pub(super) fn arrive(&mut self, index: u64, gfn: u64, kind: Expect) -> Result<(), MigrationError> {
+        if self.seen.test_and_set(index) {
+            if kind == Expect::Nothing || self.expect[index as usize] != kind as u8 {
+                return Err(MigrationError::DuplicateGfn {
+                    gfn,
+                    round: self.round,
+                });
+            }
+            self.expected -= 1;
+        } else {
+            self.covered.test_and_set(index);
+        }
+        self.expect[index as usize] = Expect::Nothing as u8;
+        self.stale.unset(index);
+        Ok(())
+    }
+
+    /// Asks for frame `index` in the form `kind` before the round ends.
+    pub(super) fn ask(&mut self, index: u64, kind: Expect) {
+        if self.expect[index as usize] == Expect::Nothing as u8 {
+            self.expected += 1;
+        }
+        self.expect[index as usize] = kind as u8;
+    }
+
+    /// Records that of `examined` pages looked up, `found` were here.
+    pub(super) fn evidence(&mut self, examined: u64, found: u64) {
+        self.examined += examined;
+        self.found += found;
+    }
+
+    /// Whether the source should push pages rather than describe them: the host holds
+    /// nothing, or of the first [`EVIDENCE_PAGES`] or more looked up, under 2% were here.
+    pub(super) fn push_mode(&self) -> bool {
+        !self.holds_any || (self.examined >= EVIDENCE_PAGES && self.found * 50 < self.examined)
+    }
+
     /// `gfn` got a page that did not match its identity: it holds zeros until offered again.
     pub(super) fn spoil(&mut self, gfn: u64, layout: &Layout, sink: &mut dyn GuestSink) {
         if let Some(old) = self.manifest.get(gfn).flatten() {
@@ -363,7 +453,7 @@ impl RxState {
         if round != self.round || batches != self.batches_in_round {
             return Err(bad("RoundEnd", "does not match the offers received"));
         }
-        if !self.outstanding.is_empty() {
+        if !self.outstanding.is_empty() || self.expected != 0 {
             return Err(bad("RoundEnd", "pages still outstanding"));
         }
         if round >= limits.max_rounds {
@@ -420,7 +510,7 @@ impl RxState {
         c: &Complete,
         layout: &Layout,
     ) -> Result<(Manifest, Vec<u8>), MigrationError> {
-        if self.round_open || !self.outstanding.is_empty() {
+        if self.round_open || !self.outstanding.is_empty() || self.expected != 0 {
             return Err(MigrationError::Unexpected {
                 got: "Complete",
                 when: "inside a round",

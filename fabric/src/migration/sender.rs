@@ -9,9 +9,10 @@ use rayon::prelude::*;
 
 use super::channel::{Channel, HelloParams};
 use super::layout::{Bitmap, Layout};
+use super::ranges::EVIDENCE_PAGES;
 use super::stats::{MigrationStats, RoundStats};
 use super::wire::{
-    self, Body, Complete, MsgType, NeedView, PageEntry, Role, Run, COMPRESS_BUF, FEATURE_LZ4,
+    self, Body, Complete, MsgType, NeedView, PageEntry, RangeSummary, Role, Run, COMPRESS_BUF, FEATURE_LZ4,
     MAX_RUN, PAGES_PER_MESSAGE, STATE_CHUNK, VERSION_MAX, VERSION_MIN,
 };
 use super::{Compression, MigrationError, MigrationKey, SenderConfig, Transport, VmDescription};
@@ -27,35 +28,52 @@ const SPARSE_PROBE: usize = 16;
 /// leaves the sender unusable and means the guest must resume on the source.
 #[derive(Debug)]
 pub struct Sender<S: Transport> {
-    ch: Channel<S>,
-    config: SenderConfig,
+    pub(super) ch: Channel<S>,
+    pub(super) config: SenderConfig,
     /// Ids per offer, offers in flight and runs per offer, as negotiated.
-    batch: usize,
-    window: usize,
-    max_runs: usize,
-    lz4: bool,
+    pub(super) batch: usize,
+    pub(super) window: usize,
+    pub(super) max_runs: usize,
+    pub(super) lz4: bool,
     phase: Phase,
-    layout: Option<Layout>,
+    pub(super) layout: Option<Layout>,
     /// Frames offered in the current round.
-    seen: Bitmap,
+    pub(super) seen: Bitmap,
     /// Rounds started.
-    round: u32,
-    next_batch: u32,
-    stats: MigrationStats,
-    /// Offers sent and not yet answered, oldest first.
-    pending: VecDeque<Batch>,
+    pub(super) round: u32,
+    pub(super) next_batch: u32,
+    pub(super) stats: MigrationStats,
+    /// Offers and summaries sent and not yet answered, oldest first.
+    pub(super) pending: VecDeque<Pending>,
+    /// The destination asked for later rounds' pages to be pushed, not offered.
+    pub(super) push_later: bool,
+    /// The first round's identities by dense index (what summaries were made of).
+    pub(super) round_ids: Vec<Option<PageId>>,
+    /// Sub-ranges to summarize, and `(first index, pages)` ranges to offer page by page,
+    /// as the destination asked.
+    pub(super) subs: VecDeque<RangeSummary>,
+    pub(super) to_offer: VecDeque<(u64, u32)>,
+    /// The destination has looked pages up one by one (so it can judge whether to ask for
+    /// the rest by push).
+    pub(super) evidence: bool,
+    /// Identities the destination answered one by one.
+    looked_up: u64,
+    /// In the first round's summaries (whose pages were counted when summarized).
+    pub(super) describing: bool,
+    /// Identities pushed in this round (later copies go as references).
+    pub(super) pushed: HashSet<PageId>,
     /// The offer being built.
-    runs: Vec<Run>,
-    ids: Vec<PageId>,
-    gfns: Vec<u64>,
+    pub(super) runs: Vec<Run>,
+    pub(super) ids: Vec<PageId>,
+    pub(super) gfns: Vec<u64>,
     /// The end (exclusive) of the region holding the last run.
-    run_end: u64,
+    pub(super) run_end: u64,
     /// Identities whose content was sent in this round (later copies go as references).
-    sent: HashSet<PageId>,
-    scratch: Scratch,
+    pub(super) sent: HashSet<PageId>,
+    pub(super) scratch: Scratch,
     /// Few pages compressed lately: try only one in [`SPARSE_PROBE`].
-    lz4_sparse: bool,
-    free: Vec<Vec<(u64, PageId)>>,
+    pub(super) lz4_sparse: bool,
+    pub(super) free: Vec<Vec<(u64, PageId)>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,27 +84,32 @@ enum Phase {
     Failed,
 }
 
+/// An offer or a summary awaiting its answer.
 #[derive(Debug)]
-struct Batch {
-    id: u32,
-    entries: Vec<(u64, PageId)>,
+pub(super) enum Pending {
+    /// An offer: `(gfn, identity)` of its data pages.
+    Offer { id: u32, entries: Vec<(u64, PageId)> },
+    /// A summary: `(first index, pages)` of its ranges, and its level.
+    Summary { id: u32, level: u8, ranges: Vec<(u64, u32)> },
 }
 
 /// Buffers for one `Pages` message's pages, reused.
 #[derive(Debug, Default)]
-struct Scratch {
-    pages: Vec<u8>,
-    comp: Vec<[u8; COMPRESS_BUF]>,
-    slots: Vec<Slot>,
+pub(super) struct Scratch {
+    pub(super) pages: Vec<u8>,
+    pub(super) comp: Vec<[u8; COMPRESS_BUF]>,
+    pub(super) slots: Vec<Slot>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
-struct Slot {
+pub(super) struct Slot {
     /// The page read is zero (now).
-    zero: bool,
+    pub(super) zero: bool,
     /// Length of the lz4 block in `comp`, when compression paid.
-    compressed: Option<usize>,
+    pub(super) compressed: Option<usize>,
     tried: bool,
+    /// Its identity as read, when asked for (pushes).
+    pub(super) id: Option<PageId>,
 }
 
 impl<S: Transport> Sender<S> {
@@ -135,6 +158,14 @@ impl<S: Transport> Sender<S> {
             next_batch: 0,
             stats: MigrationStats::default(),
             pending: VecDeque::new(),
+            push_later: false,
+            round_ids: Vec::new(),
+            subs: VecDeque::new(),
+            to_offer: VecDeque::new(),
+            describing: false,
+            evidence: false,
+            looked_up: 0,
+            pushed: HashSet::new(),
             runs: Vec::new(),
             ids: Vec::new(),
             gfns: Vec::new(),
@@ -187,10 +218,12 @@ impl<S: Transport> Sender<S> {
         self.guard(|s| s.round_inner(pages, read_page, false))
     }
 
-    /// Stop-and-copy, with the guest paused: a last round over `last_dirty`, then `state`
-    /// (the vCPU and device state blob), then `Complete`; waits for `Ready`, sends
-    /// `Commit` and waits for `Ack`. Returns only after `Ack`: on any error the guest must
-    /// resume on the source.
+    /// Stop-and-copy, with the guest paused: pushes the pages of `last_dirty` (their
+    /// identities are not needed: pushed pages are hashed as they are read) without waiting
+    /// for any answer, then `state` (the vCPU and device state blob), then `Complete`,
+    /// which commits: the destination checks everything, restores and resumes the guest,
+    /// and answers `Ack`. Returns only after `Ack`: on any error the guest must resume on
+    /// the source.
     pub fn finish<I, F>(
         &mut self,
         last_dirty: I,
@@ -206,7 +239,7 @@ impl<S: Transport> Sender<S> {
                 return Err(MigrationError::Misuse("state blob over the limit"));
             }
             let start = Instant::now();
-            s.round_inner(last_dirty, read_page, true)?;
+            s.round_inner(last_dirty.into_iter().map(|(gfn, _)| (gfn, None)), read_page, true)?;
             let total = state.len() as u64;
             for (i, chunk) in state.chunks(STATE_CHUNK).enumerate() {
                 wire::encode_state(s.ch.begin(), total, (i * STATE_CHUNK) as u64, chunk);
@@ -220,18 +253,13 @@ impl<S: Transport> Sender<S> {
             };
             complete.encode(s.ch.begin());
             s.ch.commit(MsgType::Complete)?;
-            match s.ch.recv()? {
-                (MsgType::Ready, payload) => wire::expect_empty(payload, "Ready")?,
-                other => return Err(unexpected(other, "while waiting for Ready")),
-            }
-            let ready = Instant::now();
-            s.ch.send(MsgType::Commit, &[])?;
+            let sent = Instant::now();
             match s.ch.recv()? {
                 (MsgType::Ack, payload) => wire::expect_empty(payload, "Ack")?,
                 other => return Err(unexpected(other, "while waiting for Ack")),
             }
-            s.stats.stop_copy_us = (ready - start).as_micros() as u64;
-            s.stats.commit_us = ready.elapsed().as_micros() as u64;
+            s.stats.stop_copy_us = (sent - start).as_micros() as u64;
+            s.stats.commit_us = sent.elapsed().as_micros() as u64;
             s.stats.set_counters(&s.ch.counters);
             s.phase = Phase::Done;
             Ok(s.stats.clone())
@@ -295,29 +323,29 @@ impl<S: Transport> Sender<S> {
         );
         self.seen.clear();
         self.sent.clear();
-        let mut batches = 0u32;
-        for (gfn, id) in pages {
-            let layout = self.layout.as_ref().expect("described");
-            let idx = layout
-                .index(gfn)
-                .ok_or(MigrationError::GfnOutOfRange { gfn })?;
-            if self.seen.test_and_set(idx) {
-                return Err(MigrationError::DuplicateGfn { gfn, round });
+        self.pushed.clear();
+        let first_batch = self.next_batch;
+        if round == 1 && !last {
+            self.summary_round(pages, read_page)?;
+        } else if last || self.push_later {
+            let frames = self.frames_of(pages.into_iter().map(|(gfn, _)| gfn))?;
+            self.push_pages(&frames, read_page)?;
+        } else {
+            for (gfn, id) in pages {
+                self.check_frame(gfn)?;
+                self.push_entry(gfn, id.filter(|id| !id.is_zero_page()));
+                if self.ids.len() >= self.batch || self.runs.len() >= self.max_runs {
+                    self.flush_offer(round, read_page)?;
+                }
             }
-            let id = id.filter(|id| !id.is_zero_page());
-            self.push_entry(gfn, id);
-            if self.ids.len() >= self.batch || self.runs.len() >= self.max_runs {
+            if !self.runs.is_empty() {
                 self.flush_offer(round, read_page)?;
-                batches += 1;
+            }
+            while !self.pending.is_empty() {
+                self.answer(read_page)?;
             }
         }
-        if !self.runs.is_empty() {
-            self.flush_offer(round, read_page)?;
-            batches += 1;
-        }
-        while !self.pending.is_empty() {
-            self.answer(read_page)?;
-        }
+        let batches = self.next_batch - first_batch;
         wire::encode_round_end(self.ch.begin(), round, batches);
         self.ch.commit(MsgType::RoundEnd)?;
         let stats = RoundStats {
@@ -335,7 +363,7 @@ impl<S: Transport> Sender<S> {
     }
 
     /// Adds a page to the offer being built, extending the last run when it can.
-    fn push_entry(&mut self, gfn: u64, id: Option<PageId>) {
+    pub(super) fn push_entry(&mut self, gfn: u64, id: Option<PageId>) {
         let zero = id.is_none();
         match self.runs.last_mut() {
             Some(run)
@@ -362,7 +390,7 @@ impl<S: Transport> Sender<S> {
     }
 
     /// Sends the offer built so far; then, while the window is full, handles answers.
-    fn flush_offer<F>(&mut self, round: u32, read_page: &F) -> Result<(), MigrationError>
+    pub(super) fn flush_offer<F>(&mut self, round: u32, read_page: &F) -> Result<(), MigrationError>
     where
         F: Fn(u64, &mut Page) + Sync,
     {
@@ -370,18 +398,20 @@ impl<S: Transport> Sender<S> {
         self.next_batch += 1;
         wire::encode_offer(self.ch.begin(), batch, round, &self.runs, &self.ids);
         self.ch.commit(MsgType::Offer)?;
-        self.stats.pages_offered += self.ids.len() as u64;
-        self.stats.pages_zero += self
-            .runs
-            .iter()
-            .filter(|r| r.zero)
-            .map(|r| u64::from(r.count))
-            .sum::<u64>();
+        if !self.describing {
+            self.stats.pages_offered += self.ids.len() as u64;
+            self.stats.pages_zero += self
+                .runs
+                .iter()
+                .filter(|r| r.zero)
+                .map(|r| u64::from(r.count))
+                .sum::<u64>();
+        }
         if !self.ids.is_empty() {
             let mut entries = self.free.pop().unwrap_or_default();
             entries.clear();
             entries.extend(self.gfns.iter().copied().zip(self.ids.iter().copied()));
-            self.pending.push_back(Batch { id: batch, entries });
+            self.pending.push_back(Pending::Offer { id: batch, entries });
         }
         self.runs.clear();
         self.ids.clear();
@@ -396,36 +426,65 @@ impl<S: Transport> Sender<S> {
         Ok(())
     }
 
-    /// Reads the answer to the oldest pending offer and sends the pages it asks for.
-    fn answer<F>(&mut self, read_page: &F) -> Result<(), MigrationError>
+    /// Reads the answer to the oldest pending offer or summary and sends the pages it asks
+    /// for (or queues the summaries and offers it asks for).
+    pub(super) fn answer<F>(&mut self, read_page: &F) -> Result<(), MigrationError>
     where
         F: Fn(u64, &mut Page) + Sync,
     {
-        let batch = self.pending.pop_front().expect("an offer is pending");
+        let (id, entries) = match self.pending.pop_front().expect("an offer is pending") {
+            Pending::Offer { id, entries } => (id, entries),
+            Pending::Summary { id, level, ranges } => {
+                return self.summary_answered(id, level, &ranges, read_page)
+            }
+        };
         let needed: Vec<(u64, PageId)> = match self.ch.recv()? {
             (MsgType::Need, payload) => {
                 let need = NeedView::decode(payload)?;
-                if need.batch != batch.id {
+                if need.batch != id {
                     return Err(MigrationError::Malformed {
                         what: "Need",
                         why: "answers another batch",
                     });
                 }
-                batch
-                    .entries
+                entries
                     .iter()
-                    .zip(need.needed(batch.entries.len())?)
+                    .zip(need.needed(entries.len())?)
                     .filter_map(|(e, needed)| needed.then_some(*e))
                     .collect()
             }
             other => return Err(unexpected(other, "while waiting for a Need")),
         };
-        self.stats.pages_found += (batch.entries.len() - needed.len()) as u64;
+        self.stats.pages_found += (entries.len() - needed.len()) as u64;
+        self.looked_up += entries.len() as u64;
+        self.evidence |= self.looked_up >= EVIDENCE_PAGES;
         for (i, chunk) in needed.chunks(PAGES_PER_MESSAGE).enumerate() {
-            self.send_pages(batch.id, (i * PAGES_PER_MESSAGE) as u32, chunk, read_page)?;
+            self.send_pages(id, (i * PAGES_PER_MESSAGE) as u32, chunk, read_page)?;
         }
-        self.free.push(batch.entries);
+        self.free.push(entries);
         Ok(())
+    }
+
+    /// Checks `gfn` is in the guest and not yet in this round.
+    pub(super) fn check_frame(&mut self, gfn: u64) -> Result<u64, MigrationError> {
+        let layout = self.layout.as_ref().expect("described");
+        let idx = layout
+            .index(gfn)
+            .ok_or(MigrationError::GfnOutOfRange { gfn })?;
+        if self.seen.test_and_set(idx) {
+            return Err(MigrationError::DuplicateGfn {
+                gfn,
+                round: self.round,
+            });
+        }
+        Ok(idx)
+    }
+
+    /// `frames` checked (in the guest, each once this round) and collected.
+    fn frames_of(&mut self, frames: impl Iterator<Item = u64>) -> Result<Vec<u64>, MigrationError> {
+        frames
+            .map(|gfn| self.check_frame(gfn).map(|_| gfn))
+            .collect()
     }
 
     /// Sends one `Pages` message for `chunk`, needed entries `first..` of `batch`.
@@ -444,7 +503,8 @@ impl<S: Transport> Sender<S> {
     where
         F: Fn(u64, &mut Page) + Sync,
     {
-        self.prepare(chunk, read_page);
+        let gfns: Vec<u64> = chunk.iter().map(|&(gfn, _)| gfn).collect();
+        self.prepare(&gfns, read_page, false);
         let mut entries = Vec::with_capacity(chunk.len());
         for (i, &(_, offered)) in chunk.iter().enumerate() {
             let slot = self.scratch.slots[i];
@@ -474,8 +534,9 @@ impl<S: Transport> Sender<S> {
     }
 
     /// Reads and (when enabled) compresses the pages of `chunk` on all cores, into the
-    /// scratch buffers; adapts how many pages compression is tried on.
-    fn prepare<F>(&mut self, chunk: &[(u64, PageId)], read_page: &F)
+    /// scratch buffers, hashing each when `identify`; adapts how many pages compression is
+    /// tried on.
+    pub(super) fn prepare<F>(&mut self, chunk: &[u64], read_page: &F, identify: bool)
     where
         F: Fn(u64, &mut Page) + Sync,
     {
@@ -500,7 +561,7 @@ impl<S: Transport> Sender<S> {
             .zip(chunk.par_iter())
             .enumerate()
             .with_min_len(16)
-            .for_each(|(i, (((page, comp), slot), &(gfn, _)))| {
+            .for_each(|(i, (((page, comp), slot), &gfn))| {
                 let page: &mut Page = page.try_into().expect("a page");
                 read_page(gfn, page);
                 let zero = is_zero(page);
@@ -513,6 +574,7 @@ impl<S: Transport> Sender<S> {
                         None
                     },
                     tried,
+                    id: (identify && !zero).then(|| PageId::of(page)),
                 };
             });
         if self.lz4 {

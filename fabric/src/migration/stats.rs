@@ -58,14 +58,20 @@ pub struct MigrationStats {
     pub pages_changed: u64,
     /// Bytes compression saved against sending those pages raw.
     pub compression_saved_bytes: u64,
+    /// Range summaries sent (top level and sub-ranges), and of those the destination held.
+    pub ranges_summarized: u64,
+    pub ranges_held: u64,
+    /// Pages sent in pushes (without an offer).
+    pub pages_pushed: u64,
     /// Bytes of vCPU and device state sent.
     pub state_bytes: u64,
     /// Rounds, the final one included.
     pub rounds: Vec<RoundStats>,
-    /// Time from the start of [`super::Sender::finish`] to `Ready`, in microseconds
-    /// (final round, state, destination's checks and restore).
+    /// Time from the start of [`super::Sender::finish`] to the last byte of `Complete`
+    /// written, in microseconds (final round and state).
     pub stop_copy_us: u64,
-    /// Time from `Ready` to `Ack`, in microseconds (the destination resuming).
+    /// Time from `Complete` written to `Ack`, in microseconds (the destination's checks,
+    /// restore and resume, and one trip back).
     pub commit_us: u64,
 }
 
@@ -119,6 +125,14 @@ pub struct ReceiverStats {
     /// Pages that arrived not matching their identity (changed at the source after the
     /// offer, or damaged): not installed, and needed again in a later round.
     pub pages_mismatched: u64,
+    /// Range summaries received (top level and sub-ranges).
+    pub ranges_summarized: u64,
+    /// Of those, held here (wholly, or but for a few pages asked for).
+    pub ranges_held: u64,
+    /// Pages installed from ranges held here.
+    pub pages_held: u64,
+    /// Pages that arrived in pushes (without an offer).
+    pub pages_pushed: u64,
     /// Bytes of vCPU and device state received.
     pub state_bytes: u64,
     /// Rounds completed.

@@ -3,6 +3,7 @@
 //! fake guest in a `Vec<u8>`. No KVM, no root.
 
 mod faults;
+mod ranges;
 mod transfer;
 
 use std::collections::{HashMap, HashSet};
@@ -194,6 +195,10 @@ struct Held {
     pages: HashMap<PageId, Box<Page>>,
     /// Ids for which fetch returns wrong bytes (a sibling VM that changed the page).
     lying: HashSet<PageId>,
+    /// Range digests it answers summaries from.
+    ranges: Option<RangeIndex>,
+    /// Answers that it holds nothing (a host with no VMs and an empty store).
+    empty: bool,
 }
 
 impl Held {
@@ -210,7 +215,31 @@ impl Held {
     }
 }
 
+impl Held {
+    /// Also answers range summaries for the ranges of `guests` (in page order).
+    fn with_ranges(mut self, guests: &[&Guest]) -> Held {
+        let mut index = RangeIndex::new();
+        for g in guests {
+            index.add(
+                (0..g.total())
+                    .map(|i| crate::identity::identify(g.page(g.gfn(i))))
+                    .collect(),
+            );
+        }
+        self.ranges = Some(index);
+        self
+    }
+}
+
 impl PageSource for Held {
+    fn ranges(&self) -> Option<&RangeIndex> {
+        self.ranges.as_ref()
+    }
+
+    fn holds_any(&self) -> bool {
+        !self.empty
+    }
+
     fn fetch(&self, id: &PageId, out: &mut Page) -> bool {
         match self.pages.get(id) {
             Some(p) => {
@@ -286,7 +315,7 @@ fn spawn_destination(
         };
         dest.state = vm.state;
         dest.manifest = Some(vm.manifest);
-        dest.result = r.ready().and_then(|()| r.confirm_resumed());
+        dest.result = r.confirm_resumed();
         dest
     })
 }

@@ -37,6 +37,8 @@ mod control;
 mod describe;
 mod offer;
 mod pages;
+mod push;
+mod ranges;
 #[cfg(test)]
 mod tests;
 
@@ -44,6 +46,8 @@ pub use control::*;
 pub use describe::*;
 pub use offer::*;
 pub use pages::*;
+pub use push::*;
+pub use ranges::*;
 
 use crate::codec::CodecError;
 use crate::identity::PAGE_SIZE;
@@ -53,9 +57,9 @@ use super::{Limits, MigrationError};
 /// First bytes of every migration stream.
 pub const MAGIC: [u8; 8] = *b"FABVMMIG";
 /// Oldest protocol version spoken.
-pub const VERSION_MIN: u16 = 2;
+pub const VERSION_MIN: u16 = 3;
 /// Newest protocol version spoken.
-pub const VERSION_MAX: u16 = 2;
+pub const VERSION_MAX: u16 = 3;
 /// Bytes of a hello.
 pub const HELLO_LEN: usize = 64;
 /// Bytes of a frame header.
@@ -185,14 +189,16 @@ pub enum MsgType {
     State = 20,
     /// Everything sent.
     Complete = 21,
-    /// Resume the guest.
-    Commit = 22,
+    /// Digests over ranges of pages.
+    Summary = 23,
+    /// Pages sent without an offer.
+    Push = 24,
     /// The destination prepared memory.
     Accept = 32,
     /// The ids of a batch the destination lacks.
     Need = 33,
-    /// Pages and state installed.
-    Ready = 34,
+    /// Per range of a summary: held, descend, push or want.
+    Answer = 36,
     /// Guest resumed on the destination.
     Ack = 35,
 }
@@ -210,10 +216,11 @@ impl MsgType {
             19 => RoundEnd,
             20 => State,
             21 => Complete,
-            22 => Commit,
+            23 => Summary,
+            24 => Push,
             32 => Accept,
             33 => Need,
-            34 => Ready,
+            36 => Answer,
             35 => Ack,
             _ => return None,
         })
@@ -231,10 +238,11 @@ impl MsgType {
             RoundEnd => "RoundEnd",
             State => "State",
             Complete => "Complete",
-            Commit => "Commit",
+            Summary => "Summary",
+            Push => "Push",
             Accept => "Accept",
             Need => "Need",
-            Ready => "Ready",
+            Answer => "Answer",
             Ack => "Ack",
         }
     }
@@ -263,7 +271,13 @@ impl MsgType {
             State => 16 + STATE_CHUNK as u64,
             Complete => 48,
             Need => 5 + u64::from(limits.max_batch).div_ceil(8),
-            Commit | Accept | Ready | Ack => 0,
+            Summary => 12 + (MAX_RANGES * RANGE_LEN) as u64,
+            Answer => 8 + MAX_RANGES.div_ceil(4) as u64 + MAX_RANGES as u64 * 64,
+            Push => {
+                let n = PAGES_PER_MESSAGE as u64;
+                48 + n * 12 + n * (3 + 32) + n * PAGE_SIZE as u64
+            }
+            Accept | Ack => 0,
         }
     }
 }

@@ -43,6 +43,13 @@ pub fn encode_pages(out: &mut Vec<u8>, batch: u32, first: u32, entries: &[PageEn
     put_u32(out, batch);
     put_u32(out, first);
     put_u32(out, entries.len() as u32);
+    put_entries(out, entries);
+    seal_at(out, at);
+    put_bodies(out, entries);
+}
+
+/// Appends each entry's tag, new identity and lz4 length.
+pub(super) fn put_entries(out: &mut Vec<u8>, entries: &[PageEntry<'_>]) {
     for entry in entries {
         let kind = match entry.body {
             Body::Raw(_) => TAG_RAW,
@@ -64,8 +71,16 @@ pub fn encode_pages(out: &mut Vec<u8>, batch: u32, first: u32, entries: &[PageEn
             put_u16(out, block.len() as u16);
         }
     }
+}
+
+/// Writes the sealed length (bytes from `at` to here) into the u32 at `at`.
+pub(super) fn seal_at(out: &mut [u8], at: usize) {
     let sealed = (out.len() - at) as u32;
     out[at..at + 4].copy_from_slice(&sealed.to_le_bytes());
+}
+
+/// Appends the entries' bodies, in order.
+pub(super) fn put_bodies(out: &mut Vec<u8>, entries: &[PageEntry<'_>]) {
     for entry in entries {
         match entry.body {
             Body::Raw(page) => out.extend_from_slice(page),
@@ -76,17 +91,18 @@ pub fn encode_pages(out: &mut Vec<u8>, batch: u32, first: u32, entries: &[PageEn
 }
 
 /// How many leading bytes of a `kind` payload the frame MAC covers: all of them, except
-/// for `Pages`, whose bodies follow the sealed length its first four bytes give.
+/// for `Pages` and `Push`, whose bodies follow the sealed length their first four bytes
+/// give.
 pub fn sealed_len(kind: MsgType, payload: &[u8]) -> Result<usize, MigrationError> {
-    if kind != MsgType::Pages {
+    if !matches!(kind, MsgType::Pages | MsgType::Push) {
         return Ok(payload.len());
     }
     let sealed = payload
         .get(..4)
         .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
-        .ok_or(bad("Pages", "truncated"))?;
+        .ok_or(bad(kind.name(), "truncated"))?;
     if !(16..=payload.len()).contains(&sealed) {
-        return Err(bad("Pages", "sealed length out of range"));
+        return Err(bad(kind.name(), "sealed length out of range"));
     }
     Ok(sealed)
 }
@@ -118,35 +134,7 @@ pub fn decode_pages<'a>(
     if count == 0 {
         return Err(bad(WHAT, "no pages"));
     }
-    entries.clear();
-    for _ in 0..count {
-        let tag = r.u8(WHAT).map_err(&m)?;
-        if tag & !(TAG_NEW_ID | 3) != 0 {
-            return Err(bad(WHAT, "unknown entry flags"));
-        }
-        let new_id = if tag & TAG_NEW_ID != 0 {
-            Some(r.id(WHAT).map_err(&m)?)
-        } else {
-            None
-        };
-        let body = match tag & 3 {
-            TAG_RAW => {
-                let bytes = b.take(PAGE_SIZE, WHAT).map_err(&m)?;
-                Body::Raw(bytes.try_into().expect("PAGE_SIZE bytes"))
-            }
-            TAG_LZ4 => {
-                let len = r.u16(WHAT).map_err(&m)? as usize;
-                if len == 0 || len > LZ4_MAX {
-                    return Err(bad(WHAT, "compressed length out of range"));
-                }
-                Body::Lz4(b.take(len, WHAT).map_err(&m)?)
-            }
-            TAG_ZERO if new_id.is_some() => return Err(bad(WHAT, "zero page with an id")),
-            TAG_ZERO => Body::Zero,
-            _ => Body::Known,
-        };
-        entries.push(PageEntry { new_id, body });
-    }
+    read_entries(WHAT, count, &mut r, &mut b, entries)?;
     r.finish().map_err(&m)?;
     b.finish().map_err(&m)?;
     Ok(PagesHeader { batch, first })
@@ -173,4 +161,45 @@ pub fn compress_page(page: &Page, buf: &mut [u8; COMPRESS_BUF]) -> Option<usize>
     lz4_flex::block::compress_into(page, buf)
         .ok()
         .filter(|&len| len <= LZ4_MAX)
+}
+
+/// Reads `count` entries (tags from `r`, bodies from `b`) into `entries` (cleared first).
+pub(super) fn read_entries<'a>(
+    what: &'static str,
+    count: u32,
+    r: &mut Reader<'a>,
+    b: &mut Reader<'a>,
+    entries: &mut Vec<PageEntry<'a>>,
+) -> Result<(), MigrationError> {
+    let m = malformed(what);
+    entries.clear();
+    for _ in 0..count {
+        let tag = r.u8(what).map_err(&m)?;
+        if tag & !(TAG_NEW_ID | 3) != 0 {
+            return Err(bad(what, "unknown entry flags"));
+        }
+        let new_id = if tag & TAG_NEW_ID != 0 {
+            Some(r.id(what).map_err(&m)?)
+        } else {
+            None
+        };
+        let body = match tag & 3 {
+            TAG_RAW => {
+                let bytes = b.take(PAGE_SIZE, what).map_err(&m)?;
+                Body::Raw(bytes.try_into().expect("PAGE_SIZE bytes"))
+            }
+            TAG_LZ4 => {
+                let len = r.u16(what).map_err(&m)? as usize;
+                if len == 0 || len > LZ4_MAX {
+                    return Err(bad(what, "compressed length out of range"));
+                }
+                Body::Lz4(b.take(len, what).map_err(&m)?)
+            }
+            TAG_ZERO if new_id.is_some() => return Err(bad(what, "zero page with an id")),
+            TAG_ZERO => Body::Zero,
+            _ => Body::Known,
+        };
+        entries.push(PageEntry { new_id, body });
+    }
+    Ok(())
 }
