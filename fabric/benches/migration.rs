@@ -245,7 +245,6 @@ fn migrate(mem: &[u8], held: &(dyn PageSource + Sync)) -> u64 {
             let (mut r, desc) = Receiver::accept(b, &key, Limits::default()).unwrap();
             let mut memory = Memory(vec![0u8; desc.regions[0].pages as usize * PAGE_SIZE]);
             r.receive(held, &mut memory).unwrap();
-            r.ready().unwrap();
             r.confirm_resumed().unwrap();
         });
         let mut sender = Sender::connect(a, &key, SenderConfig::default()).unwrap();
@@ -256,7 +255,7 @@ fn migrate(mem: &[u8], held: &(dyn PageSource + Sync)) -> u64 {
         };
         sender.round(identities(0, mem), &read).unwrap();
         let stats = sender
-            .finish(std::iter::empty(), &read, &[0; 4096])
+            .finish(&[], &read, &[0; 4096])
             .unwrap();
         dest.join().unwrap();
         stats.bytes_total()

@@ -275,7 +275,7 @@ fn destination_dies_during_stop_and_copy() {
     if require_kvm("migrate_dest_dies_before_ready").is_none() {
         return;
     }
-    failing_migration(|s| dying_receiver(s, "before-ready"), |_, _| {});
+    failing_migration(|s| dying_receiver(s, "before-resume"), |_, _| {});
 }
 
 #[test]

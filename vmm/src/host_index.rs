@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use fabric::live::{HostIndex, PageState, Request, TableReader, CHUNK_PAGES};
-use fabric::migration::{FetchResult, GuestFrames, PageSource};
+use fabric::migration::{FetchResult, GuestFrames, PageSource, RangeIndex};
 use fabric::{Page, PageId, Store, PAGE_SIZE};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -171,6 +171,10 @@ pub fn running_vms(except: Option<u32>) -> Vec<RegisteredVm> {
 #[derive(Debug)]
 pub struct HostPages {
     index: HostIndex,
+    /// Range digests over the running VMs' identities (stale ones as hints: every page
+    /// copied is confirmed anyway), and the index generations they were built at.
+    ranges: RangeIndex,
+    ranges_at: Vec<u64>,
     pids: Vec<u32>,
     store: Option<Store>,
     counters: HostCounters,
@@ -216,6 +220,8 @@ impl HostPages {
     pub fn open(except: Option<u32>, store: Option<Store>) -> Self {
         let mut hosted = HostPages {
             index: HostIndex::new(),
+            ranges: RangeIndex::new(),
+            ranges_at: Vec::new(),
             pids: Vec::new(),
             store,
             counters: HostCounters::default(),
@@ -244,11 +250,36 @@ impl HostPages {
                 Err(e) => log::debug!("VM {} not indexed: {e}", vm.pid),
             }
         }
+        self.index_ranges();
         let c = &mut self.counters;
         c.found_per_vm
             .resize_with(self.pids.len(), AtomicU64::default);
         c.vms
             .store(self.index.vms().count() as u64, Ordering::Relaxed);
+    }
+
+    /// Rebuilds the range digests when a VM's table changed since they were built.
+    fn index_ranges(&mut self) {
+        let now: Vec<u64> = self.index.vms().map(|(_, t)| t.generation()).collect();
+        if now == self.ranges_at {
+            return;
+        }
+        let mut ranges = RangeIndex::new();
+        let mut entries = Vec::new();
+        for (_, table) in self.index.vms() {
+            let mut ids = Vec::with_capacity(table.pages());
+            for chunk in 0..table.chunks() {
+                if table.read_chunk(chunk, &mut entries).is_none() {
+                    break;
+                }
+                ids.extend(entries.iter().map(|e| e.id));
+            }
+            if ids.len() == table.pages() {
+                ranges.add(ids);
+            }
+        }
+        self.ranges = ranges;
+        self.ranges_at = now;
     }
 
     /// Takes pages from `store` too.
@@ -396,6 +427,14 @@ impl HostPages {
 }
 
 impl PageSource for HostPages {
+    fn ranges(&self) -> Option<&RangeIndex> {
+        Some(&self.ranges)
+    }
+
+    fn holds_any(&self) -> bool {
+        !self.index.is_empty() || self.store.as_ref().is_some_and(|s| s.stats().pages > 0)
+    }
+
     fn fetch(&self, id: &PageId, out: &mut Page) -> bool {
         self.copy_from_vm(None, id, out) == FetchResult::Verified || self.take_from_store(id, out)
     }

@@ -172,7 +172,8 @@ impl<S: Read + Write> Receiver<S> {
                     }
                     (MsgType::Summary, payload) => {
                         let summary = wire::Summary::decode(payload)?;
-                        let (flags, answers) = rx.summary(&summary, &r.layout, stats, source, sink)?;
+                        let (flags, answers) =
+                            rx.summary(&summary, &r.layout, stats, source, sink)?;
                         let answers: Vec<_> = answers.iter().map(|a| a.wire()).collect();
                         wire::encode_answer(r.ch.begin(), summary.batch, flags, &answers);
                         r.ch.commit(MsgType::Answer)?;

@@ -69,7 +69,9 @@ impl RxState {
             let ids: Option<Vec<Option<PageId>>> = if range.digest == zero_digest(pages) {
                 Some(vec![None; pages])
             } else {
-                index.and_then(|ix| ix.get(&range.digest, pages)).map(<[_]>::to_vec)
+                index
+                    .and_then(|ix| ix.get(&range.digest, pages))
+                    .map(<[_]>::to_vec)
             };
             let Some(ids) = ids else { continue };
             held[k] = true;
@@ -81,7 +83,10 @@ impl RxState {
                         stats.pages_zero += 1;
                         if let Some(old) = self.manifest.get(gfn).flatten() {
                             self.forget(old, gfn);
-                            self.actions.push(Action::Zero { first: gfn, count: 1 });
+                            self.actions.push(Action::Zero {
+                                first: gfn,
+                                count: 1,
+                            });
                         }
                     }
                 }
@@ -243,4 +248,3 @@ impl RxState {
         Ok(())
     }
 }
-

@@ -379,7 +379,12 @@ impl RxState {
     }
 
     /// Checks an offer's or summary's batch and round numbers and counts it.
-    pub(super) fn open_batch(&mut self, what: &'static str, batch: u32, round: u32) -> Result<(), MigrationError> {
+    pub(super) fn open_batch(
+        &mut self,
+        what: &'static str,
+        batch: u32,
+        round: u32,
+    ) -> Result<(), MigrationError> {
         if batch != self.next_batch {
             return Err(bad(what, "batch out of order"));
         }
@@ -394,7 +399,12 @@ impl RxState {
 
     /// Frame `gfn` (dense index `index`) arrives in a message of kind `kind`: either new in
     /// this round, or one the destination asked for in that form.
-    pub(super) fn arrive(&mut self, index: u64, gfn: u64, kind: Expect) -> Result<(), MigrationError> {
+    pub(super) fn arrive(
+        &mut self,
+        index: u64,
+        gfn: u64,
+        kind: Expect,
+    ) -> Result<(), MigrationError> {
         if self.seen.test_and_set(index) {
             if kind == Expect::Nothing || self.expect[index as usize] != kind as u8 {
                 return Err(MigrationError::DuplicateGfn {

@@ -12,8 +12,8 @@ use super::layout::{Bitmap, Layout};
 use super::ranges::EVIDENCE_PAGES;
 use super::stats::{MigrationStats, RoundStats};
 use super::wire::{
-    self, Body, Complete, MsgType, NeedView, PageEntry, RangeSummary, Role, Run, COMPRESS_BUF, FEATURE_LZ4,
-    MAX_RUN, PAGES_PER_MESSAGE, STATE_CHUNK, VERSION_MAX, VERSION_MIN,
+    self, Body, Complete, MsgType, NeedView, PageEntry, RangeSummary, Role, Run, COMPRESS_BUF,
+    FEATURE_LZ4, MAX_RUN, PAGES_PER_MESSAGE, STATE_CHUNK, VERSION_MAX, VERSION_MIN,
 };
 use super::{Compression, MigrationError, MigrationKey, SenderConfig, Transport, VmDescription};
 use crate::identity::{is_zero, Page, PageId, PAGE_SIZE};
@@ -88,9 +88,16 @@ enum Phase {
 #[derive(Debug)]
 pub(super) enum Pending {
     /// An offer: `(gfn, identity)` of its data pages.
-    Offer { id: u32, entries: Vec<(u64, PageId)> },
+    Offer {
+        id: u32,
+        entries: Vec<(u64, PageId)>,
+    },
     /// A summary: `(first index, pages)` of its ranges, and its level.
-    Summary { id: u32, level: u8, ranges: Vec<(u64, u32)> },
+    Summary {
+        id: u32,
+        level: u8,
+        ranges: Vec<(u64, u32)>,
+    },
 }
 
 /// Buffers for one `Pages` message's pages, reused.
@@ -218,20 +225,44 @@ impl<S: Transport> Sender<S> {
         self.guard(|s| s.round_inner(pages, read_page, false))
     }
 
+    /// A later pre-copy round over the frames dirtied since the last: pushed when the
+    /// destination asked for pushes, otherwise offered with identities hashed here, on all
+    /// cores.
+    pub fn round_frames<F>(
+        &mut self,
+        frames: &[u64],
+        read_page: &F,
+    ) -> Result<RoundStats, MigrationError>
+    where
+        F: Fn(u64, &mut Page) + Sync,
+    {
+        if self.push_later {
+            return self.round(frames.iter().map(|&gfn| (gfn, None)), read_page);
+        }
+        let pages: Vec<(u64, Option<PageId>)> = frames
+            .par_iter()
+            .map(|&gfn| {
+                let mut page = [0u8; PAGE_SIZE];
+                read_page(gfn, &mut page);
+                (gfn, crate::identity::identify(&page))
+            })
+            .collect();
+        self.round(pages, read_page)
+    }
+
     /// Stop-and-copy, with the guest paused: pushes the pages of `last_dirty` (their
     /// identities are not needed: pushed pages are hashed as they are read) without waiting
     /// for any answer, then `state` (the vCPU and device state blob), then `Complete`,
     /// which commits: the destination checks everything, restores and resumes the guest,
     /// and answers `Ack`. Returns only after `Ack`: on any error the guest must resume on
     /// the source.
-    pub fn finish<I, F>(
+    pub fn finish<F>(
         &mut self,
-        last_dirty: I,
+        last_dirty: &[u64],
         read_page: &F,
         state: &[u8],
     ) -> Result<MigrationStats, MigrationError>
     where
-        I: IntoIterator<Item = (u64, Option<PageId>)>,
         F: Fn(u64, &mut Page) + Sync,
     {
         self.guard(|s| {
@@ -239,7 +270,7 @@ impl<S: Transport> Sender<S> {
                 return Err(MigrationError::Misuse("state blob over the limit"));
             }
             let start = Instant::now();
-            s.round_inner(last_dirty.into_iter().map(|(gfn, _)| (gfn, None)), read_page, true)?;
+            s.round_inner(last_dirty.iter().map(|&gfn| (gfn, None)), read_page, true)?;
             let total = state.len() as u64;
             for (i, chunk) in state.chunks(STATE_CHUNK).enumerate() {
                 wire::encode_state(s.ch.begin(), total, (i * STATE_CHUNK) as u64, chunk);
@@ -411,7 +442,8 @@ impl<S: Transport> Sender<S> {
             let mut entries = self.free.pop().unwrap_or_default();
             entries.clear();
             entries.extend(self.gfns.iter().copied().zip(self.ids.iter().copied()));
-            self.pending.push_back(Pending::Offer { id: batch, entries });
+            self.pending
+                .push_back(Pending::Offer { id: batch, entries });
         }
         self.runs.clear();
         self.ids.clear();

@@ -8,7 +8,11 @@ use crate::identity::{Page, PAGE_SIZE};
 
 impl<S: Transport> Sender<S> {
     /// Pushes the pages of `frames` (checked by the caller), as they read now.
-    pub(super) fn push_pages<F>(&mut self, frames: &[u64], read_page: &F) -> Result<(), MigrationError>
+    pub(super) fn push_pages<F>(
+        &mut self,
+        frames: &[u64],
+        read_page: &F,
+    ) -> Result<(), MigrationError>
     where
         F: Fn(u64, &mut Page) + Sync,
     {

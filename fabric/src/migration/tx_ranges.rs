@@ -18,7 +18,11 @@ const SUB_SUMMARY_RANGES: usize = 64;
 impl<S: Transport> Sender<S> {
     /// Round 1: `pages` must name every page once. Summarizes them range by range and
     /// follows the destination's answers until every page is held there, sent, or offered.
-    pub(super) fn summary_round<I, F>(&mut self, pages: I, read_page: &F) -> Result<(), MigrationError>
+    pub(super) fn summary_round<I, F>(
+        &mut self,
+        pages: I,
+        read_page: &F,
+    ) -> Result<(), MigrationError>
     where
         I: IntoIterator<Item = (u64, Option<PageId>)>,
         F: Fn(u64, &mut Page) + Sync,
@@ -144,11 +148,10 @@ impl<S: Transport> Sender<S> {
                 RangeAnswer::Descend if level == 0 => {
                     let ids = &self.round_ids;
                     let end = first + u64::from(pages);
-                    self.subs.extend(
-                        (first..end)
-                            .step_by(SUB_RANGE_PAGES)
-                            .map(|s| summarize(ids, s, (end - s).min(SUB_RANGE_PAGES as u64) as usize)),
-                    );
+                    self.subs
+                        .extend((first..end).step_by(SUB_RANGE_PAGES).map(|s| {
+                            summarize(ids, s, (end - s).min(SUB_RANGE_PAGES as u64) as usize)
+                        }));
                 }
                 RangeAnswer::Descend => self.to_offer.push_back((first, pages)),
                 RangeAnswer::Push => {

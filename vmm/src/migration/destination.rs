@@ -153,8 +153,9 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
             return Err(e.into());
         }
     };
-    failpoint("before-ready");
-    receiver.ready()?;
+    // The source committed with its last message: from here the guest runs here, once
+    // resumed, and `Ack` lets the source go.
+    failpoint("before-resume");
     let services = Services {
         api_sock: args.api_sock.clone(),
         store: args.store.clone().unwrap_or_else(fabric::default_dir),

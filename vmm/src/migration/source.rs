@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use fabric::migration::{
     Compression, MigrationError, MigrationStats, RoundStats, Sender, SenderConfig, VmDescription,
 };
-use fabric::{identify, Page, PAGE_SIZE};
+use fabric::{Page, PAGE_SIZE};
 use serde::Serialize;
 
 use super::guest::GuestPages;
@@ -248,8 +248,7 @@ fn precopy(
             log::info!("migration: the guest dirties faster than the link drains; throttled to {throttle}%");
         }
         previous_dirty = dirty.len();
-        let pages = identify_lazily(guest, dirty);
-        rounds.push(sender.round(pages, &read_page).map_err(protocol)?);
+        rounds.push(sender.round_frames(&dirty, &read_page).map_err(protocol)?);
     }
 }
 
@@ -315,8 +314,7 @@ fn finish(
         }
     };
     let read_page = |gfn: u64, out: &mut Page| guest.read(gfn, out);
-    let pages = identify_lazily(guest, dirty);
-    match sender.finish(pages, &read_page, &state) {
+    match sender.finish(&dirty, &read_page, &state) {
         Ok(stats) => {
             let downtime = paused_at.elapsed();
             drop(virtio);
@@ -367,16 +365,4 @@ fn connect(dest: &str) -> Result<TcpStream, MigrateError> {
     stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(err)?;
     stream.set_nodelay(true).map_err(err)?;
     Ok(stream)
-}
-
-/// `(gfn, identity)` of each frame, hashed when drawn.
-fn identify_lazily(
-    guest: &GuestPages,
-    frames: Vec<u64>,
-) -> impl Iterator<Item = (u64, Option<fabric::PageId>)> + '_ {
-    frames.into_iter().map(move |gfn| {
-        let mut page = [0u8; PAGE_SIZE];
-        guest.read(gfn, &mut page);
-        (gfn, identify(&page))
-    })
 }

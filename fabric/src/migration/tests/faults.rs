@@ -263,7 +263,7 @@ fn source_abort_reaches_the_destination() {
     .unwrap();
     s.abort("operator cancelled");
     assert!(matches!(
-        s.finish(std::iter::empty(), &|_, _: &mut Page| {}, b""),
+        s.finish(&[], &|_, _: &mut Page| {}, b""),
         Err(MigrationError::Unusable)
     ));
     let dest = dest.join().unwrap();

@@ -332,7 +332,7 @@ fn send_all(
     s.describe(&guest.desc())?;
     let read = |gfn, out: &mut Page| guest.read(gfn, out);
     s.round(guest.identities(), &read)?;
-    s.finish(std::iter::empty(), &read, state)
+    s.finish(&[], &read, state)
 }
 
 /// Migrates a static guest over a socket pair to a destination holding `held`.

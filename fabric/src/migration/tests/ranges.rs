@@ -7,7 +7,13 @@ use super::*;
 /// A 64 MiB guest of random pages, a quarter of them zero.
 fn random_guest() -> Guest {
     let mut g = Guest::sized(64);
-    fill(&mut g, |i| if i % 4 == 0 { Content::Zero } else { Content::Random(i) });
+    fill(&mut g, |i| {
+        if i % 4 == 0 {
+            Content::Zero
+        } else {
+            Content::Random(i)
+        }
+    });
     g
 }
 
@@ -76,7 +82,10 @@ fn a_destination_holding_nothing_gets_pushes_at_page_cost() {
     // QEMU sends a page with an 8-byte header: at most 0.1% over that.
     let qemu = data * (PAGE_SIZE as u64 + 8);
     let wire = stats.bytes_sent;
-    eprintln!("nothing held: {wire} bytes sent, QEMU's format {qemu} ({:.5})", wire as f64 / qemu as f64);
+    eprintln!(
+        "nothing held: {wire} bytes sent, QEMU's format {qemu} ({:.5})",
+        wire as f64 / qemu as f64
+    );
     assert!(wire * 1000 <= qemu * 1001, "{wire} against {qemu}");
 }
 
@@ -93,7 +102,11 @@ fn a_host_holding_other_pages_switches_to_pushing() {
     assert!(r.pages_pushed > guest.total() / 2, "{r:?}");
     let data = guest.total() - guest.zero_pages();
     let qemu = data * (PAGE_SIZE as u64 + 8);
-    assert!(stats.bytes_sent * 100 <= qemu * 101, "{} against {qemu}", stats.bytes_sent);
+    assert!(
+        stats.bytes_sent * 100 <= qemu * 101,
+        "{} against {qemu}",
+        stats.bytes_sent
+    );
 }
 
 #[test]
@@ -125,26 +138,91 @@ fn later_rounds_push_when_the_destination_holds_nothing() {
     let dest = spawn_destination(b, key(), Limits::default(), Arc::new(held));
     let mut s = Sender::connect(a, &key(), SenderConfig::default()).unwrap();
     s.describe(&guest.desc()).unwrap();
-    s.round(guest.identities(), &|gfn, out: &mut Page| guest.read(gfn, out))
-        .unwrap();
+    s.round(guest.identities(), &|gfn, out: &mut Page| {
+        guest.read(gfn, out)
+    })
+    .unwrap();
     let dirty: Vec<u64> = (0..64).map(|i| guest.gfn(i * 7)).collect();
     for &gfn in &dirty {
         write_content(guest.page_mut(gfn), Content::Random(gfn | 1 << 42));
     }
     let round2 = s
-        .round(guest.identities_of(&dirty), &|gfn, out: &mut Page| guest.read(gfn, out))
+        .round(guest.identities_of(&dirty), &|gfn, out: &mut Page| {
+            guest.read(gfn, out)
+        })
         .unwrap();
     assert_eq!(round2.pages_found, 0);
     let stats = s
-        .finish(
-            dirty.iter().map(|&g| (g, None)),
-            &|gfn, out: &mut Page| guest.read(gfn, out),
-            b"s",
-        )
+        .finish(&dirty, &|gfn, out: &mut Page| guest.read(gfn, out), b"s")
         .unwrap();
     let dest = dest.join().unwrap();
     assert_same_memory(&guest, &dest);
     // Everything pushed: the first round, the dirty round and the final round.
     assert_eq!(stats.pages_pushed, guest.total() + 2 * 64, "{stats:?}");
     assert_eq!(round2.pages_sent, 64);
+}
+
+/// A two-round migration through `(src, dst)`: everything, then 64 pages rewritten while
+/// the guest "ran", pushed in the final round.
+fn two_rounds(
+    src: UnixStream,
+    dst: UnixStream,
+    guest: &Guest,
+) -> (Result<MigrationStats, MigrationError>, Dest) {
+    let dest = spawn_destination(dst, key(), Limits::default(), Arc::new(Held::default()));
+    let mut guest = guest.clone();
+    let result = (|| {
+        let mut s = Sender::connect(src, &key(), SenderConfig::default())?;
+        s.describe(&guest.desc())?;
+        s.round(guest.identities(), &|gfn, out: &mut Page| {
+            guest.read(gfn, out)
+        })?;
+        let dirty: Vec<u64> = (0..64).map(|i| guest.gfn(i * 5 + 1)).collect();
+        for &gfn in &dirty {
+            write_content(guest.page_mut(gfn), Content::Random(gfn | 1 << 43));
+        }
+        s.finish(
+            &dirty,
+            &|gfn, out: &mut Page| guest.read(gfn, out),
+            b"state",
+        )
+    })();
+    (result, dest.join().unwrap())
+}
+
+#[test]
+fn a_link_cut_during_the_final_push_never_reports_success() {
+    let mut guest = Guest::sized(8);
+    fill(&mut guest, Content::Random);
+    let (a, b) = socket_pair();
+    let (stats, _) = two_rounds(a, b, &guest);
+    let stats = stats.unwrap();
+    let last = stats.rounds.last().unwrap();
+    assert!(last.last && last.pages_sent == 64, "{stats:?}");
+    // The final push ends a little before the state and Complete (under 300 bytes here).
+    let push_end = stats.bytes_sent - 300;
+    let push_start = push_end - last.bytes_sent;
+    for at in [
+        push_start + 20,
+        push_start + last.bytes_sent / 2,
+        push_end - 10,
+    ] {
+        let cut = move |offset: u64, bytes: &mut [u8]| {
+            (at.saturating_sub(offset) as usize).min(bytes.len())
+        };
+        let (src, dst, relays) = relay(cut, pass);
+        let (result, dest) = two_rounds(src, dst, &guest);
+        assert!(
+            matches!(
+                result,
+                Err(MigrationError::Disconnected | MigrationError::PeerAborted(_))
+            ),
+            "cut at {at}: {result:?}"
+        );
+        assert!(
+            dest.result.is_err(),
+            "destination confirmed with a cut at {at}"
+        );
+        relays.into_iter().for_each(|h| h.join().unwrap());
+    }
 }

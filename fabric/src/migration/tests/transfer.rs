@@ -220,7 +220,7 @@ fn rounds_with_dirty_pages_converge_to_the_final_memory() {
     let stats = {
         let g = &guest;
         s.finish(
-            g.identities_of(&last),
+            &last,
             &|gfn, out: &mut Page| g.read(gfn, out),
             &[7u8; 3 << 20],
         )
@@ -267,7 +267,7 @@ fn pages_changed_after_they_were_offered_are_sent_again_in_the_next_round() {
     let zeroed = changed.len() as u64 / 2;
     assert_eq!(s.stats().pages_changed, zeroed);
     // The dirty log reports them; the last round offers their current identities.
-    let stats = s.finish(guest.identities_of(&changed), &read, b"").unwrap();
+    let stats = s.finish(&changed, &read, b"").unwrap();
     assert_eq!(stats.state_bytes, 0);
     let dest = dest.join().unwrap();
     let received = dest.result.as_ref().unwrap();
@@ -432,7 +432,7 @@ fn any_stream_works_without_input_polling() {
         s.describe(&guest.desc()).unwrap();
         let read = |gfn, out: &mut Page| guest.read(gfn, out);
         s.round(guest.identities(), &read).unwrap();
-        s.finish(std::iter::empty(), &read, b"").unwrap();
+        s.finish(&[], &read, b"").unwrap();
         let dest = dest.join().unwrap();
         assert_same_memory(&guest, &dest);
     }

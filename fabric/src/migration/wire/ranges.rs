@@ -26,7 +26,13 @@ pub struct RangeSummary {
 }
 
 /// Appends a `Summary` payload.
-pub fn encode_summary(out: &mut Vec<u8>, batch: u32, round: u32, level: u8, ranges: &[RangeSummary]) {
+pub fn encode_summary(
+    out: &mut Vec<u8>,
+    batch: u32,
+    round: u32,
+    level: u8,
+    ranges: &[RangeSummary],
+) {
     put_u32(out, batch);
     put_u32(out, round);
     out.push(level);
@@ -190,7 +196,9 @@ impl<'a> AnswerView<'a> {
         if sizes.len() != self.count {
             return Err(bad(WHAT, "answers another number of ranges"));
         }
-        if !self.count.is_multiple_of(4) && self.codes[self.count / 4] >> (2 * (self.count % 4)) != 0 {
+        if !self.count.is_multiple_of(4)
+            && self.codes[self.count / 4] >> (2 * (self.count % 4)) != 0
+        {
             return Err(bad(WHAT, "codes set past the ranges"));
         }
         let mut wants = Reader::new(self.wants);
