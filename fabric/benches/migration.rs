@@ -254,9 +254,7 @@ fn migrate(mem: &[u8], held: &(dyn PageSource + Sync)) -> u64 {
             out.copy_from_slice(&mem[o..o + PAGE_SIZE]);
         };
         sender.round(identities(0, mem), &read).unwrap();
-        let stats = sender
-            .finish(&[], &read, &[0; 4096])
-            .unwrap();
+        let stats = sender.finish(&[], &read, &[0; 4096]).unwrap();
         dest.join().unwrap();
         stats.bytes_total()
     })

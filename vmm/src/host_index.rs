@@ -186,6 +186,10 @@ pub struct HostPages {
 /// it hashes the pages it copied from that VM instead.
 const HARVEST_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// Stale pages a running VM may have before a destination asks it to hash them first
+/// (a running guest always has a few: its stack, its counters).
+const SETTLE_STALE: u64 = 256;
+
 /// What [`HostPages`] did.
 #[derive(Debug, Default, Serialize)]
 pub struct HostCounters {
@@ -203,6 +207,8 @@ pub struct HostCounters {
     pub confirmed_by_harvest: AtomicU64,
     /// Copied pages confirmed by hashing them.
     pub confirmed_by_hash: AtomicU64,
+    /// Running VMs asked to hash their stale pages before the index was read.
+    pub syncs_asked: AtomicU64,
     /// Harvests asked of running VMs, and how many were not answered in time.
     pub harvests_asked: AtomicU64,
     pub harvests_unanswered: AtomicU64,
@@ -256,6 +262,27 @@ impl HostPages {
             .resize_with(self.pids.len(), AtomicU64::default);
         c.vms
             .store(self.index.vms().count() as u64, Ordering::Relaxed);
+    }
+
+    /// Asks each indexed VM with more than [`SETTLE_STALE`] pages written since last hashed
+    /// to hash them now (waiting up to `wait` for each: zero only asks), then re-reads what
+    /// changed. A VM that started moments ago or was just rewritten then counts in full.
+    pub fn settle(&mut self, wait: std::time::Duration) {
+        let mut asked = false;
+        for (vm, table) in self.index.vms() {
+            if self
+                .index
+                .counts(vm)
+                .is_some_and(|c| c.stale > SETTLE_STALE)
+            {
+                self.counters.syncs_asked.fetch_add(1, Ordering::Relaxed);
+                asked |= table.request(Request::Sync, wait);
+            }
+        }
+        if asked {
+            self.index.refresh();
+            self.index_ranges();
+        }
     }
 
     /// Rebuilds the range digests when a VM's table changed since they were built.

@@ -21,6 +21,9 @@ use crate::snapshot::format::{self, FormatError};
 use crate::snapshot::open_store;
 use crate::vcpu::exit::StopReason;
 
+/// How long the destination waits for a running VM to hash its stale pages before it reads
+/// that VM's identities for an incoming migration.
+const SETTLE_WAIT: Duration = Duration::from_secs(2);
 /// A link that moves nothing for this long is dead.
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -67,6 +70,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
     // refreshed (only what changed) once one is.
     let me = Some(std::process::id());
     let mut hosted = HostPages::open(me, None).hash_always(args.hash_host_pages);
+    hosted.settle(Duration::ZERO);
     // From here this thread takes bytes from the network: no more than a destination needs.
     crate::seccomp::install(crate::seccomp::ThreadKind::MigrationDestination)?;
     let stream = accept(&listener, &args.listen, args.accept_timeout)?;
@@ -105,6 +109,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
         }
     };
     hosted.refresh(me);
+    hosted.settle(SETTLE_WAIT);
     // The store is opened only now: it is held (locked) until the pages are in.
     let hosted = hosted.with_store(args.store.as_ref().and_then(|dir| open_store(dir).ok()));
     log::debug!(target: "fabvm::timing", "incoming VM: memory and host pages ready {:?} after the hello", started.elapsed());

@@ -23,6 +23,11 @@ use crate::snapshot::format::{self, SnapshotState};
 use crate::vcpu::VcpuError;
 use crate::vm_state::{VmState, VmStateError};
 
+/// A round that sent fewer bytes than this says nothing of the link's rate.
+const MEASURABLE_BYTES: u64 = 4 << 20;
+/// A dirty set this small (1 MiB) never calls for throttling, and fits the budget when the
+/// link's rate is not known yet.
+const FEW_PAGES: usize = 256;
 /// How long to wait for the destination to accept the connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A link that moves nothing for this long is dead.
@@ -199,17 +204,38 @@ fn precopy(
     loop {
         let dirty = view.take_frames()?;
         let last = rounds.last().expect("one round done");
-        // Over all rounds: a round of mostly unchanged dirty pages is bound by hashing,
-        // and would say the link is slow.
-        let bandwidth = rounds.iter().map(|r| r.bytes_sent).sum::<u64>() as f64
-            / (rounds.iter().map(|r| r.duration_us).sum::<u64>().max(1) as f64 / 1e6); // bytes/s
-        let expected =
-            Duration::from_secs_f64(dirty.len() as f64 * PAGE_SIZE as f64 / bandwidth.max(1.0));
+        // The link's rate, from the rounds that moved enough bytes to measure it (a round
+        // of pages the destination held is bound by its local copying, not the link).
+        // Without one the link has not been the limit so far: a small dirty set fits.
+        let measured: Vec<&RoundStats> = rounds
+            .iter()
+            .filter(|r| r.bytes_sent >= MEASURABLE_BYTES)
+            .collect();
+        let bandwidth = if measured.is_empty() {
+            None
+        } else {
+            Some(
+                measured.iter().map(|r| r.bytes_sent).sum::<u64>() as f64
+                    / (measured.iter().map(|r| r.duration_us).sum::<u64>().max(1) as f64 / 1e6),
+            ) // bytes/s
+        };
+        let dirty_bytes = dirty.len() as f64 * PAGE_SIZE as f64;
+        let expected = match bandwidth {
+            Some(b) => Duration::from_secs_f64(dirty_bytes / b.max(1.0)),
+            None if dirty.len() <= FEW_PAGES => Duration::ZERO,
+            None => req.downtime * 2,
+        };
         // The destination may still be installing the last round's pages (as many as the
         // socket buffers hold); the final round queues behind them, guest paused. So stop
         // only after a round whose pages fit the budget too: after a big first round, one
         // more short round lets the destination catch up while the guest runs.
-        let backlog = Duration::from_secs_f64(last.bytes_sent as f64 / bandwidth.max(1.0));
+        let backlog = match bandwidth {
+            Some(b) if last.bytes_sent >= MEASURABLE_BYTES => {
+                Duration::from_secs_f64(last.bytes_sent as f64 / b.max(1.0))
+            }
+            _ => Duration::ZERO,
+        };
+        let bandwidth = bandwidth.unwrap_or(0.0);
         let sent: u64 = rounds.iter().map(|r| r.bytes_sent).sum();
         progress(serde_json::json!({
             "round": rounds.len(),
@@ -241,7 +267,10 @@ fn precopy(
             return Ok(report);
         }
         // Not shrinking by a tenth a round: the guest dirties faster than the link drains.
-        if dirty.len() * 10 > previous_dirty.saturating_mul(9) && throttle < 80 {
+        if dirty.len() > FEW_PAGES
+            && dirty.len() * 10 > previous_dirty.saturating_mul(9)
+            && throttle < 80
+        {
             throttle += 20;
             max_throttle = max_throttle.max(throttle);
             machine.vcpus.throttle(throttle);
