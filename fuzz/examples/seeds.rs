@@ -35,6 +35,10 @@ fn main() {
             "migration_receiver",
             named(fabric::migration::fuzzing::seed_inputs()),
         ),
+        (
+            "migration_sender",
+            named(fabric::migration::fuzzing::sender_seed_inputs()),
+        ),
         ("snapshot_state", snapshot_state(&root, base_state)),
         ("manifest", manifest()),
         ("store_open", store_open()),

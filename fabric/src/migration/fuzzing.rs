@@ -1,19 +1,24 @@
-//! A scripted migration source for the `migration_receiver` fuzz target and the tests: it
-//! performs a genuine handshake with a [`Receiver`] (answering the receiver's fresh nonce),
-//! then feeds it bytes or frames chosen by the fuzzer, framed with valid MACs and sequence
-//! numbers when asked, so fuzzing reaches past authentication into the decoders and the
-//! receiver's state machine. Compiled for tests and with the `fuzzing` feature only.
+//! A scripted migration peer for the `migration_receiver` and `migration_sender` fuzz
+//! targets and the tests: it performs a genuine handshake with a [`Receiver`] or a
+//! [`Sender`] (answering its fresh nonce), then feeds it bytes or frames chosen by the
+//! fuzzer, framed with valid MACs and sequence numbers when asked, so fuzzing reaches past
+//! authentication into the decoders and the state machines. Compiled for tests and with the
+//! `fuzzing` feature only.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 
 use super::channel::{encode_frame, Session};
-use super::wire::{self, Hello, MsgType, Role, HELLO_LEN, VERSION_MAX, VERSION_MIN};
-use super::{GuestSink, Limits, MigrationKey, PageSource, Receiver, VmDescription};
+use super::ranges::{digest, RangeIndex};
+use super::wire::{self, Hello, MsgType, RangeAnswer, Role, HELLO_LEN, VERSION_MAX, VERSION_MIN};
+use super::{
+    Compression, GuestSink, Limits, MigrationKey, PageSource, Receiver, Sender, SenderConfig,
+    Transport, VmDescription,
+};
 use crate::identity::{Page, PageId, PAGE_SIZE};
 use crate::manifest::Region;
 
-/// What the scripted source sends.
+/// What the scripted peer sends.
 #[derive(Debug, Clone)]
 pub enum Script {
     /// The whole stream, hello included, as given.
@@ -25,25 +30,26 @@ pub enum Script {
     Frames(Vec<(u8, Vec<u8>)>),
 }
 
-/// A byte stream that plays the source's side of a migration from a [`Script`].
+/// A byte stream that plays one side of a migration from a [`Script`].
 #[derive(Debug)]
-pub struct ScriptedSource {
+pub struct ScriptedPeer {
     key: MigrationKey,
+    role: Role,
     hello: [u8; HELLO_LEN],
     script: Option<Script>,
     out: Vec<u8>,
     pos: usize,
-    /// The first bytes the receiver wrote (its hello).
+    /// The first bytes the other end wrote (its hello).
     peer_hello: Vec<u8>,
 }
 
-impl ScriptedSource {
-    /// A source that will speak `script` with `key`.
-    pub fn new(key: MigrationKey, script: Script) -> ScriptedSource {
+impl ScriptedPeer {
+    /// A peer in `role` that will speak `script` with `key`.
+    pub fn new(key: MigrationKey, role: Role, script: Script) -> ScriptedPeer {
         let hello = Hello {
             version_min: VERSION_MIN,
             version_max: VERSION_MAX,
-            role: Role::Source,
+            role,
             features: wire::FEATURE_LZ4,
             max_batch: 4096,
             max_runs: 4096,
@@ -55,8 +61,9 @@ impl ScriptedSource {
             Script::Raw(bytes) => (bytes, None),
             other => (hello.to_vec(), Some(other)),
         };
-        ScriptedSource {
+        ScriptedPeer {
             key,
+            role,
             hello,
             script,
             out,
@@ -71,9 +78,17 @@ impl ScriptedSource {
             return;
         };
         let peer: [u8; HELLO_LEN] = self.peer_hello[..HELLO_LEN].try_into().expect("64 bytes");
-        let s = Session::derive(&self.key, &self.hello, &peer);
-        let key = s.source_to_destination;
-        self.out = encode_frame(&key, MsgType::Auth as u8, 0, &s.source_proof);
+        let (key, proof) = match self.role {
+            Role::Source => {
+                let s = Session::derive(&self.key, &self.hello, &peer);
+                (s.source_to_destination, s.source_proof)
+            }
+            Role::Destination => {
+                let s = Session::derive(&self.key, &peer, &self.hello);
+                (s.destination_to_source, s.destination_proof)
+            }
+        };
+        self.out = encode_frame(&key, MsgType::Auth as u8, 0, &proof);
         self.pos = 0;
         match script {
             Script::Raw(_) => {}
@@ -88,7 +103,7 @@ impl ScriptedSource {
     }
 }
 
-impl Read for ScriptedSource {
+impl Read for ScriptedPeer {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.pos == self.out.len() && self.peer_hello.len() >= HELLO_LEN {
             self.generate();
@@ -100,7 +115,9 @@ impl Read for ScriptedSource {
     }
 }
 
-impl Write for ScriptedSource {
+impl Transport for ScriptedPeer {}
+
+impl Write for ScriptedPeer {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let keep = buf
             .len()
@@ -159,10 +176,19 @@ pub fn held_page(k: u8) -> Box<Page> {
 }
 
 /// Holds [`held_page`]`(1..=3)`; answers ids starting with 0xff with a page that does not
-/// match (a racing sibling VM); holds nothing else.
+/// match (a racing sibling VM); holds nothing else. Its range index holds the 16 pages
+/// [`held_ids`].
 #[derive(Debug)]
 pub struct FuzzSource {
     pages: HashMap<PageId, Box<Page>>,
+    ranges: RangeIndex,
+}
+
+/// The 16 pages of the one range [`FuzzSource`] indexes: the three held pages, then zeros.
+pub fn held_ids() -> Vec<Option<PageId>> {
+    let mut ids: Vec<Option<PageId>> = (1..=3).map(|k| Some(PageId::of(&held_page(k)))).collect();
+    ids.resize(16, None);
+    ids
 }
 
 impl Default for FuzzSource {
@@ -173,11 +199,17 @@ impl Default for FuzzSource {
                 (PageId::of(&p), p)
             })
             .collect();
-        FuzzSource { pages }
+        let mut ranges = RangeIndex::new();
+        ranges.add(held_ids());
+        FuzzSource { pages, ranges }
     }
 }
 
 impl PageSource for FuzzSource {
+    fn ranges(&self) -> Option<&RangeIndex> {
+        Some(&self.ranges)
+    }
+
     fn fetch(&self, id: &PageId, out: &mut Page) -> bool {
         if let Some(p) = self.pages.get(id) {
             out.copy_from_slice(&p[..]);
@@ -281,7 +313,7 @@ pub fn run_receiver(data: &[u8]) -> bool {
         _ => Script::Frames(frames_from(rest)),
     };
     let key = fuzz_key();
-    let stream = ScriptedSource::new(key.clone(), script);
+    let stream = ScriptedPeer::new(key.clone(), Role::Source, script);
     let Ok((mut receiver, desc)) = Receiver::accept(stream, &key, fuzz_limits()) else {
         return false;
     };
@@ -302,9 +334,9 @@ pub fn run_receiver(data: &[u8]) -> bool {
     false
 }
 
-/// Valid inputs for [`run_receiver`] (seeds for the fuzzer's corpus): a whole migration of
+/// Valid inputs for [`run_receiver`] (seeds for the fuzzer's corpus): whole migrations of
 /// [`fuzz_description`] with held, sent (raw, lz4, known) and zero pages, two rounds and
-/// state.
+/// state; one by offers, one by range summaries (held, descended to an offer) and a push.
 pub fn seed_inputs() -> Vec<Vec<u8>> {
     let mut seeds = Vec::new();
     let push = |frames: &[(MsgType, Vec<u8>)], mode: u8| {
@@ -412,6 +444,7 @@ pub fn seed_inputs() -> Vec<Vec<u8>> {
     let mut with_describe = vec![(MsgType::Describe, describe)];
     with_describe.extend(frames.iter().cloned());
     seeds.push(push(&with_describe, 3));
+    seeds.push(push(&v3_frames(&random, random_id, &text, text_id), 2));
     seeds.push(vec![1, 17, 0, 0, 0, 0]);
     seeds.push(vec![0]);
     seeds
@@ -426,4 +459,195 @@ fn fill(page: &mut Page) {
         s ^= s << 17;
         w.copy_from_slice(&s.to_le_bytes());
     }
+}
+
+/// A version 3 migration of [`fuzz_description`] after `Describe`: round 1 as two ranges (the
+/// first held, the second descended to a sub-range and then offered page by page), round 2
+/// a push of frame 5, then state and `Complete`.
+fn v3_frames(
+    random: &Page,
+    random_id: PageId,
+    text: &Page,
+    text_id: PageId,
+) -> Vec<(MsgType, Vec<u8>)> {
+    let mut tail_ids = vec![None; 8];
+    tail_ids[0] = Some(random_id);
+    let ranges = [
+        wire::RangeSummary {
+            first: 0,
+            pages: 16,
+            digest: digest(&held_ids()),
+        },
+        wire::RangeSummary {
+            first: 16,
+            pages: 8,
+            digest: digest(&tail_ids),
+        },
+    ];
+    let mut top = Vec::new();
+    wire::encode_summary(&mut top, 0, 1, 0, &ranges);
+    let mut sub = Vec::new();
+    wire::encode_summary(&mut sub, 1, 1, 1, &ranges[1..]);
+    let mut offer = Vec::new();
+    let runs = [
+        wire::Run {
+            first: 0x10000,
+            count: 1,
+            zero: false,
+        },
+        wire::Run {
+            first: 0x10001,
+            count: 7,
+            zero: true,
+        },
+    ];
+    wire::encode_offer(&mut offer, 2, 1, &runs, &[random_id]);
+    let mut pages = Vec::new();
+    let raw = wire::PageEntry {
+        new_id: None,
+        body: wire::Body::Raw(random),
+    };
+    wire::encode_pages(&mut pages, 2, 0, &[raw]);
+    let mut end1 = Vec::new();
+    wire::encode_round_end(&mut end1, 1, 3);
+    let mut push = Vec::new();
+    let text_entry = wire::PageEntry {
+        new_id: None,
+        body: wire::Body::Raw(text),
+    };
+    wire::encode_push(
+        &mut push,
+        2,
+        &[(5, 1)],
+        &[text_entry],
+        &wire::push_digest(&[text_id]),
+    );
+    let mut end2 = Vec::new();
+    wire::encode_round_end(&mut end2, 2, 0);
+    let (state, complete) = state_and_complete(2);
+    vec![
+        (MsgType::Summary, top),
+        (MsgType::Summary, sub),
+        (MsgType::Offer, offer),
+        (MsgType::Pages, pages),
+        (MsgType::RoundEnd, end1),
+        (MsgType::Push, push),
+        (MsgType::RoundEnd, end2),
+        (MsgType::State, state),
+        (MsgType::Complete, complete),
+    ]
+}
+
+/// A `State` message and the `Complete` after `rounds` rounds.
+fn state_and_complete(rounds: u32) -> (Vec<u8>, Vec<u8>) {
+    let state = b"vcpu state".to_vec();
+    let mut state_msg = Vec::new();
+    wire::encode_state(&mut state_msg, state.len() as u64, 0, &state);
+    let mut complete = Vec::new();
+    wire::Complete {
+        rounds,
+        state_len: state.len() as u64,
+        state_hash: *blake3::hash(&state).as_bytes(),
+    }
+    .encode(&mut complete);
+    (state_msg, complete)
+}
+
+/// Page `i` (dense index) of the guest [`run_sender`] migrates: every third zero, pages 1-3
+/// the ones [`FuzzSource`] holds, the rest a byte pattern.
+fn sender_page(i: u64) -> Box<Page> {
+    match i {
+        1..=3 => held_page(i as u8),
+        _ if i.is_multiple_of(3) => Box::new([0; PAGE_SIZE]),
+        _ => Box::new([0x40 + i as u8; PAGE_SIZE]),
+    }
+}
+
+/// The fuzz target's body for the source side: a [`Sender`] migrates a 24-page guest
+/// ([`fuzz_description`]) to a scripted destination whose messages after a genuine
+/// handshake are the fuzz input (type u8, length u16, payload, repeated): round 1 by range
+/// summaries, a round over three dirty frames, and the final push. Must never panic, and
+/// never read a frame outside the guest. Returns whether the sender saw its `Ack`.
+pub fn run_sender(data: &[u8]) -> bool {
+    let key = fuzz_key();
+    let stream = ScriptedPeer::new(
+        key.clone(),
+        Role::Destination,
+        Script::Frames(frames_from(data)),
+    );
+    let config = SenderConfig {
+        batch: 64,
+        window: 4,
+        compression: Compression::Lz4,
+        limits: fuzz_limits(),
+    };
+    let Ok(mut sender) = Sender::connect(stream, &key, config) else {
+        return false;
+    };
+    let desc = fuzz_description();
+    let layout = super::layout::Layout::new(&desc.regions);
+    let read = |gfn: u64, out: &mut Page| {
+        let i = layout
+            .index(gfn)
+            .expect("the sender read a frame outside the guest");
+        out.copy_from_slice(&sender_page(i)[..]);
+    };
+    let all: Vec<(u64, Option<PageId>)> = (0..layout.total())
+        .map(|i| (layout.gfn(i), crate::identity::identify(&sender_page(i))))
+        .collect();
+    sender.describe(&desc).is_ok()
+        && sender.round(all, &read).is_ok()
+        && sender.round_frames(&[0, 1, 0x10000], &read).is_ok()
+        && sender.finish(&[2], &read, b"state").is_ok()
+}
+
+/// Valid inputs for [`run_sender`]: the destination holds the range; it has it descend to
+/// an offer it answers; it asks for pushes.
+pub fn sender_seed_inputs() -> Vec<Vec<u8>> {
+    let frames = |list: Vec<(MsgType, Vec<u8>)>| {
+        let mut input = Vec::new();
+        for (kind, payload) in list {
+            input.push(kind as u8);
+            input.extend_from_slice(&(payload.len() as u16).to_le_bytes());
+            input.extend_from_slice(&payload);
+        }
+        input
+    };
+    let answer = |batch: u32, flags: u8, a: RangeAnswer<'_>| {
+        let mut out = Vec::new();
+        wire::encode_answer(&mut out, batch, flags, &[a]);
+        (MsgType::Answer, out)
+    };
+    let need = |batch: u32, n: usize, all: bool| {
+        let mut out = Vec::new();
+        let mut bits = vec![if all { 0xff } else { 0 }; n.div_ceil(8)];
+        if all && !n.is_multiple_of(8) {
+            *bits.last_mut().expect("a byte") = (1 << (n % 8)) - 1;
+        }
+        wire::encode_need(&mut out, batch, n, &bits);
+        (MsgType::Need, out)
+    };
+    let accept = (MsgType::Accept, Vec::new());
+    let ack = (MsgType::Ack, Vec::new());
+    vec![
+        frames(vec![
+            accept.clone(),
+            answer(0, 0, RangeAnswer::Held),
+            need(1, 2, true),
+            ack.clone(),
+        ]),
+        frames(vec![
+            accept.clone(),
+            answer(0, 0, RangeAnswer::Descend),
+            answer(1, 0, RangeAnswer::Descend),
+            need(2, 16, false),
+            need(3, 2, true),
+            ack.clone(),
+        ]),
+        frames(vec![
+            accept,
+            answer(0, wire::ANSWER_PUSH_LATER, RangeAnswer::Push),
+            ack,
+        ]),
+    ]
 }

@@ -3,7 +3,7 @@
 //! destination does not already hold and leave the guest on the source until the
 //! destination has resumed it.
 //!
-//! # Sequence
+//! # Sequence (version 3)
 //!
 //! ```text
 //!  source: Sender                                            destination: Receiver
@@ -15,30 +15,74 @@
 //!  Describe{vCPUs, regions, config}                       ──►
 //!                                                              VMM allocates guest memory
 //!                                                         ◄──  Accept  (or Abort{reason})
-//!  ┌ round r (pre-copy; the last round is the final dirty set, guest paused) ───────────┐
-//!  │ Offer{batch b, round r, runs of gfns, ids}           ──►  takes pages it holds    │
-//!  │ Offer{batch b+1} … up to `window` unanswered         ──►  (store, sibling VMs,    │
-//!  │                                                      ◄──  Need{b, bitmap}  this migration)
-//!  │ Pages{b, entries: raw | lz4 | zero | known}          ──►  verifies, installs      │
-//!  │ … offers, needs and pages interleave …                                            │
+//!  ┌ round 1: every page, described by range ─────────────────────────────────────────┐
+//!  │ Summary{b, level 0, ranges of 512 pages: digest}     ──►  looks each digest up in │
+//!  │ … up to `window` unanswered …                             its range index, installs
+//!  │                                                      ◄──  Answer{b, per range:    │
+//!  │                                                              held | descend | push | want bitmap}
+//!  │ Summary{b', level 1, the 16 sub-ranges of a descend} ──►  (held | descend | push | want)
+//!  │ Offer{b'', runs, ids of a descended sub-range}        ──►  takes pages it holds    │
+//!  │                                                      ◄──  Need{b'', bitmap}        │
+//!  │ Pages{b'', entries}                                  ──►  verifies, installs      │
+//!  │ Push{runs, entries, digest of their ids}             ──►  for push and want answers:
+//!  │                                                           hashes, checks, installs │
+//!  │ RoundEnd{r, batches}                                 ──►                          │
+//!  └──────────────────────────────────────────────────────────────────────────────────┘
+//!  ┌ rounds 2.. (pre-copy, guest running): the dirty pages ─────────────────────────────┐
+//!  │ Offer / Need / Pages as above, or Push when the destination asked for pushes       │
 //!  │ RoundEnd{r, batches}                                 ──►                          │
 //!  └───────────────────────────────────────────────────────────────────────────────────┘
-//!  State{total, offset, bytes} × n   (vCPU/device state) ──►
-//!  Complete{rounds, state length, state hash}             ──►  checks every page covered
-//!                                                              VMM restores the state
-//!                                                         ◄──  Ready
-//!  Commit                                                 ──►
-//!                                                              VMM resumes the guest
+//!  guest paused
+//!  Push{…} × n  (the last dirty pages: no answer awaited) ──►
+//!  RoundEnd, State{total, offset, bytes} × n              ──►
+//!  Complete{rounds, state length, state hash}             ──►  checks every page covered,
+//!                                                              VMM restores the state and
+//!                                                              resumes the guest
 //!                                                         ◄──  Ack
 //!  source VMM exits; before Ack it resumes its guest on any error
 //! ```
 //!
-//! Every offer that carries identities gets one `Need` (offers of zero runs only get
-//! none), and a batch whose `Need` asks for nothing gets no `Pages`. Either side may send
-//! `Abort{reason}` instead of its next message; the other side's call then fails with
-//! [`MigrationError::PeerAborted`].
+//! Every `Summary` gets one `Answer` and every offer that carries identities one `Need`
+//! (offers of zero runs only get none); a batch whose `Need` asks for nothing gets no
+//! `Pages`. Either side may send `Abort{reason}` instead of its next message; the other
+//! side's call then fails with [`MigrationError::PeerAborted`].
 //!
-//! # Wire format (version 2)
+//! ## Range summaries
+//!
+//! A VM's pages in page order (its regions one after the other) are cut into ranges of 512
+//! pages (2 MiB) and sub-ranges of 32; a range's digest is keyed blake3 over its page count
+//! and its pages' identities (32 zero bytes for a zero page), see [`ranges`]. The
+//! destination keeps a [`RangeIndex`] of the ranges it holds (the published identity tables
+//! of the VMs running there, same cut), and answers each range:
+//!
+//! - **held**: its digest is in the index, so the destination knows all 512 identities; it
+//!   copies the pages from where it holds them and checks each against its identity before
+//!   the answer goes out. Nothing more crosses the wire: 44 bytes for 2 MiB.
+//! - **want** + bitmap: held, but these pages did not check out (the VM holding them
+//!   rewrote them since it published, or the index lied): the source pushes them.
+//! - **descend**: not held whole. For a range, the source sends its 16 sub-range digests;
+//!   for a sub-range, it offers the 32 identities page by page (the v2 offer, which finds
+//!   pages held anywhere on the host, in any order).
+//! - **push**: the destination evidently holds little of this VM; the source pushes the
+//!   pages. The destination decides: it holds nothing at all (no VM, empty store), or of
+//!   the first [`ranges::EVIDENCE_PAGES`] identities it looked up one by one under 2% were
+//!   there. Until it has that evidence the source descends one range at a time, so a host
+//!   that holds nothing costs at most a few thousand identities. The answer's flag then
+//!   asks for later rounds to be pushed too.
+//!
+//! A VM the destination holds whole (a sibling started from the same image, a VM migrated
+//! back while its earlier copy runs) thus costs about 1/50,000 of its memory in round 1,
+//! and a destination that holds nothing costs its pages plus about 1.4 bytes each.
+//!
+//! ## One round trip at the stop
+//!
+//! The final round pushes the last dirty pages without waiting for an answer, and
+//! `Complete` commits: a destination that finds every page covered and every check passed
+//! restores the state, resumes the guest and answers `Ack`. The guest's pause is the time
+//! to send the last pages and the state, one trip there and back, and the restore.
+//! Version 2 waited twice more (the final offer's `Need`, then `Ready` before `Commit`).
+//!
+//! # Wire format (version 3)
 //!
 //! Little endian throughout. Both sides first send a fixed 64-byte [`wire::Hello`]:
 //! magic `FABVMMIG`, the range of versions spoken, the role, feature bits (lz4), the
@@ -52,7 +96,9 @@
 //! The header is fixed size, `flags` and `reserved` must be zero, `length` is checked
 //! against the most that message type may carry under the receiver's [`Limits`] before a
 //! byte of payload is read or allocated, and the sequence number counts frames per
-//! direction from 0. Payload layouts are in [`wire`].
+//! direction from 0. Payload layouts are in [`wire`]. A peer that speaks only another
+//! version is refused before anything else, with one line naming both
+//! ([`MigrationError::VersionMismatch`]).
 //!
 //! # Security
 //!
@@ -81,29 +127,38 @@
 //!   hashed three times at the source (offer, re-identify on send, MAC) and twice at the
 //!   destination (MAC, verify); now once on each side, which on a loopback link doubled
 //!   the throughput of a guest with nothing to share.
+//! - A push carries no identity per page but one digest over its pages' identities in its
+//!   MAC'd part: the source hashes each page as it reads it, the destination hashes each
+//!   page it receives (it needs the identities anyway) and refuses the whole message if the
+//!   digest differs ([`MigrationError::BadPage`]): damage or forgery, never a race.
+//! - A range answered held is installed from pages checked against identities the
+//!   destination knows from its own index: equal digests mean (blake3) equal identities.
+//!   A destination whose index is stale or lies checks the pages it copies and wants the
+//!   ones that fail; a wrong page is never installed.
 //! - The receiver bounds every length before allocating, checks every guest frame against
 //!   the announced regions, rejects a frame offered twice in one round, and refuses to
 //!   complete until every page of every region has been covered.
 //!
 //! # Pipelining and concurrency
 //!
-//! The sender keeps up to `window` offers unanswered. It is one thread over one stream,
+//! The sender keeps up to `window` offers and summaries unanswered. It is one thread over one stream,
 //! writing offers while the destination answers them: after each offer it takes every
 //! answer that has already arrived (a zero-timeout `poll` through [`Transport`]) and
 //! writes the pages it asks for, so pages flow while later batches are still being
 //! hashed; it blocks for an answer only when the window is full or the round is draining.
-//! This cannot deadlock on a blocking stream: the destination writes one small `Need` per
-//! offer, so at most `window` of them (≤ 64 × 530 bytes) are ever unread, far below any
-//! socket buffer, and the destination never stops reading for longer than one message
-//! takes. (A reader thread would need the stream split in two; the socket buffers already
+//! This cannot deadlock on a blocking stream: the destination writes one small `Need` or
+//! `Answer` per offer or summary, so at most `window` of them (≤ 64 × 66 KiB at the
+//! largest, a few hundred bytes in practice) are ever unread, within the socket buffers,
+//! and the destination never stops reading for longer than one message takes. (A reader thread would need the stream split in two; the socket buffers already
 //! give the overlap that matters, and one thread keeps the state machine a plain loop.)
 //!
 //! CPU work is spread by rayon inside each step: the sender reads and compresses each
 //! `Pages` message's pages in parallel; the receiver fetches and
 //! verifies an offer's held pages, and decompresses and verifies arriving pages, in
-//! parallel; MACs over large frames use blake3's multithreaded mode. The first round can
-//! start before memory is hashed: [`Sender::round`] takes identities from an iterator,
-//! and [`identities`] hashes memory lazily, one parallel chunk at a time, as it is drawn.
+//! parallel; MACs over large frames use blake3's multithreaded mode. The first round
+//! needs every page's identity before its first summary: the VMM keeps them current in
+//! the background ([`crate::live`]); [`identities`] hashes memory one parallel chunk at a
+//! time where nothing does.
 //!
 //! Rounds are barriers: a round's pages are all sent before the next round's offers, so
 //! a page can never be overwritten by an older copy of itself. Within a round a frame
@@ -113,11 +168,14 @@
 //!
 //! The source keeps its guest (paused from the final round on) until it receives `Ack`;
 //! every error before that returns from [`Sender::finish`] and the VMM resumes the guest
-//! on the source. The destination discards everything on any error before `Commit`
-//! (its calls return errors; nothing it installed is used). One window cannot be closed
-//! by any protocol (two generals): if the link dies after the destination resumed but
-//! before `Ack` arrives, both sides may run the guest. To narrow it, the destination VMM
-//! stops its guest when [`Receiver::confirm_resumed`] fails to send `Ack`.
+//! on the source. `Complete` commits: the destination resumes the guest only once every
+//! page is covered and checked and the state restored, and discards everything on any
+//! error before that (its calls return errors; nothing it installed is used). One window
+//! cannot be closed by any protocol (two generals): if the link dies after the destination
+//! resumed but before `Ack` arrives, both sides may run the guest. To narrow it, the
+//! destination VMM stops its guest when [`Receiver::confirm_resumed`] fails to send `Ack`.
+//! (Version 2 spent a round trip on `Ready` and `Commit` before resuming; that closed no
+//! window the `Ack` leaves open.)
 //!
 //! Timeouts are the transport's: the VMM sets socket timeouts, and a read or write that
 //! times out surfaces as [`MigrationError::TimedOut`].
@@ -125,20 +183,21 @@
 //! # What the VMM does
 //!
 //! Source: connect, set read and write timeouts and `TCP_NODELAY` (answers are small
-//! writes), [`Sender::connect`], [`Sender::describe`]; start dirty logging and clear the
-//! log, then [`Sender::round`] over [`identities`] of every region; then, round after
-//! round, take the dirty set (KVM's log OR the VMM's own write bitmap), and offer those
-//! frames with fresh identities until the set fits the downtime budget at the bandwidth
-//! the last [`RoundStats`] show; pause the vCPUs and devices, take the last dirty set,
-//! save the state and [`Sender::finish`]. `Ok` means the destination runs the guest: exit.
-//! `Err` means resume the guest here.
+//! writes), [`Sender::connect`], [`Sender::describe`]; open its own view of the dirty log,
+//! then [`Sender::round`] over every page's live identity; then, round after round,
+//! [`Sender::round_frames`] over the dirty set (KVM's log OR the VMM's own write bitmap)
+//! until the set fits the downtime budget at the link rate the last [`RoundStats`] show;
+//! pause the vCPUs and devices, take the last dirty set, save the state and
+//! [`Sender::finish`]. `Ok` means the destination runs the guest: exit. `Err` means resume
+//! the guest here.
 //!
 //! Destination: accept, set timeouts and `TCP_NODELAY`, [`Receiver::accept`]; check the
 //! description and allocate zero-filled guest memory (or [`Receiver::abort`] with the
-//! reason); [`Receiver::receive`] with a [`PageSource`] over the store (implemented
-//! here) and sibling VMs, and a [`GuestSink`] over guest memory; restore the returned
-//! state (or abort); [`Receiver::ready`]; resume the vCPUs; [`Receiver::confirm_resumed`]
-//! (on failure, stop the guest). The returned manifest can seed the store.
+//! reason); [`Receiver::receive`] with a [`PageSource`] over what the host holds (its
+//! store, and the VMs running there with their [`RangeIndex`]) and a [`GuestSink`] over
+//! guest memory; restore the returned state (or abort); resume the vCPUs;
+//! [`Receiver::confirm_resumed`] (on failure, stop the guest). The returned manifest can
+//! seed the store.
 
 mod channel;
 mod error;

@@ -1,7 +1,7 @@
 //! Migrations that must fail, and fail safely: the source never reports success without
 //! `Ack`, the destination never installs a page that does not match its identity.
 
-use super::fuzzing::{self, Script, ScriptedSource};
+use super::fuzzing::{self, Script, ScriptedPeer};
 use super::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -386,7 +386,7 @@ fn sender_refuses_frames_outside_the_guest_or_twice() {
 
 /// Runs a receiver against a scripted source; returns its error.
 fn scripted(script: Script, limits: Limits) -> (MigrationError, fuzzing::CheckedSink) {
-    let stream = ScriptedSource::new(fuzzing::fuzz_key(), script);
+    let stream = ScriptedPeer::new(fuzzing::fuzz_key(), wire::Role::Source, script);
     let (mut r, desc) = match Receiver::accept(stream, &fuzzing::fuzz_key(), limits) {
         Ok(x) => x,
         Err(e) => {
@@ -611,6 +611,10 @@ fn fuzz_seeds_complete_and_mutations_never_panic() {
         fuzzing::run_receiver(&seeds[1]),
         "seed 1 completes a migration"
     );
+    assert!(
+        fuzzing::run_receiver(&seeds[2]),
+        "seed 2 (version 3: ranges and a push) completes a migration"
+    );
     let completed = AtomicU64::new(0);
     for seed in &seeds {
         // Every byte of the headers and small messages; a sample of the page contents.
@@ -628,6 +632,28 @@ fn fuzz_seeds_complete_and_mutations_never_panic() {
     // Flips in payload bytes that do not matter (page content of a raw page is verified;
     // reserved-free fields are not) may still complete; most do not.
     assert!(completed.load(Ordering::Relaxed) < seeds[0].len() as u64);
+}
+
+#[test]
+fn sender_fuzz_seeds_complete_and_mutations_never_panic() {
+    let seeds = fuzzing::sender_seed_inputs();
+    for (i, seed) in seeds.iter().enumerate() {
+        assert!(
+            fuzzing::run_sender(seed),
+            "sender seed {i} completes a migration"
+        );
+        for at in 0..seed.len() {
+            for bit in [0x01u8, 0x40, 0x80] {
+                let mut input = seed.clone();
+                input[at] ^= bit;
+                let _ = fuzzing::run_sender(&input);
+            }
+            assert!(
+                !fuzzing::run_sender(&seed[..at]),
+                "a cut script cannot complete"
+            );
+        }
+    }
 }
 
 /// Writes the fuzz seeds into `$FABVM_FUZZ_SEEDS` (e.g. `fuzz/corpus/migration_receiver`):

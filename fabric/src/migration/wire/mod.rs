@@ -1,4 +1,4 @@
-//! The bytes of the migration protocol, version 2: the hello, the frame header and every
+//! The bytes of the migration protocol, version 3: the hello, the frame header and every
 //! message's payload, encoded and decoded without I/O. Decoders check every count against
 //! the limits and the bytes present before allocating, and reject anything not exactly as
 //! specified (unknown flags, trailing bytes).
@@ -10,7 +10,13 @@
 //! Abort     reason, UTF-8, ≤ 512 bytes
 //! Describe  vcpus u32 | region count u32 | config length u32 | 0 u32
 //!           | (guest address u64 | pages u64) × regions | config bytes
-//! Accept, Ready, Commit, Ack: empty
+//! Accept, Ack: empty
+//! Summary   batch u32 | round u32 | level u8 (0: ranges ≤ 512 pages, 1: ≤ 32) | 0 u8
+//!           | count u16 (1..=1024) | (first page u64 | pages u32 | digest [32]) × count
+//!           (pages in the VM's page order: its regions one after the other)
+//! Answer    batch u32 | flags u8 (bit 0: push later rounds) | 0 u8 | count u16
+//!           | code u2 × count, four a byte (0 held, 1 descend, 2 push, 3 want)
+//!           | for each want, in order: a bitmap over its range's pages
 //! Offer     batch u32 | round u32 | run count u32 | id count u32
 //!           | (first gfn u64 | count u32, bit 31 = zero run) × runs | id × id count
 //!           (a data run of n pages takes the next n ids, in order)
@@ -22,16 +28,22 @@
 //!   entry   tag u8 (bits 0-1: 0 raw, 1 lz4, 2 zero, 3 known; bit 2: new id follows)
 //!           | [id, when the page changed since it was offered] | [lz4: length u16]
 //!   body    raw: 4096 bytes | lz4: a block of its length (1..=3968) | zero, known: none
-//! RoundEnd  round u32 | offers in the round u32
+//! Push      sealed length u32 | round u32 | run count u32 | count u32 (≤ 256)
+//!           | (first gfn u64 | count u32) × runs | entry × count | digest [32] | body × count
+//!           entries as in Pages; raw and lz4 carry no id, known must (a page pushed earlier
+//!           in this migration); digest = keyed blake3 over the raw and lz4 pages' ids
+//! RoundEnd  round u32 | offers and summaries in the round u32
 //! State     total length u64 | offset u64 | bytes (≤ 1 MiB)
 //! Complete  rounds u32 | 0 u32 | state length u64 | blake3 of the state [32]
+//!           (commits: the destination resumes the guest if everything checks, then Ack)
 //! ```
 //!
 //! `known` means "a page with this identity that I sent you earlier in this round".
 //!
-//! Version 2 leaves page bodies out of the frame MAC: a body is worth nothing unless it
-//! hashes to the identity the MAC'd offer (or entry) gave, so MAC'ing it too would be a
-//! second blake3 pass over every page on each end (see [`super`]).
+//! Page bodies stay out of the frame MAC (since version 2): a body is worth nothing unless
+//! it hashes to the identity the MAC'd offer (or entry) gave, or, in a push, unless the
+//! pages' identities match the MAC'd digest, so MAC'ing it too would be a second blake3
+//! pass over every page on each end (see [`super`]).
 
 mod control;
 mod describe;
@@ -357,7 +369,7 @@ pub fn decode_abort(payload: &[u8]) -> String {
     String::from_utf8_lossy(payload).into_owned()
 }
 
-/// Checks that a payload is empty (`Accept`, `Ready`, `Commit`, `Ack`).
+/// Checks that a payload is empty (`Accept`, `Ack`).
 pub fn expect_empty(payload: &[u8], what: &'static str) -> Result<(), MigrationError> {
     if payload.is_empty() {
         Ok(())

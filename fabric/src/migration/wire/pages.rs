@@ -156,7 +156,7 @@ pub fn decode_page(body: &Body<'_>, out: &mut Page) -> Result<(), MigrationError
 }
 
 /// Compresses `page` into `buf` with lz4; returns the block's length when it saves at
-/// least [`MIN_SAVING`] bytes.
+/// least [`super::MIN_SAVING`] bytes.
 pub fn compress_page(page: &Page, buf: &mut [u8; COMPRESS_BUF]) -> Option<usize> {
     lz4_flex::block::compress_into(page, buf)
         .ok()
