@@ -93,8 +93,21 @@ impl DirtyView {
     /// Harvests, then returns this view's pages written since its last `take` (one bitmap
     /// per region) and clears them.
     pub fn take(&self) -> Result<Vec<Vec<u64>>, MemoryError> {
+        self.take_resetting(None)
+    }
+
+    /// [`DirtyView::take`], forgetting in the same step (under the log's lock, so no other
+    /// harvest comes between) everything `other` has gathered up to and including this
+    /// harvest: for a consumer that learns the state of those pages from this view's owner
+    /// after it (a migration whose first round takes every page's identity from a sync).
+    pub fn take_resetting(&self, other: Option<&DirtyView>) -> Result<Vec<Vec<u64>>, MemoryError> {
         let mut views = self.log.lock();
         self.log.harvest(&mut views)?;
+        if let Some(other) = other {
+            for (_, bitmaps) in views.open.iter_mut().filter(|(id, _)| *id == other.id) {
+                bitmaps.iter_mut().for_each(|b| b.fill(0));
+            }
+        }
         let (_, bitmaps) = views
             .open
             .iter_mut()

@@ -264,14 +264,16 @@ impl LiveIdentities {
     /// guest paused, every identity is exact afterwards.
     pub fn sync(&self) -> Result<SyncReport, MemoryError> {
         let mut tracked = self.shared.lock();
-        self.shared.sync_locked(&mut tracked)
+        self.shared.sync_locked(&mut tracked, None)
     }
 
     /// Syncs, then lists every page as (guest frame, identity; `None` = zero page): what a
-    /// migration offers in its first round.
-    pub fn sync_entries(&self) -> Result<(SyncReport, Offer), MemoryError> {
+    /// migration offers in its first round. `view` (the migration's own view of the dirty
+    /// log) forgets what it gathered up to the sync's harvest: every page written before it
+    /// is listed with its identity hashed after it, so only later writes need a later round.
+    pub fn sync_entries(&self, view: &DirtyView) -> Result<(SyncReport, Offer), MemoryError> {
         let mut tracked = self.shared.lock();
-        let report = self.shared.sync_locked(&mut tracked)?;
+        let report = self.shared.sync_locked(&mut tracked, Some(view))?;
         let mut entries = Vec::with_capacity(tracked.table.pages());
         for span in &self.shared.spans {
             for i in 0..span.pages {
@@ -285,7 +287,7 @@ impl LiveIdentities {
     /// Syncs, then returns the manifest of guest memory (exact when the guest is paused).
     pub fn sync_manifest(&self) -> Result<(SyncReport, Manifest), MemoryError> {
         let mut tracked = self.shared.lock();
-        let report = self.shared.sync_locked(&mut tracked)?;
+        let report = self.shared.sync_locked(&mut tracked, None)?;
         let regions: Vec<Region> = self
             .shared
             .spans
@@ -334,7 +336,7 @@ impl LiveIdentities {
             first_mismatch_gfn: mismatches.iter().min().copied(),
             ms: 0.0,
         };
-        self.shared.sync_locked(&mut tracked)?;
+        self.shared.sync_locked(&mut tracked, None)?;
         Ok(CheckReport {
             ms: started.elapsed().as_secs_f64() * 1000.0,
             ..report
@@ -416,9 +418,13 @@ impl Shared {
     }
 
     /// Takes the dirty log into the table, answering every harvest request made before it.
-    fn harvest(&self, tracked: &mut Tracked) -> Result<u64, MemoryError> {
+    fn harvest(
+        &self,
+        tracked: &mut Tracked,
+        reset: Option<&DirtyView>,
+    ) -> Result<u64, MemoryError> {
         let requests = self.requests.count(Request::Harvest);
-        let dirty = self.view.take()?;
+        let dirty = self.view.take_resetting(reset)?;
         let pages = tracked.mark_stale(&dirty, &self.spans);
         self.requests.answered(Request::Harvest, requests);
         self.counters.harvests.fetch_add(1, Ordering::Relaxed);
@@ -428,9 +434,13 @@ impl Shared {
         Ok(pages)
     }
 
-    fn sync_locked(&self, tracked: &mut Tracked) -> Result<SyncReport, MemoryError> {
+    fn sync_locked(
+        &self,
+        tracked: &mut Tracked,
+        reset: Option<&DirtyView>,
+    ) -> Result<SyncReport, MemoryError> {
         let started = Instant::now();
-        let dirty_pages = self.harvest(tracked)?;
+        let dirty_pages = self.harvest(tracked, reset)?;
         let mut stale = Vec::with_capacity(tracked.stale_count as usize);
         for_each_bit(&tracked.stale, |p| stale.push(p));
         let ids: Vec<Option<PageId>> = stale
@@ -469,7 +479,7 @@ impl Shared {
             let before = thread_cpu();
             if self.requests.pending(Request::Sync) {
                 let count = self.requests.count(Request::Sync);
-                if let Err(e) = self.sync_locked(&mut self.lock()) {
+                if let Err(e) = self.sync_locked(&mut self.lock(), None) {
                     log::warn!("live identities stop: {e}");
                     return;
                 }
@@ -482,7 +492,7 @@ impl Shared {
             let asked = self.requests.pending(Request::Harvest);
             if periodic || asked {
                 let mut tracked = self.lock();
-                if let Err(e) = self.harvest(&mut tracked) {
+                if let Err(e) = self.harvest(&mut tracked, None) {
                     log::warn!("live identities stop: {e}");
                     return;
                 }

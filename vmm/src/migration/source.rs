@@ -148,10 +148,12 @@ pub fn migrate(
     sender.describe(&description).map_err(protocol)?;
 
     // Round 1: everything, from the live identities (only stale pages are hashed now). The
-    // migration's view of the dirty log opens first, so every write not yet in the
-    // identities is in a later round.
+    // migration's view of the dirty log opens first and forgets, at the sync's harvest, what
+    // the sync hashed after it: every later write is in a later round, and no page is sent
+    // twice for a write the identities had not yet seen (with `--identities off`, every write
+    // since boot).
     let view = machine.memory.dirty_view();
-    let (synced, all) = machine.memory.identities().sync_entries()?;
+    let (synced, all) = machine.memory.identities().sync_entries(&view)?;
     log::info!(
         "migration round 1 offers the live identities: {} stale pages hashed in {:.1} ms",
         synced.rehashed_pages,
