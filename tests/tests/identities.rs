@@ -58,7 +58,10 @@ fn identities_match_a_full_rehash(extra: &[&str]) {
         assert_eq!(report["mismatched_pages"], 0, "{report}");
         checked += report["checked_pages"].as_u64().unwrap();
     }
-    assert!(checked > 4 * 60_000, "too few pages checked: {checked}");
+    // Of 65,536 pages, those stale at a check (written since the last harvest, or waiting
+    // for the budget: about 5,000 at 20,000 pages/s) are not compared; the rest are. On a
+    // loaded machine the background lags further.
+    assert!(checked > 4 * 50_000, "too few pages checked: {checked}");
     let out = vm.stdout();
     assert!(
         count(&out, "blk ok") > 10,
