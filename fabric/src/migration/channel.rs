@@ -399,6 +399,11 @@ impl<S: Read + Write> Channel<S> {
 impl<S: Transport> Channel<S> {
     /// Whether a message (or the end of the stream) is waiting: buffered bytes, or input
     /// on the stream.
+    /// Bytes written to the stream that it has not yet sent, when it can tell.
+    pub(crate) fn unsent(&self) -> Option<u64> {
+        self.stream.unsent()
+    }
+
     pub(crate) fn input_ready(&self) -> bool {
         self.rpos < self.rend || self.stream.has_input()
     }

@@ -244,6 +244,12 @@ pub trait Transport: Read + Write {
     fn has_input(&self) -> bool {
         false
     }
+
+    /// Bytes written but not yet sent on the link, when the stream can tell (a TCP
+    /// socket's send queue): the source lets them drain before it pauses the guest.
+    fn unsent(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Whether `fd` is readable now (poll with a zero timeout).
@@ -263,6 +269,14 @@ impl Transport for TcpStream {
     fn has_input(&self) -> bool {
         fd_readable(self.as_raw_fd())
     }
+
+    fn unsent(&self) -> Option<u64> {
+        let mut n: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ on a socket) writes one int, to `n`, which lives on
+        // this stack frame for the call; the descriptor is this stream's.
+        let r = unsafe { libc::ioctl(self.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+        (r == 0).then_some(n.max(0) as u64)
+    }
 }
 
 impl Transport for UnixStream {
@@ -275,11 +289,19 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     fn has_input(&self) -> bool {
         (**self).has_input()
     }
+
+    fn unsent(&self) -> Option<u64> {
+        (**self).unsent()
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for Box<T> {
     fn has_input(&self) -> bool {
         (**self).has_input()
+    }
+
+    fn unsent(&self) -> Option<u64> {
+        (**self).unsent()
     }
 }
 

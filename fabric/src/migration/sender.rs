@@ -305,6 +305,12 @@ impl<S: Transport> Sender<S> {
         }
     }
 
+    /// Bytes written that the connection has not sent yet (its send queue), when it can
+    /// tell: what the final round would queue behind.
+    pub fn unsent_bytes(&self) -> Option<u64> {
+        self.ch.unsent()
+    }
+
     /// Figures so far (for progress reports).
     pub fn stats(&self) -> MigrationStats {
         let mut stats = self.stats.clone();

@@ -23,6 +23,8 @@ use crate::snapshot::format::{self, SnapshotState};
 use crate::vcpu::VcpuError;
 use crate::vm_state::{VmState, VmStateError};
 
+/// Longest wait for the send queue to drain before the final round.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 /// A round that sent fewer bytes than this says nothing of the link's rate.
 const MEASURABLE_BYTES: u64 = 4 << 20;
 /// A dirty set this small (1 MiB) never calls for throttling, and fits the budget when the
@@ -203,8 +205,14 @@ fn precopy(
     let mut throttle = 0u32;
     let mut max_throttle = 0u32;
     let mut previous_dirty = usize::MAX;
+    let mut carried = Vec::new();
     loop {
-        let dirty = view.take_frames()?;
+        let mut dirty = view.take_frames()?;
+        if !carried.is_empty() {
+            dirty.append(&mut carried);
+            dirty.sort_unstable();
+            dirty.dedup();
+        }
         let last = rounds.last().expect("one round done");
         // The link's rate, from the rounds that moved enough bytes to measure it (a round
         // of pages the destination held is bound by its local copying, not the link).
@@ -260,6 +268,13 @@ fn precopy(
         );
         let fits = expected + backlog <= req.downtime;
         if fits || rounds.len() as u32 >= req.max_rounds {
+            // Bytes of earlier rounds still in the socket's send queue would go out ahead
+            // of the final round, guest paused: let them drain while it runs, then look at
+            // the dirty set again.
+            if drain(&sender, bandwidth, req.downtime) {
+                carried = dirty;
+                continue;
+            }
             let converged = fits;
             // The final round starts from this dirty set plus what is dirtied until pause.
             let mut report = finish(
@@ -382,6 +397,23 @@ fn report(
         round_stats: stats.rounds.clone(),
         protocol: stats,
     }
+}
+
+/// Waits (at most [`DRAIN_LIMIT`]) until what the connection has not yet sent would drain in
+/// a quarter of the downtime budget at `bandwidth` (bytes/s; 0 when unknown: 64 KiB).
+/// Returns whether it had to wait.
+fn drain(sender: &Sender<TcpStream>, bandwidth: f64, downtime: Duration) -> bool {
+    let allowed = ((bandwidth * downtime.as_secs_f64() / 4.0) as u64).max(64 << 10);
+    let deadline = Instant::now() + DRAIN_LIMIT;
+    let mut waited = false;
+    while sender.unsent_bytes().is_some_and(|n| n > allowed) && Instant::now() < deadline {
+        waited = true;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if waited {
+        log::info!("migration: waited for the connection's send queue to drain before pausing");
+    }
+    waited
 }
 
 fn connect(dest: &str) -> Result<TcpStream, MigrateError> {

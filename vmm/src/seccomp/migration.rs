@@ -48,6 +48,8 @@ pub(super) fn source(r: &mut Rules) {
     rules::ioctls(r, &kvm::DIRTY_LOG);
     rules::ioctls(r, &kvm::VM_STATE);
     rules::ioctls(r, &FILE_FLAGS);
+    // How much of what it wrote the connection has not sent yet (`SIOCOUTQ`).
+    rules::ioctls(r, &[libc::TIOCOUTQ]);
     network(r);
     r.allow(&[libc::SYS_tgkill]);
 }

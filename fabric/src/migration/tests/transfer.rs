@@ -437,3 +437,17 @@ fn any_stream_works_without_input_polling() {
         assert_same_memory(&guest, &dest);
     }
 }
+
+#[test]
+fn a_tcp_stream_tells_what_it_has_not_sent() {
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut a = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (_b, _) = listener.accept().unwrap();
+    assert_eq!(a.unsent(), Some(0), "nothing written yet");
+    // The peer never reads: once its receive buffer is full, what is written stays queued.
+    a.set_nonblocking(true).unwrap();
+    let chunk = vec![7u8; 64 << 10];
+    while a.write(&chunk).is_ok() {}
+    assert!(a.unsent().unwrap() > 0, "a full send queue is reported");
+}
