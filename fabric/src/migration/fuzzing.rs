@@ -418,16 +418,7 @@ pub fn seed_inputs() -> Vec<Vec<u8>> {
     wire::encode_offer(&mut offer2, 1, 2, &runs2, &[held[0]]);
     let mut end2 = Vec::new();
     wire::encode_round_end(&mut end2, 2, 1);
-    let state = b"vcpu state".to_vec();
-    let mut state_msg = Vec::new();
-    wire::encode_state(&mut state_msg, state.len() as u64, 0, &state);
-    let mut complete = Vec::new();
-    wire::Complete {
-        rounds: 2,
-        state_len: state.len() as u64,
-        state_hash: *blake3::hash(&state).as_bytes(),
-    }
-    .encode(&mut complete);
+    let (state_msg, complete) = state_and_complete(2);
 
     let frames = vec![
         (MsgType::Offer, offer),

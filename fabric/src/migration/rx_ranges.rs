@@ -203,35 +203,16 @@ impl RxState {
                 self.forget(old, gfn);
             }
             let id = ids[i].filter(|id| !id.is_zero_page());
-            match entry.body {
-                Body::Raw(_) | Body::Lz4(_) if id.is_none() => {
-                    // Content that is all zeros: a zero page.
-                    if self.manifest.get(gfn).flatten().is_some() {
-                        sink.zero_page(gfn);
-                    }
-                    self.manifest.set(gfn, None);
+            match (entry.body, id) {
+                (Body::Raw(_) | Body::Lz4(_), Some(id)) => {
+                    self.install_body(i, gfn, &entry.body, id, stats, sink);
+                }
+                // Content that is all zeros is a zero page.
+                (Body::Raw(_) | Body::Lz4(_) | Body::Zero, _) => {
+                    self.install_zero(gfn, sink);
                     stats.pages_zero += 1;
                 }
-                Body::Raw(raw) => {
-                    sink.write_page(gfn, raw);
-                    self.install(gfn, id.expect("not zero"));
-                    stats.pages_received += 1;
-                }
-                Body::Lz4(_) => {
-                    let page = &self.page_buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-                    sink.write_page(gfn, page.try_into().expect("a page"));
-                    self.install(gfn, id.expect("not zero"));
-                    stats.pages_received += 1;
-                    stats.pages_compressed += 1;
-                }
-                Body::Zero => {
-                    if self.manifest.get(gfn).flatten().is_some() {
-                        sink.zero_page(gfn);
-                    }
-                    self.manifest.set(gfn, None);
-                    stats.pages_zero += 1;
-                }
-                Body::Known => {
+                (Body::Known, _) => {
                     let id = entry.new_id.expect("decoded with an id");
                     let from = *self
                         .have

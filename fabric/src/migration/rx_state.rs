@@ -342,24 +342,10 @@ impl RxState {
                 continue;
             }
             match entry.body {
-                Body::Raw(raw) => {
-                    sink.write_page(gfn, raw);
-                    self.install(gfn, id);
-                    stats.pages_received += 1;
+                Body::Raw(_) | Body::Lz4(_) => {
+                    self.install_body(i, gfn, &entry.body, id, stats, sink)
                 }
-                Body::Lz4(_) => {
-                    let page = &self.page_buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-                    sink.write_page(gfn, page.try_into().expect("a page"));
-                    self.install(gfn, id);
-                    stats.pages_received += 1;
-                    stats.pages_compressed += 1;
-                }
-                Body::Zero => {
-                    if self.manifest.get(gfn).flatten().is_some() {
-                        sink.zero_page(gfn);
-                    }
-                    self.manifest.set(gfn, None);
-                }
+                Body::Zero => self.install_zero(gfn, sink),
                 Body::Known => match self.have.get(&id) {
                     Some(&from) => {
                         sink.read_page(from, &mut self.tmp);
@@ -439,6 +425,39 @@ impl RxState {
     /// nothing, or of the first [`EVIDENCE_PAGES`] or more looked up, under 2% were here.
     pub(super) fn push_mode(&self) -> bool {
         !self.holds_any || (self.examined >= EVIDENCE_PAGES && self.found * 50 < self.examined)
+    }
+
+    /// Installs the verified content of received entry `i` (raw, or lz4 decoded into the
+    /// page buffer) at `gfn` as `id`.
+    pub(super) fn install_body(
+        &mut self,
+        i: usize,
+        gfn: u64,
+        body: &Body<'_>,
+        id: PageId,
+        stats: &mut ReceiverStats,
+        sink: &mut dyn GuestSink,
+    ) {
+        let page: &Page = match body {
+            Body::Raw(raw) => raw,
+            _ => {
+                stats.pages_compressed += 1;
+                self.page_buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+                    .try_into()
+                    .expect("a page")
+            }
+        };
+        sink.write_page(gfn, page);
+        self.install(gfn, id);
+        stats.pages_received += 1;
+    }
+
+    /// `gfn` now holds a zero page.
+    pub(super) fn install_zero(&mut self, gfn: u64, sink: &mut dyn GuestSink) {
+        if self.manifest.get(gfn).flatten().is_some() {
+            sink.zero_page(gfn);
+        }
+        self.manifest.set(gfn, None);
     }
 
     /// `gfn` got a page that did not match its identity: it holds zeros until offered again.
