@@ -19,8 +19,11 @@ const TAP: [u64; 4] = [
 ];
 
 /// A TCP connection to a migration peer (IPv4 or IPv6): connecting with a timeout, socket
-/// options, sending and receiving.
+/// options, sending and receiving, and how much of what it wrote it has not sent yet
+/// (`SIOCOUTQ`). The main thread's filter has these too: the migration thread starts under
+/// it, and stacked filters must all allow a call.
 pub(super) fn network(r: &mut Rules) {
+    rules::ioctls(r, &[libc::TIOCOUTQ]);
     r.allow_arg(
         libc::SYS_socket,
         0,
@@ -48,8 +51,6 @@ pub(super) fn source(r: &mut Rules) {
     rules::ioctls(r, &kvm::DIRTY_LOG);
     rules::ioctls(r, &kvm::VM_STATE);
     rules::ioctls(r, &FILE_FLAGS);
-    // How much of what it wrote the connection has not sent yet (`SIOCOUTQ`).
-    rules::ioctls(r, &[libc::TIOCOUTQ]);
     network(r);
     r.allow(&[libc::SYS_tgkill]);
 }
