@@ -48,6 +48,8 @@ impl RxState {
         let total = layout.total();
         let index = source.ranges();
         let mut held = vec![false; summary.ranges.len()];
+        // Data pages found through the index: the evidence (zero ranges say nothing).
+        let mut looked_up = 0u64;
         for (k, range) in summary.ranges.iter().enumerate() {
             let end = range
                 .first
@@ -78,7 +80,10 @@ impl RxState {
             for (j, id) in ids.into_iter().enumerate() {
                 let gfn = layout.gfn(range.first + j as u64);
                 match id {
-                    Some(id) => self.plan(gfn, id, k * RANGE_PAGES + j, stats),
+                    Some(id) => {
+                        looked_up += 1;
+                        self.plan(gfn, id, k * RANGE_PAGES + j, stats);
+                    }
                     None => {
                         stats.pages_zero += 1;
                         if let Some(old) = self.manifest.get(gfn).flatten() {
@@ -107,14 +112,7 @@ impl RxState {
                 bits[j / 8] |= 1 << (j % 8);
             }
         }
-        let held_pages: u64 = summary
-            .ranges
-            .iter()
-            .zip(&held)
-            .filter(|(_, h)| **h)
-            .map(|(r, _)| u64::from(r.pages))
-            .sum();
-        self.evidence(held_pages, held_pages - missing.len() as u64);
+        self.evidence(looked_up, looked_up - missing.len() as u64);
         let push = self.push_mode();
         for (range, answer) in summary.ranges.iter().zip(answers.iter_mut()) {
             match answer {

@@ -110,6 +110,29 @@ fn a_host_holding_other_pages_switches_to_pushing() {
 }
 
 #[test]
+fn zero_ranges_are_no_evidence_of_holding_the_vm() {
+    // Half the guest zero (whole zero ranges, which every destination "holds"), the other
+    // half pages the host does not have: the destination must still switch to pushing.
+    let mut guest = random_guest();
+    let half = guest.total() / 2;
+    fill(&mut guest, |i| {
+        if i < half {
+            Content::Zero
+        } else {
+            Content::Random(i)
+        }
+    });
+    let mut other = random_guest();
+    fill(&mut other, |i| Content::Random(1 << 44 | i));
+    let held = Held::from_guest(&other, |_| true).with_ranges(&[&other]);
+    let (stats, dest) = migrate(&guest, held, SenderConfig::default());
+    assert_same_memory(&guest, &dest);
+    let r = dest.result.as_ref().unwrap();
+    assert!(r.pages_pushed > half / 2, "{r:?}");
+    assert!(stats.pages_offered >= half, "{stats:?}");
+}
+
+#[test]
 fn a_range_claimed_but_not_really_held_is_sent() {
     let guest = random_guest();
     // The index says the host holds every range, but some pages it gives are wrong (a VM
