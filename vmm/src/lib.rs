@@ -10,6 +10,7 @@ pub mod console;
 pub mod device_manager;
 pub mod event_loop;
 pub mod host_index;
+pub mod host_pages;
 pub mod jail;
 pub mod layout;
 pub mod memory;

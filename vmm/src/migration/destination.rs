@@ -13,7 +13,7 @@ use super::guest::GuestPages;
 use super::{read_key, KeyFileError};
 use crate::cli::ReceiveArgs;
 use crate::event_loop::Services;
-use crate::host_index::HostPages;
+use crate::host_pages::HostPages;
 use crate::layout;
 use crate::memory;
 use crate::runner::{self, RunContext, RunError};
