@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use fabric::live::{HostIndex, PageState, Request, TableReader, CHUNK_PAGES};
 use fabric::migration::{FetchResult, GuestFrames, PageSource, RangeIndex};
+
+use crate::host_ranges::HostRanges;
 use fabric::{Page, PageId, Store, PAGE_SIZE};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -24,9 +26,8 @@ use crate::host_index::{close_remote_files, read_remote, running_vms, table_path
 pub struct HostPages {
     index: HostIndex,
     /// Range digests over the running VMs' identities (stale ones as hints: every page
-    /// copied is confirmed anyway), and the index generations they were built at.
-    ranges: RangeIndex,
-    ranges_at: Vec<u64>,
+    /// copied is confirmed anyway).
+    ranges: HostRanges,
     pids: Vec<u32>,
     store: Option<Store>,
     counters: HostCounters,
@@ -78,8 +79,7 @@ impl HostPages {
     pub fn open(except: Option<u32>, store: Option<Store>) -> Self {
         let mut hosted = HostPages {
             index: HostIndex::new(),
-            ranges: RangeIndex::new(),
-            ranges_at: Vec::new(),
+            ranges: HostRanges::default(),
             pids: Vec::new(),
             store,
             counters: HostCounters::default(),
@@ -137,28 +137,9 @@ impl HostPages {
         }
     }
 
-    /// Rebuilds the range digests when a VM's table changed since they were built.
+    /// Brings the range digests up to what the tables say now.
     fn index_ranges(&mut self) {
-        let now: Vec<u64> = self.index.vms().map(|(_, t)| t.generation()).collect();
-        if now == self.ranges_at {
-            return;
-        }
-        let mut ranges = RangeIndex::new();
-        let mut entries = Vec::new();
-        for (_, table) in self.index.vms() {
-            let mut ids = Vec::with_capacity(table.pages());
-            for chunk in 0..table.chunks() {
-                if table.read_chunk(chunk, &mut entries).is_none() {
-                    break;
-                }
-                ids.extend(entries.iter().map(|e| e.id));
-            }
-            if ids.len() == table.pages() {
-                ranges.add(ids);
-            }
-        }
-        self.ranges = ranges;
-        self.ranges_at = now;
+        self.ranges.update(&self.index);
     }
 
     /// Takes pages from `store` too.
@@ -307,7 +288,7 @@ impl HostPages {
 
 impl PageSource for HostPages {
     fn ranges(&self) -> Option<&RangeIndex> {
-        Some(&self.ranges)
+        Some(self.ranges.index())
     }
 
     fn holds_any(&self) -> bool {

@@ -11,6 +11,7 @@ pub mod device_manager;
 pub mod event_loop;
 pub mod host_index;
 pub mod host_pages;
+pub mod host_ranges;
 pub mod jail;
 pub mod layout;
 pub mod memory;

@@ -14,10 +14,16 @@ use vmm::vcpu::exit::StopReason;
 const CTL_TIMEOUT: Duration = Duration::from_secs(600);
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format_timestamp(None)
-        .format_target(false)
-        .init();
+    // `FABVM_LOG_TIME=1` stamps each log line with the time in microseconds (for the
+    // `fabvm::timing` lines: where a migration's or a restore's time goes).
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"));
+    if std::env::var_os("FABVM_LOG_TIME").is_some_and(|v| v == "1") {
+        logger.format_timestamp_micros();
+    } else {
+        logger.format_timestamp(None);
+    }
+    logger.format_target(false).init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {

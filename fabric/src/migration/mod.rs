@@ -13,8 +13,9 @@
 //!  Auth{proof}                                            ──►                       unauthenticated
 //!                                                         ◄──  Auth{proof}          (MAC'd from here on)
 //!  Describe{vCPUs, regions, config}                       ──►
-//!                                                              VMM allocates guest memory
-//!                                                         ◄──  Accept  (or Abort{reason})
+//!  (syncs its live identities meanwhile)                       VMM allocates guest memory
+//!                                                         ◄──  Accept  (or Abort{reason}),
+//!                                                              read with round 1's start
 //!  ┌ round 1: every page, described by range ─────────────────────────────────────────┐
 //!  │ Summary{b, level 0, ranges of 512 pages: digest}     ──►  looks each digest up in │
 //!  │ … up to `window` unanswered …                             its range index, installs
@@ -183,8 +184,9 @@
 //! # What the VMM does
 //!
 //! Source: connect, set read and write timeouts and `TCP_NODELAY` (answers are small
-//! writes), [`Sender::connect`], [`Sender::describe`]; open its own view of the dirty log,
-//! then [`Sender::round`] over every page's live identity; then, round after round,
+//! writes), [`Sender::connect`], [`Sender::describe`] (it does not wait for `Accept`: the
+//! first round reads it, so the source's preparation overlaps the destination's); open its
+//! own view of the dirty log, then [`Sender::round`] over every page's live identity; then, round after round,
 //! [`Sender::round_frames`] over the dirty set (KVM's log OR the VMM's own write bitmap)
 //! until the set fits the downtime budget at the link rate the last [`RoundStats`] show;
 //! pause the vCPUs and devices, take the last dirty set, save the state and
@@ -229,7 +231,7 @@ use crate::manifest::Region;
 use crate::store::Store;
 
 pub use error::{KeyError, MigrationError};
-pub use ranges::RangeIndex;
+pub use ranges::{Holder as RangeHolder, RangeIndex};
 pub use receiver::{ReceivedVm, Receiver};
 pub use sender::Sender;
 pub use stats::{MigrationStats, ReceiverStats, RoundStats};

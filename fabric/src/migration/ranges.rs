@@ -55,20 +55,26 @@ pub fn zero_digest(pages: usize) -> Digest {
 }
 
 /// The digests of the ranges a host holds, each with its identities: built from the
-/// identity tables of the VMs running there and the manifests in its store. A range with
-/// only zero pages is not indexed (every destination holds those).
+/// identity tables of the VMs running there and the manifests in its store, and kept
+/// current a top-level range at a time as they change. A range with only zero pages is not
+/// indexed (every destination holds those). Every range it returns hashes to the digest
+/// asked for.
 #[derive(Debug, Default)]
 pub struct RangeIndex {
-    holders: Vec<Vec<Option<PageId>>>,
+    holders: Vec<Option<Vec<Option<PageId>>>>,
     map: HashMap<Digest, Place>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Place {
     holder: u32,
     start: u32,
     len: u32,
 }
+
+/// A VM or manifest in a [`RangeIndex`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holder(u32);
 
 impl RangeIndex {
     /// An empty index.
@@ -78,28 +84,54 @@ impl RangeIndex {
 
     /// Indexes the pages of one VM or manifest, in page order: every top-level range and
     /// every sub-range.
-    pub fn add(&mut self, ids: Vec<Option<PageId>>) {
+    pub fn add(&mut self, ids: Vec<Option<PageId>>) -> Holder {
         let holder = self.holders.len() as u32;
-        let mut found: Vec<(Digest, Place)> = [RANGE_PAGES, SUB_RANGE_PAGES]
-            .par_iter()
-            .flat_map(|&size| {
-                ids.par_chunks(size)
-                    .enumerate()
-                    .filter(|(_, range)| range.iter().any(Option::is_some))
-                    .map(move |(i, range)| {
-                        let place = Place {
-                            holder,
-                            start: (i * size) as u32,
-                            len: range.len() as u32,
-                        };
-                        (digest(range), place)
-                    })
-            })
-            .collect();
-        for (d, place) in found.drain(..) {
+        let found = places(holder, &ids, 0, ids.len());
+        for (d, place) in found {
             self.map.entry(d).or_insert(place);
         }
-        self.holders.push(ids);
+        self.holders.push(Some(ids));
+        Holder(holder)
+    }
+
+    /// Replaces the identities of `holder` from page `start` (a multiple of
+    /// [`RANGE_PAGES`]) with `ids`, re-digesting only the ranges that changed.
+    pub fn update(&mut self, holder: Holder, start: usize, ids: &[Option<PageId>]) {
+        assert!(
+            start.is_multiple_of(RANGE_PAGES),
+            "updates start at a top-level range"
+        );
+        let Some(Some(held)) = self.holders.get_mut(holder.0 as usize) else {
+            return;
+        };
+        let end = (start + ids.len()).min(held.len());
+        let mut top = start;
+        while top < end {
+            let stop = (top + RANGE_PAGES).min(end);
+            if held[top..stop] != ids[top - start..stop - start] {
+                let old = places(holder.0, held, top, stop);
+                held[top..stop].copy_from_slice(&ids[top - start..stop - start]);
+                let new = places(holder.0, held, top, stop);
+                for (d, place) in old {
+                    if self.map.get(&d) == Some(&place) {
+                        self.map.remove(&d);
+                    }
+                }
+                for (d, place) in new {
+                    self.map.entry(d).or_insert(place);
+                }
+            }
+            top = stop;
+        }
+    }
+
+    /// Forgets `holder` (its VM went away).
+    pub fn remove(&mut self, holder: Holder) {
+        if let Some(slot) = self.holders.get_mut(holder.0 as usize) {
+            if slot.take().is_some() {
+                self.map.retain(|_, place| place.holder != holder.0);
+            }
+        }
     }
 
     /// The identities of a range of `pages` pages with digest `d`, if held.
@@ -109,7 +141,12 @@ impl RangeIndex {
             return None;
         }
         let start = place.start as usize;
-        self.holders[place.holder as usize].get(start..start + pages)
+        let ids = self.holders[place.holder as usize]
+            .as_ref()?
+            .get(start..start + pages)?;
+        // Cheap (16 KiB hashed per top-level range) and it makes the index's bookkeeping
+        // unable to hand out identities that are not the range's.
+        (digest(ids) == *d).then_some(ids)
     }
 
     /// Ranges indexed.
@@ -121,6 +158,28 @@ impl RangeIndex {
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
+}
+
+/// The digest and place of every top-level range and sub-range of `ids[from..to]` (`from` a
+/// multiple of [`RANGE_PAGES`]) that holds a data page.
+fn places(holder: u32, ids: &[Option<PageId>], from: usize, to: usize) -> Vec<(Digest, Place)> {
+    [RANGE_PAGES, SUB_RANGE_PAGES]
+        .par_iter()
+        .flat_map(|&size| {
+            ids[from..to]
+                .par_chunks(size)
+                .enumerate()
+                .filter(|(_, range)| range.iter().any(Option::is_some))
+                .map(move |(i, range)| {
+                    let place = Place {
+                        holder,
+                        start: (from + i * size) as u32,
+                        len: range.len() as u32,
+                    };
+                    (digest(range), place)
+                })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -166,5 +225,40 @@ mod tests {
         let mut zeros = RangeIndex::new();
         zeros.add(vec![None; RANGE_PAGES]);
         assert!(zeros.is_empty());
+    }
+
+    #[test]
+    fn updates_replace_changed_ranges_and_removal_forgets() {
+        let vm = ids(4, 3 * RANGE_PAGES);
+        let mut index = RangeIndex::new();
+        let h = index.add(vm.clone());
+        let other = index.add(ids(5, RANGE_PAGES));
+        let old_top = vm[RANGE_PAGES..2 * RANGE_PAGES].to_vec();
+        let mut changed = old_top.clone();
+        changed[40] = identify(&page(999_999));
+        index.update(h, RANGE_PAGES, &changed);
+        // The changed range and its changed sub-range are found by their new digests only;
+        // an unchanged sub-range of it still is.
+        assert_eq!(index.get(&digest(&old_top), RANGE_PAGES), None);
+        assert_eq!(
+            index.get(&digest(&changed), RANGE_PAGES),
+            Some(&changed[..])
+        );
+        assert_eq!(index.get(&digest(&old_top[32..64]), SUB_RANGE_PAGES), None);
+        assert!(index
+            .get(&digest(&changed[32..64]), SUB_RANGE_PAGES)
+            .is_some());
+        assert!(index
+            .get(&digest(&changed[64..96]), SUB_RANGE_PAGES)
+            .is_some());
+        // Other ranges untouched.
+        let first = &vm[..RANGE_PAGES];
+        assert_eq!(index.get(&digest(first), RANGE_PAGES), Some(first));
+        index.remove(h);
+        assert_eq!(index.get(&digest(first), RANGE_PAGES), None);
+        let o = ids(5, RANGE_PAGES);
+        assert_eq!(index.get(&digest(&o), RANGE_PAGES), Some(&o[..]));
+        index.remove(other);
+        assert!(index.is_empty());
     }
 }

@@ -79,6 +79,8 @@ pub struct Sender<S: Transport> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Connected,
+    /// `Describe` sent, `Accept` not yet read.
+    Describing,
     Described,
     Done,
     Failed,
@@ -184,8 +186,9 @@ impl<S: Transport> Sender<S> {
         })
     }
 
-    /// Announces the VM and waits until the destination has prepared its memory
-    /// (`Accept`), or refused (`PeerAborted` with its reason).
+    /// Announces the VM. The destination's `Accept` (it has prepared its memory) or refusal
+    /// (`PeerAborted` with its reason) is read when the first round starts, so the caller
+    /// prepares that round while the destination prepares.
     pub fn describe(&mut self, desc: &VmDescription) -> Result<(), MigrationError> {
         self.guard(|s| {
             if s.phase != Phase::Connected {
@@ -199,14 +202,10 @@ impl<S: Transport> Sender<S> {
             }
             wire::encode_describe(s.ch.begin(), desc);
             s.ch.commit(MsgType::Describe)?;
-            match s.ch.recv()? {
-                (MsgType::Accept, payload) => wire::expect_empty(payload, "Accept")?,
-                other => return Err(unexpected(other, "while waiting for Accept")),
-            }
             let layout = Layout::new(&desc.regions);
             s.seen = Bitmap::new(layout.total());
             s.layout = Some(layout);
-            s.phase = Phase::Described;
+            s.phase = Phase::Describing;
             Ok(())
         })
     }
@@ -345,6 +344,15 @@ impl<S: Transport> Sender<S> {
         I: IntoIterator<Item = (u64, Option<PageId>)>,
         F: Fn(u64, &mut Page) + Sync,
     {
+        if self.phase == Phase::Describing {
+            // Read only now: the destination prepares while the caller gets its first
+            // round ready.
+            match self.ch.recv()? {
+                (MsgType::Accept, payload) => wire::expect_empty(payload, "Accept")?,
+                other => return Err(unexpected(other, "while waiting for Accept")),
+            }
+            self.phase = Phase::Described;
+        }
         if self.phase != Phase::Described {
             return Err(MigrationError::Misuse("round before describe"));
         }

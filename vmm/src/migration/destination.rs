@@ -5,6 +5,7 @@
 //! everything here; the source keeps its guest.
 
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use fabric::migration::{Limits, MigrationError, Receiver};
@@ -26,6 +27,8 @@ use crate::vcpu::exit::StopReason;
 const SETTLE_WAIT: Duration = Duration::from_secs(2);
 /// A link that moves nothing for this long is dead.
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often a destination waiting for its source re-reads what the VMs here published.
+const REFRESH_WHILE_WAITING: Duration = Duration::from_millis(250);
 
 /// Errors on the destination.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +76,11 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
     hosted.settle(Duration::ZERO);
     // From here this thread takes bytes from the network: no more than a destination needs.
     crate::seccomp::install(crate::seccomp::ThreadKind::MigrationDestination)?;
-    let stream = accept(&listener, &args.listen, args.accept_timeout)?;
+    // While it waits, it keeps that index current (only what changed is read), so a
+    // source that connects finds little left to read.
+    let stream = accept(&listener, &args.listen, args.accept_timeout, || {
+        hosted.refresh(me)
+    })?;
     let started = Instant::now();
     let (mut receiver, description) = Receiver::accept(stream, &key, Limits::default())?;
     let mem: u64 = description.regions.iter().map(|r| r.bytes()).sum();
@@ -108,7 +115,9 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
             return Err(ReceiveError::Refused(e.to_string()));
         }
     };
+    log::debug!(target: "fabvm::timing", "incoming VM: memory made {:?} after the hello", started.elapsed());
     hosted.refresh(me);
+    log::debug!(target: "fabvm::timing", "incoming VM: host pages refreshed {:?} after the hello", started.elapsed());
     hosted.settle(SETTLE_WAIT);
     // The store is opened only now: it is held (locked) until the pages are in.
     let hosted = hosted.with_store(args.store.as_ref().and_then(|dir| open_store(dir).ok()));
@@ -197,29 +206,40 @@ fn failpoint(name: &str) {
     }
 }
 
-fn accept(listener: &TcpListener, listen: &str, timeout_s: u64) -> Result<TcpStream, ReceiveError> {
+/// Waits for the source's connection (up to `timeout_s` seconds, 0 = for ever), calling
+/// `waiting` every [`REFRESH_WHILE_WAITING`] meanwhile.
+fn accept(
+    listener: &TcpListener,
+    listen: &str,
+    timeout_s: u64,
+    mut waiting: impl FnMut(),
+) -> Result<TcpStream, ReceiveError> {
     let err = |source| ReceiveError::Listen {
         addr: listen.to_string(),
         source,
     };
-    let stream = if timeout_s == 0 {
-        listener.accept().map_err(err)?.0
-    } else {
-        listener.set_nonblocking(true).map_err(err)?;
-        let deadline = Instant::now() + Duration::from_secs(timeout_s);
-        loop {
-            match listener.accept() {
-                Ok((stream, _)) => break stream,
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    return Err(ReceiveError::AcceptTimeout(timeout_s));
-                }
-                Err(e) => return Err(err(e)),
-            }
+    listener.set_nonblocking(true).map_err(err)?;
+    let deadline = (timeout_s > 0).then(|| Instant::now() + Duration::from_secs(timeout_s));
+    let stream = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(err(e)),
+        }
+        let wait = match deadline {
+            Some(d) if Instant::now() >= d => return Err(ReceiveError::AcceptTimeout(timeout_s)),
+            Some(d) => REFRESH_WHILE_WAITING.min(d - Instant::now()),
+            None => REFRESH_WHILE_WAITING,
+        };
+        let mut fd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the call; the listener's descriptor stays open.
+        unsafe { libc::poll(&mut fd, 1, wait.as_millis() as libc::c_int) };
+        if fd.revents == 0 {
+            waiting();
         }
     };
     stream.set_nonblocking(false).map_err(err)?;

@@ -147,7 +147,9 @@ pub fn migrate(
         regions: guest.regions(),
         config: Vec::new(),
     };
+    log::debug!(target: "fabvm::timing", "migration: connected after {:?}", started.elapsed());
     sender.describe(&description).map_err(protocol)?;
+    log::debug!(target: "fabvm::timing", "migration: described after {:?}", started.elapsed());
 
     // Round 1: everything, from the live identities (only stale pages are hashed now). The
     // migration's view of the dirty log opens first and forgets, at the sync's harvest, what
@@ -156,6 +158,7 @@ pub fn migrate(
     // since boot).
     let view = machine.memory.dirty_view();
     let (synced, all) = machine.memory.identities().sync_entries(&view)?;
+    log::debug!(target: "fabvm::timing", "migration: synced after {:?}", started.elapsed());
     log::info!(
         "migration round 1 offers the live identities: {} stale pages hashed in {:.1} ms",
         synced.rehashed_pages,
