@@ -324,6 +324,12 @@ impl Store {
         self.mutate(|s| s.remove_root_inner(name))
     }
 
+    /// The identities of every page stored, in no particular order (what a host agent
+    /// summarises for the cluster).
+    pub fn ids(&self) -> impl ExactSizeIterator<Item = &PageId> + '_ {
+        self.state.entries.keys()
+    }
+
     /// The registered roots, by name.
     pub fn roots(&self) -> Vec<RootSummary> {
         self.state
