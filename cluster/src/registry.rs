@@ -37,9 +37,10 @@ pub enum RegistryError {
     /// No answer in time.
     #[error("etcd at {0} did not answer within {1:?}")]
     TimedOut(String, Duration),
-    /// etcd answered with an error, or the connection failed.
+    /// etcd answered with an error, or the connection failed (the error's innermost
+    /// cause, one line).
     #[error("etcd at {0}: {1}")]
-    Etcd(String, etcd_client::Error),
+    Etcd(String, String),
     /// The lease is gone (expired while this host could not reach etcd).
     #[error("the host's lease expired")]
     LeaseExpired,
@@ -275,8 +276,24 @@ fn in_time<T>(
 ) -> Result<T, RegistryError> {
     match rt.block_on(async { tokio::time::timeout(timeout, fut).await }) {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(RegistryError::Etcd(endpoints.into(), e)),
+        Ok(Err(e)) => Err(RegistryError::Etcd(endpoints.into(), short(&e))),
         Err(_) => Err(RegistryError::TimedOut(endpoints.into(), timeout)),
+    }
+}
+
+/// An etcd client error in a few words: a gRPC status's message and its root cause (e.g.
+/// "tcp connect error: Connection refused (os error 111)").
+fn short(e: &etcd_client::Error) -> String {
+    let etcd_client::Error::GRpcStatus(status) = e else {
+        return e.to_string();
+    };
+    let mut root: Option<&dyn std::error::Error> = std::error::Error::source(status);
+    while let Some(next) = root.and_then(|r| r.source()) {
+        root = Some(next);
+    }
+    match root.map(|r| r.to_string()) {
+        Some(cause) if cause != status.message() => format!("{}: {cause}", status.message()),
+        _ => status.message().to_string(),
     }
 }
 

@@ -1,0 +1,217 @@
+//! `fabvm host serve`: the host agent. It registers the host in the cluster registry under
+//! a lease (renewed every third of its TTL), publishes a summary of the pages the host holds
+//! when they change, and serves those pages to other hosts over the page service. An etcd
+//! that goes away costs the registration only: pages keep being served, and the agent
+//! registers again (a new lease) once etcd answers.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cluster::record::{check_name, unix_ms, RecordError};
+use cluster::registry::RegistryError;
+use cluster::service::{self, IO_TIMEOUT};
+use cluster::{HostRecord, Registry};
+use fabric::migration::MigrationKey;
+
+use super::host::{cpus, meminfo, Holdings, Summary};
+use super::ETCD_TIMEOUT;
+use crate::cli::ServeArgs;
+use crate::migration::{read_key, KeyFileError};
+
+/// Most page-service connections served at once.
+const MAX_CONNECTIONS: usize = 16;
+
+/// Errors starting the agent (once it runs it only logs).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Name(#[from] RecordError),
+    #[error(transparent)]
+    Key(#[from] KeyFileError),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(String, std::io::Error),
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+/// Runs the agent until the process is killed.
+pub fn serve(args: &ServeArgs) -> Result<(), AgentError> {
+    check_name(&args.name)?;
+    if args.ttl == 0 {
+        return Err(AgentError::Zero("--ttl"));
+    }
+    if args.refresh == 0 {
+        return Err(AgentError::Zero("--refresh"));
+    }
+    let key = read_key(&args.key)?;
+    let listener =
+        TcpListener::bind(&args.listen).map_err(|e| AgentError::Listen(args.listen.clone(), e))?;
+    let mut registry = Registry::connect(&args.etcd, ETCD_TIMEOUT)?;
+    let holdings = Arc::new(Mutex::new(Holdings::open(args.store.as_deref())));
+    {
+        let holdings = holdings.clone();
+        std::thread::Builder::new()
+            .name("fabvm-pages".into())
+            .spawn(move || accept_loop(listener, key, holdings))
+            .map_err(|e| AgentError::Listen(args.listen.clone(), e))?;
+    }
+    eprintln!(
+        "fabvm host serve: {} serving pages on {}, registered at {}",
+        args.name, args.listen, args.etcd
+    );
+    Agent {
+        args: args.clone(),
+        holdings,
+        lease: None,
+        generation: 0,
+        published: None,
+    }
+    .run(&mut registry);
+    Ok(())
+}
+
+/// The registration side of the agent.
+struct Agent {
+    args: ServeArgs,
+    holdings: Arc<Mutex<Holdings>>,
+    lease: Option<i64>,
+    generation: u64,
+    /// The summary last published: its record figures and bytes (republished under a new
+    /// lease).
+    published: Option<(Summary, Vec<u8>, u64)>,
+}
+
+impl Agent {
+    fn run(mut self, registry: &mut Registry) {
+        let ttl = Duration::from_secs(self.args.ttl);
+        let tick = (ttl / 3).max(Duration::from_millis(500));
+        let refresh = Duration::from_secs(self.args.refresh);
+        let mut next_refresh = Instant::now();
+        loop {
+            let now = Instant::now();
+            let rebuilt = if now >= next_refresh {
+                next_refresh = now + refresh;
+                self.rebuild()
+            } else {
+                false
+            };
+            if let Err(e) = self.register(registry, ttl, rebuilt) {
+                log::warn!("cluster registry: {e} (pages are still served; retrying)");
+                if matches!(e, RegistryError::LeaseExpired) {
+                    self.lease = None;
+                }
+            }
+            std::thread::sleep(tick.min(next_refresh.saturating_duration_since(Instant::now())));
+        }
+    }
+
+    /// Builds a new summary if the pages held changed; true when it did.
+    fn rebuild(&mut self) -> bool {
+        let max = usize::try_from(self.args.summary_max).unwrap_or(usize::MAX);
+        let summary = self.holdings.lock().expect("not poisoned").refresh(max);
+        let Some(summary) = summary else {
+            return false;
+        };
+        let bytes = summary.bloom.encode();
+        self.generation += 1;
+        self.published = Some((summary, bytes, unix_ms()));
+        true
+    }
+
+    /// Keeps the lease alive, or takes a new one and writes everything again; writes the
+    /// summary when it changed and the host record every time.
+    fn register(
+        &mut self,
+        registry: &mut Registry,
+        ttl: Duration,
+        rebuilt: bool,
+    ) -> Result<(), RegistryError> {
+        let fresh = match self.lease {
+            Some(lease) => {
+                registry.keep_alive(lease)?;
+                false
+            }
+            None => {
+                self.lease = Some(registry.grant(ttl)?);
+                true
+            }
+        };
+        let lease = self.lease.expect("set above");
+        if let Some((summary, bytes, _)) = &self.published {
+            if fresh || rebuilt {
+                registry.put_summary(&self.args.name, self.generation, bytes, lease)?;
+                log::info!(
+                    "summary {}: {} pages held, {} bytes, false positives {:.4}",
+                    self.generation,
+                    summary.pages_held,
+                    bytes.len(),
+                    summary.bloom.fp_rate()
+                );
+            }
+        }
+        registry.put_host(&self.record(), lease)
+    }
+
+    fn record(&self) -> HostRecord {
+        let (mem_available, mem_total) = meminfo();
+        let (summary, bytes, at) = match &self.published {
+            Some((s, b, at)) => (Some(s), b.len() as u64, *at),
+            None => (None, 0, 0),
+        };
+        HostRecord {
+            name: self.args.name.clone(),
+            addr: self.args.listen.clone(),
+            mem_available,
+            mem_total,
+            cpus: cpus(),
+            vms: crate::host_index::running_vms(None).len() as u32,
+            pages_held: summary.map_or(0, |s| s.pages_held),
+            store_pages: summary.map_or(0, |s| s.store_pages),
+            summary_generation: if summary.is_some() {
+                self.generation
+            } else {
+                0
+            },
+            summary_bytes: bytes,
+            summary_fp_rate: summary.map_or(0.0, |s| s.bloom.fp_rate()),
+            summary_unix_ms: at,
+        }
+    }
+}
+
+/// Accepts page-service connections, one thread each, at most [`MAX_CONNECTIONS`] at once.
+fn accept_loop(listener: TcpListener, key: MigrationKey, holdings: Arc<Mutex<Holdings>>) {
+    let active = Arc::new(AtomicUsize::new(0));
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            log::warn!("page service: too many connections, one refused");
+            continue;
+        }
+        let (key, holdings, done) = (key.clone(), holdings.clone(), active.clone());
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let spawned = std::thread::Builder::new()
+            .name("fabvm-page-conn".into())
+            .spawn(move || {
+                let result = service::serve(stream, &key, IO_TIMEOUT, |ids, out| {
+                    holdings.lock().expect("not poisoned").fetch(ids, out)
+                });
+                match result {
+                    Ok(s) => log::info!("page service {peer}: {s:?}"),
+                    Err(e) => log::warn!("page service {peer}: {e}"),
+                }
+                done.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            active.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
