@@ -12,8 +12,8 @@ use super::layout::{Bitmap, Layout};
 use super::ranges::EVIDENCE_PAGES;
 use super::stats::{MigrationStats, RoundStats};
 use super::wire::{
-    self, Body, Complete, MsgType, NeedView, PageEntry, Protocol, RangeSummary, Role, Run, COMPRESS_BUF,
-    FEATURE_LZ4, MAX_RUN, PAGES_PER_MESSAGE, STATE_CHUNK, VERSION_MAX, VERSION_MIN,
+    self, Body, Complete, MsgType, NeedView, PageEntry, Protocol, RangeSummary, Role, Run,
+    COMPRESS_BUF, FEATURE_LZ4, MAX_RUN, PAGES_PER_MESSAGE, STATE_CHUNK, VERSION_MAX, VERSION_MIN,
 };
 use super::{Compression, MigrationError, MigrationKey, SenderConfig, Transport, VmDescription};
 use crate::identity::{is_zero, Page, PageId, PAGE_SIZE};

@@ -104,9 +104,15 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let server = thread::spawn(move || ServiceChannel::accept(b, &key(1)).map(|_| ()));
         let client = ServiceChannel::connect(a, &key(2)).map(|_| ());
-        assert!(matches!(client, Err(MigrationError::AuthFailed)), "{client:?}");
+        assert!(
+            matches!(client, Err(MigrationError::AuthFailed)),
+            "{client:?}"
+        );
         let server = server.join().unwrap();
-        assert!(matches!(server, Err(MigrationError::AuthFailed)), "{server:?}");
+        assert!(
+            matches!(server, Err(MigrationError::AuthFailed)),
+            "{server:?}"
+        );
     }
 
     #[test]
@@ -114,7 +120,10 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let dest = thread::spawn(move || Receiver::accept(b, &key(1), Default::default()).err());
         let client = ServiceChannel::connect(a, &key(1)).map(|_| ());
-        assert!(matches!(client, Err(MigrationError::NotAPeer(_))), "{client:?}");
+        assert!(
+            matches!(client, Err(MigrationError::NotAPeer(_))),
+            "{client:?}"
+        );
         assert!(dest.join().unwrap().is_some());
     }
 }
