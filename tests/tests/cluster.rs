@@ -17,15 +17,18 @@ use cluster::service::ServiceError;
 use fabric::live::{PageState, TableReader};
 use fabric::migration::{MigrationError, MigrationKey};
 use fabric::{PageId, Store, PAGE_SIZE};
-use fabvm_tests::{boot_guest, count, ctl, expect_error, fabvm, free_port, require_kvm, Vm};
+use fabvm_tests::{
+    boot_guest, count, ctl, expect_error, fabvm, free_port, require_kvm, shm_dir, Vm,
+};
 use serde_json::Value;
 
 const READY: Duration = Duration::from_secs(60);
 /// How long the test waits for something that should happen within a few seconds.
 const EVENTUALLY: Duration = Duration::from_secs(60);
 
-/// A single-node etcd on random loopback ports, its data in a temporary directory; killed
-/// and removed on drop.
+/// A single-node etcd on random loopback ports, its data in a temporary directory on tmpfs
+/// (a loaded machine's disk made its fsyncs, and so lease grants, take seconds); killed and
+/// removed on drop.
 struct Etcd {
     child: Option<Child>,
     url: String,
@@ -34,10 +37,7 @@ struct Etcd {
 
 impl Etcd {
     fn start() -> Etcd {
-        let dir = tempfile::Builder::new()
-            .prefix("fcl-etcd-")
-            .tempdir()
-            .unwrap();
+        let dir = shm_dir("fcl-etcd-");
         let (client, peer) = (free_port(), free_port());
         let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
@@ -133,7 +133,8 @@ impl Host {
             .arg("--key")
             .arg(key)
             .args(["--etcd", etcd, "--ttl", "2", "--refresh", "1", "--store"])
-            .arg(&self.store);
+            .arg(&self.store)
+            .env("RUST_LOG", "info");
         self.agent = Some(Vm::start_command(&mut cmd));
     }
 }
@@ -149,15 +150,31 @@ fn find<'a>(hosts: &'a [Value], name: &str) -> Option<&'a Value> {
     hosts.iter().find(|h| h["name"] == name)
 }
 
-/// Waits until `cond` holds for the live hosts; returns them.
-fn wait_hosts(url: &str, what: &str, cond: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+/// Waits until `cond` holds for the live hosts; returns them. On failure the agents' logs
+/// are in the message.
+fn wait_hosts(
+    url: &str,
+    agents: &[&Host],
+    what: &str,
+    cond: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
     let deadline = Instant::now() + EVENTUALLY;
     loop {
         let h = hosts(url);
         if cond(&h) {
             return h;
         }
-        assert!(Instant::now() < deadline, "{what}: hosts are {h:?}");
+        if Instant::now() >= deadline {
+            let logs: Vec<String> = agents
+                .iter()
+                .filter_map(|a| {
+                    a.agent
+                        .as_ref()
+                        .map(|v| format!("{}: {}", a.name, v.stderr()))
+                })
+                .collect();
+            panic!("{what}: hosts are {h:?}; agents:\n{}", logs.join("\n"));
+        }
         std::thread::sleep(Duration::from_millis(250));
     }
 }
@@ -246,13 +263,18 @@ fn registry_summaries_page_service_and_placement() {
     for host in [&mut a, &mut b, &mut c] {
         host.serve(&etcd.url, &key);
     }
-    let listed = wait_hosts(&etcd.url, "three hosts with summaries", |h| {
-        h.len() == 3
-            && find(h, "a")
-                .is_some_and(|a| a["vms"] == 1 && a["pages_held"].as_u64() > Some(10_000))
-            && find(h, "b").is_some_and(|b| b["store_pages"].as_u64() > Some(10_000))
-            && h.iter().all(|h| h["summary_generation"].as_u64() > Some(0))
-    });
+    let listed = wait_hosts(
+        &etcd.url,
+        &[&a, &b, &c],
+        "three hosts with summaries",
+        |h| {
+            h.len() == 3
+                && find(h, "a")
+                    .is_some_and(|a| a["vms"] == 1 && a["pages_held"].as_u64() > Some(10_000))
+                && find(h, "b").is_some_and(|b| b["store_pages"].as_u64() > Some(10_000))
+                && h.iter().all(|h| h["summary_generation"].as_u64() > Some(0))
+        },
+    );
     let c_rec = find(&listed, "c").unwrap();
     assert_eq!(
         (c_rec["pages_held"].as_u64(), c_rec["vms"].as_u64()),
@@ -276,21 +298,33 @@ fn registry_summaries_page_service_and_placement() {
         "{table}"
     );
 
-    // Placement: the host holding the pages ranks first, and says it holds (nearly) all.
+    // Placement: the host holding the pages ranks first every time, and once its summary
+    // has caught up with the guest's identities (hashed in the background) it says it holds
+    // nearly all of them.
     for (args, first) in [
         (vec!["place", "--api-sock", sock.to_str().unwrap()], "a"),
         (vec!["place", "--snapshot", snap.to_str().unwrap()], "b"),
     ] {
-        let ranked = cluster_cmd(&etcd.url, &args).unwrap();
-        let hosts = ranked["hosts"].as_array().unwrap();
-        assert_eq!(hosts.len(), 3, "{ranked}");
-        assert_eq!(hosts[0]["name"], first, "{ranked}");
-        assert!(hosts[0]["held"].as_f64().unwrap() > 0.9, "{ranked}");
-        assert!(
-            hosts[1..].iter().all(|h| h["held"].as_f64().unwrap() < 0.1),
-            "{ranked}"
-        );
-        assert!(ranked["score"].as_str().unwrap().contains("held"));
+        let deadline = Instant::now() + EVENTUALLY;
+        loop {
+            let ranked = cluster_cmd(&etcd.url, &args).unwrap();
+            let hosts = ranked["hosts"].as_array().unwrap();
+            assert_eq!(hosts.len(), 3, "{ranked}");
+            assert_eq!(hosts[0]["name"], first, "{ranked}");
+            assert!(
+                hosts[1..].iter().all(|h| h["held"].as_f64().unwrap() < 0.1),
+                "{ranked}"
+            );
+            assert!(ranked["score"].as_str().unwrap().contains("held"));
+            if hosts[0]["held"].as_f64().unwrap() > 0.95 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "summary never caught up: {ranked}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     // The page service: a's pages come from the running guest (compared with its memory),
@@ -354,7 +388,7 @@ fn registry_summaries_page_service_and_placement() {
 
     // A killed agent drops out once its lease runs out.
     c.agent.take().unwrap().kill();
-    wait_hosts(&etcd.url, "c gone", |h| {
+    wait_hosts(&etcd.url, &[&a, &b], "c gone", |h| {
         h.len() == 2 && find(h, "c").is_none()
     });
 

@@ -32,6 +32,8 @@ pub struct HostPages {
     counters: HostCounters,
     /// Hash every copied page, never trusting a harvest.
     hash_always: bool,
+    /// Keep the range digests (a migration destination's; a host agent has no use for them).
+    with_ranges: bool,
 }
 
 /// How long a destination waits for a running VM to harvest its dirty log on request before
@@ -84,6 +86,7 @@ impl HostPages {
             store,
             counters: HostCounters::default(),
             hash_always: false,
+            with_ranges: true,
         };
         hosted.refresh(except);
         hosted
@@ -139,6 +142,9 @@ impl HostPages {
 
     /// Rebuilds the range digests when a VM's table changed since they were built.
     fn index_ranges(&mut self) {
+        if !self.with_ranges {
+            return;
+        }
         let now: Vec<u64> = self.index.vms().map(|(_, t)| t.generation()).collect();
         if now == self.ranges_at {
             return;
@@ -164,6 +170,15 @@ impl HostPages {
     /// Takes pages from `store` too.
     pub fn with_store(mut self, store: Option<Store>) -> Self {
         self.store = store;
+        self
+    }
+
+    /// Keeps no range digests (for a reader that never answers a source's summaries: the
+    /// host agent), so a refresh reads only the chunks that moved.
+    pub fn without_ranges(mut self) -> Self {
+        self.with_ranges = false;
+        self.ranges = RangeIndex::new();
+        self.ranges_at.clear();
         self
     }
 

@@ -80,9 +80,8 @@ struct Agent {
     holdings: Arc<Mutex<Holdings>>,
     lease: Option<i64>,
     generation: u64,
-    /// The summary last published: its record figures and bytes (republished under a new
-    /// lease).
-    published: Option<(Summary, Vec<u8>, u64)>,
+    /// The summary last built and when (republished under a new lease).
+    published: Option<(Summary, u64)>,
 }
 
 impl Agent {
@@ -116,9 +115,15 @@ impl Agent {
         let Some(summary) = summary else {
             return false;
         };
-        let bytes = summary.bloom.encode();
+        if self
+            .published
+            .as_ref()
+            .is_some_and(|(last, _)| last.bytes == summary.bytes)
+        {
+            return false;
+        }
         self.generation += 1;
-        self.published = Some((summary, bytes, unix_ms()));
+        self.published = Some((summary, unix_ms()));
         true
     }
 
@@ -136,20 +141,23 @@ impl Agent {
                 false
             }
             None => {
-                self.lease = Some(registry.grant(ttl)?);
+                let lease = registry.grant(ttl)?;
+                log::info!("registered under lease {lease:x} (TTL {ttl:?})");
+                self.lease = Some(lease);
                 true
             }
         };
         let lease = self.lease.expect("set above");
-        if let Some((summary, bytes, _)) = &self.published {
+        if let Some((summary, _)) = &self.published {
             if fresh || rebuilt {
+                let bytes = &summary.bytes;
                 registry.put_summary(&self.args.name, self.generation, bytes, lease)?;
                 log::info!(
                     "summary {}: {} pages held, {} bytes, false positives {:.4}",
                     self.generation,
                     summary.pages_held,
                     bytes.len(),
-                    summary.bloom.fp_rate()
+                    summary.fp_rate
                 );
             }
         }
@@ -158,9 +166,9 @@ impl Agent {
 
     fn record(&self) -> HostRecord {
         let (mem_available, mem_total) = meminfo();
-        let (summary, bytes, at) = match &self.published {
-            Some((s, b, at)) => (Some(s), b.len() as u64, *at),
-            None => (None, 0, 0),
+        let (summary, at) = match &self.published {
+            Some((s, at)) => (Some(s), *at),
+            None => (None, 0),
         };
         HostRecord {
             name: self.args.name.clone(),
@@ -176,8 +184,8 @@ impl Agent {
             } else {
                 0
             },
-            summary_bytes: bytes,
-            summary_fp_rate: summary.map_or(0.0, |s| s.bloom.fp_rate()),
+            summary_bytes: summary.map_or(0, |s| s.bytes.len() as u64),
+            summary_fp_rate: summary.map_or(0.0, |s| s.fp_rate),
             summary_unix_ms: at,
         }
     }

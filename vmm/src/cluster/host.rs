@@ -2,8 +2,9 @@
 //! identity tables, read with [`HostPages`]; nothing is hashed to learn them), its store's
 //! pages, memory from /proc/meminfo and CPUs.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use cluster::Bloom;
 use fabric::live::{key_of, Key, ZERO_KEY};
@@ -34,21 +35,33 @@ pub fn cpus() -> u32 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
 }
 
-/// The pages this host holds, and what changed since the last look.
+/// A summary is rebuilt from scratch at least this often (between rebuilds keys are only
+/// added, so pages a VM no longer holds linger as false positives until then).
+const REBUILD_EVERY: Duration = Duration::from_secs(60);
+
+/// The pages this host holds, and the summary of them, kept up to date incrementally.
 #[derive(Debug)]
 pub struct Holdings {
     pages: HostPages,
     store_dir: Option<PathBuf>,
-    /// Keys of the store's pages as last read (kept when the store is busy).
+    /// Keys of the store's pages as last read (kept when the store is busy), and the
+    /// store's figures then.
     store_keys: Vec<Key>,
-    /// What the last summary was built from: table generations and the store's figures.
-    built_from: Option<(Vec<u64>, (u64, u64))>,
+    store_figures: (u64, u64),
+    /// Each indexed VM's keys as last summarised (by index in the host index).
+    vm_keys: HashMap<usize, Vec<Key>>,
+    bloom: Option<Bloom>,
+    /// Keys the filter was sized for, and when it was built.
+    capacity: u64,
+    built: Instant,
 }
 
 /// A summary and its figures.
 #[derive(Debug)]
 pub struct Summary {
-    pub bloom: Bloom,
+    /// The encoded filter.
+    pub bytes: Vec<u8>,
+    pub fp_rate: f64,
     /// Non-zero pages of running VMs plus the store's pages.
     pub pages_held: u64,
     pub store_pages: u64,
@@ -58,70 +71,100 @@ impl Holdings {
     /// The VMs running here and the store at `store_dir`.
     pub fn open(store_dir: Option<&Path>) -> Holdings {
         Holdings {
-            pages: HostPages::open(None, None),
+            pages: HostPages::open(None, None).without_ranges(),
             store_dir: store_dir.map(Path::to_path_buf),
             store_keys: Vec::new(),
-            built_from: None,
+            store_figures: (0, 0),
+            vm_keys: HashMap::new(),
+            bloom: None,
+            capacity: 0,
+            built: Instant::now(),
         }
     }
 
-    /// Re-reads what changed (VMs started or gone, chunks of tables that moved, the store)
-    /// and, when anything did, builds a new summary of at most `max_bytes`.
+    /// Re-reads what changed (VMs started or gone, the chunks of their tables that moved,
+    /// the store) and returns a summary of at most `max_bytes` when it differs from the last.
+    /// Keys new since the last look are added to the filter; it is rebuilt when a VM went
+    /// away, the store changed, more keys arrived than it was sized for, or every
+    /// [`REBUILD_EVERY`].
     pub fn refresh(&mut self, max_bytes: usize) -> Option<Summary> {
         self.pages.refresh(None);
-        let store_figures = self.read_store();
-        let gens: Vec<u64> = self
-            .pages
-            .index()
-            .vms()
-            .map(|(_, t)| t.generation())
-            .collect();
-        let now = (gens, store_figures);
-        if self.built_from.as_ref() == Some(&now) {
-            return None;
-        }
+        let store_changed = self.read_store();
         let index = self.pages.index();
-        let vm_keys: Vec<&[Key]> = index.vms().filter_map(|(vm, _)| index.keys(vm)).collect();
-        let vm_pages: u64 = vm_keys
+        let live: Vec<usize> = index.vms().map(|(vm, _)| vm).collect();
+        let held = live
             .iter()
+            .filter_map(|&vm| index.keys(vm))
             .map(|k| k.iter().filter(|&&k| k != ZERO_KEY).count() as u64)
-            .sum();
-        let held = vm_pages + self.store_keys.len() as u64;
-        let mut bloom = Bloom::with_capacity(held, max_bytes);
-        let mut seen = HashSet::with_capacity(held as usize);
-        let keys = vm_keys
-            .iter()
-            .flat_map(|k| k.iter())
-            .chain(&self.store_keys);
-        for &key in keys.filter(|&&k| k != ZERO_KEY) {
-            if seen.insert(key) {
-                bloom.insert(key);
+            .sum::<u64>()
+            + self.store_keys.len() as u64;
+        let gone = self.vm_keys.keys().any(|vm| !live.contains(vm));
+        let rebuild =
+            gone || store_changed || held > self.capacity || self.built.elapsed() >= REBUILD_EVERY;
+        let changed = match self.bloom.as_mut() {
+            Some(bloom) if !rebuild => {
+                let mut added = false;
+                for &vm in &live {
+                    let keys = index.keys(vm).unwrap_or_default();
+                    let last = self.vm_keys.get(&vm).map_or(&[][..], Vec::as_slice);
+                    for (i, &key) in keys.iter().enumerate() {
+                        if key != ZERO_KEY && last.get(i) != Some(&key) {
+                            bloom.insert(key);
+                            added = true;
+                        }
+                    }
+                }
+                added
             }
+            _ => {
+                // Room for a quarter more keys before the next rebuild.
+                self.capacity = held + held / 4;
+                let mut bloom = Bloom::with_capacity(self.capacity, max_bytes);
+                let mut seen = HashSet::with_capacity(held as usize);
+                let vm_keys = live.iter().filter_map(|&vm| index.keys(vm)).flatten();
+                for &key in vm_keys.chain(&self.store_keys) {
+                    if key != ZERO_KEY && seen.insert(key) {
+                        bloom.insert(key);
+                    }
+                }
+                self.bloom = Some(bloom);
+                self.built = Instant::now();
+                true
+            }
+        };
+        self.vm_keys.retain(|vm, _| live.contains(vm));
+        for &vm in &live {
+            let last = self.vm_keys.entry(vm).or_default();
+            last.clear();
+            last.extend_from_slice(index.keys(vm).unwrap_or_default());
         }
-        self.built_from = Some(now);
+        let bloom = self.bloom.as_ref().filter(|_| changed)?;
         Some(Summary {
-            bloom,
+            bytes: bloom.encode(),
+            fp_rate: bloom.fp_rate(),
             pages_held: held,
             store_pages: self.store_keys.len() as u64,
         })
     }
 
-    /// Reads the store's keys when it changed; returns its figures (pages, journal bytes
-    /// and packs folded): a store busy now keeps the keys read last time.
-    fn read_store(&mut self) -> (u64, u64) {
+    /// Reads the store's keys when its figures (pages, journal, packs) moved; true when they
+    /// did. A store busy now keeps the keys read last time.
+    fn read_store(&mut self) -> bool {
         let Some(dir) = self.store_dir.as_ref().filter(|d| d.exists()) else {
-            return (0, 0);
+            return false;
         };
         let Ok(store) = Store::open(dir) else {
             log::debug!("store {} busy: its summary keys are kept", dir.display());
-            return self.built_from.as_ref().map_or((0, 0), |b| b.1);
+            return false;
         };
         let stats = store.stats();
         let figures = (stats.pages, stats.journal_bytes ^ (stats.packs << 48));
-        if self.built_from.as_ref().is_none_or(|b| b.1 != figures) {
-            self.store_keys = store.ids().map(|id| key_of(Some(*id))).collect();
+        if figures == self.store_figures {
+            return false;
         }
-        figures
+        self.store_figures = figures;
+        self.store_keys = store.ids().map(|id| key_of(Some(*id))).collect();
+        true
     }
 
     /// Fills `out[i]` with page `ids[i]` where this host holds it: copied from a running VM
