@@ -53,6 +53,7 @@ impl Etcd {
             .args(["--listen-peer-urls", &peer_url])
             .args(["--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &format!("fcl={peer_url}")])
+            .arg("--auto-compaction-retention=5m")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("etcd.log")).unwrap())
@@ -132,7 +133,17 @@ impl Host {
         cmd.args(["host", "serve", "--name", self.name, "--listen", &self.addr])
             .arg("--key")
             .arg(key)
-            .args(["--etcd", etcd, "--ttl", "2", "--refresh", "1", "--store"])
+            .args([
+                "--etcd",
+                etcd,
+                "--ttl",
+                "2",
+                "--refresh",
+                "1",
+                "--publish-every",
+                "1",
+                "--store",
+            ])
             .arg(&self.store)
             .env("RUST_LOG", "info");
         self.agent = Some(Vm::start_command(&mut cmd));

@@ -271,6 +271,11 @@ pub struct ServeArgs {
     /// Seconds between summary refreshes.
     #[arg(long, value_name = "SECONDS", default_value_t = 2)]
     pub refresh: u64,
+    /// Least seconds between publications of a summary that only gained pages (guests
+    /// writing); one whose VMs or store changed is published at the next refresh. Every
+    /// publication stays in etcd's history until compacted (see docs/cluster.md).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub publish_every: u64,
     /// Largest page summary, e.g. 4M (K/M suffixes; past this the false-positive rate grows).
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4M")]
     pub summary_max: u64,

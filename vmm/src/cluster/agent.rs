@@ -15,7 +15,7 @@ use cluster::service::{self, IO_TIMEOUT};
 use cluster::{HostRecord, Registry};
 use fabric::migration::MigrationKey;
 
-use super::host::{cpus, meminfo, Holdings, Summary};
+use super::host::{cpus, meminfo, Change, Holdings, Summary};
 use super::ETCD_TIMEOUT;
 use crate::cli::ServeArgs;
 use crate::migration::{read_key, KeyFileError};
@@ -69,6 +69,8 @@ pub fn serve(args: &ServeArgs) -> Result<(), AgentError> {
         lease: None,
         generation: 0,
         published: None,
+        published_at: None,
+        pending: None,
     }
     .run(&mut registry);
     Ok(())
@@ -82,6 +84,10 @@ struct Agent {
     generation: u64,
     /// The summary last built and when (republished under a new lease).
     published: Option<(Summary, u64)>,
+    /// When a summary was last published.
+    published_at: Option<Instant>,
+    /// A change to the filter not yet published.
+    pending: Option<Change>,
 }
 
 impl Agent {
@@ -108,13 +114,32 @@ impl Agent {
         }
     }
 
-    /// Builds a new summary if the pages held changed; true when it did.
+    /// Builds a new summary if the pages held changed; true when it is to be published:
+    /// at once when it was rebuilt (a VM came or went, the store changed), otherwise (keys
+    /// added as guests write) at most every `--publish-every` seconds, since every write
+    /// of a summary stays in etcd's history until it is compacted.
     fn rebuild(&mut self) -> bool {
         let max = usize::try_from(self.args.summary_max).unwrap_or(usize::MAX);
-        let summary = self.holdings.lock().expect("not poisoned").refresh(max);
+        let every = Duration::from_secs(self.args.publish_every);
+        let mut holdings = self.holdings.lock().expect("not poisoned");
+        match holdings.refresh(max) {
+            Change::None => {}
+            Change::Added => {
+                self.pending.get_or_insert(Change::Added);
+            }
+            Change::Rebuilt => self.pending = Some(Change::Rebuilt),
+        }
+        let due = match self.pending {
+            None => false,
+            Some(Change::Rebuilt) => true,
+            Some(_) => self.published_at.is_none_or(|at| at.elapsed() >= every),
+        };
+        let summary = if due { holdings.summary() } else { None };
+        drop(holdings);
         let Some(summary) = summary else {
             return false;
         };
+        self.pending = None;
         if self
             .published
             .as_ref()
@@ -124,6 +149,7 @@ impl Agent {
         }
         self.generation += 1;
         self.published = Some((summary, unix_ms()));
+        self.published_at = Some(Instant::now());
         true
     }
 

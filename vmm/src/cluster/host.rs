@@ -54,6 +54,8 @@ pub struct Holdings {
     /// Keys the filter was sized for, and when it was built.
     capacity: u64,
     built: Instant,
+    /// Pages held and of those in the store, as of the last change.
+    held: (u64, u64),
 }
 
 /// A summary and its figures.
@@ -65,6 +67,16 @@ pub struct Summary {
     /// Non-zero pages of running VMs plus the store's pages.
     pub pages_held: u64,
     pub store_pages: u64,
+}
+
+/// What a refresh did to the filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    None,
+    /// Keys were added (guests wrote new contents).
+    Added,
+    /// It was built anew (VMs came or went, the store changed, or it was due).
+    Rebuilt,
 }
 
 impl Holdings {
@@ -79,15 +91,16 @@ impl Holdings {
             bloom: None,
             capacity: 0,
             built: Instant::now(),
+            held: (0, 0),
         }
     }
 
     /// Re-reads what changed (VMs started or gone, the chunks of their tables that moved,
-    /// the store) and returns a summary of at most `max_bytes` when it differs from the last.
-    /// Keys new since the last look are added to the filter; it is rebuilt when a VM went
-    /// away, the store changed, more keys arrived than it was sized for, or every
-    /// [`REBUILD_EVERY`].
-    pub fn refresh(&mut self, max_bytes: usize) -> Option<Summary> {
+    /// the store) and updates the filter (at most `max_bytes`): keys new since the last look
+    /// are added; it is rebuilt when a VM came or went, the store changed, more keys arrived
+    /// than it was sized for, or every [`REBUILD_EVERY`]. [`Holdings::summary`] has the
+    /// result.
+    pub fn refresh(&mut self, max_bytes: usize) -> Change {
         self.pages.refresh(None);
         let store_changed = self.read_store();
         let index = self.pages.index();
@@ -99,9 +112,13 @@ impl Holdings {
             .sum::<u64>()
             + self.store_keys.len() as u64;
         let gone = self.vm_keys.keys().any(|vm| !live.contains(vm));
-        let rebuild =
-            gone || store_changed || held > self.capacity || self.built.elapsed() >= REBUILD_EVERY;
-        let changed = match self.bloom.as_mut() {
+        let came = live.iter().any(|vm| !self.vm_keys.contains_key(vm));
+        let rebuild = gone
+            || came
+            || store_changed
+            || held > self.capacity
+            || self.built.elapsed() >= REBUILD_EVERY;
+        let change = match self.bloom.as_mut() {
             Some(bloom) if !rebuild => {
                 let mut added = false;
                 for &vm in &live {
@@ -114,7 +131,11 @@ impl Holdings {
                         }
                     }
                 }
-                added
+                if added {
+                    Change::Added
+                } else {
+                    Change::None
+                }
             }
             _ => {
                 // Room for a quarter more keys before the next rebuild.
@@ -129,7 +150,8 @@ impl Holdings {
                 }
                 self.bloom = Some(bloom);
                 self.built = Instant::now();
-                true
+                self.held = (held, self.store_keys.len() as u64);
+                Change::Rebuilt
             }
         };
         self.vm_keys.retain(|vm, _| live.contains(vm));
@@ -138,12 +160,20 @@ impl Holdings {
             last.clear();
             last.extend_from_slice(index.keys(vm).unwrap_or_default());
         }
-        let bloom = self.bloom.as_ref().filter(|_| changed)?;
+        if change == Change::Added {
+            self.held = (held, self.store_keys.len() as u64);
+        }
+        change
+    }
+
+    /// The filter as it stands, encoded, with its figures.
+    pub fn summary(&self) -> Option<Summary> {
+        let bloom = self.bloom.as_ref()?;
         Some(Summary {
             bytes: bloom.encode(),
             fp_rate: bloom.fp_rate(),
-            pages_held: held,
-            store_pages: self.store_keys.len() as u64,
+            pages_held: self.held.0,
+            store_pages: self.held.1,
         })
     }
 
