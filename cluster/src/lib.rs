@@ -3,6 +3,8 @@
 //! design is in `docs/cluster.md`.
 
 pub mod bloom;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod place;
 pub mod record;
 pub mod registry;

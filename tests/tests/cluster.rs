@@ -9,186 +9,17 @@
 //! page service keeps serving.
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cluster::service::ServiceError;
 use fabric::live::{PageState, TableReader};
 use fabric::migration::{MigrationError, MigrationKey};
 use fabric::{PageId, Store, PAGE_SIZE};
-use fabvm_tests::{
-    boot_guest, count, ctl, expect_error, fabvm, free_port, require_kvm, shm_dir, Vm,
-};
+use fabvm_tests::cluster::{cluster_cmd, find, wait_hosts, Etcd, Host, EVENTUALLY, READY};
+use fabvm_tests::{boot_guest, count, ctl, expect_error, fabvm, free_port, require_kvm, Vm};
 use serde_json::Value;
-
-const READY: Duration = Duration::from_secs(60);
-/// How long the test waits for something that should happen within a few seconds.
-const EVENTUALLY: Duration = Duration::from_secs(60);
-
-/// A single-node etcd on random loopback ports, its data in a temporary directory on tmpfs
-/// (a loaded machine's disk made its fsyncs, and so lease grants, take seconds); killed and
-/// removed on drop.
-struct Etcd {
-    child: Option<Child>,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Etcd {
-    fn start() -> Etcd {
-        let dir = shm_dir("fcl-etcd-");
-        let (client, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
-            .args(["--name", "fcl", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("fcl={peer_url}")])
-            .arg("--auto-compaction-retention=5m")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("etcd.log")).unwrap())
-            .spawn()
-            .expect("run etcd (Debian's etcd-server, installed by scripts/setup.sh)");
-        let etcd = Etcd {
-            child: Some(child),
-            url,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + EVENTUALLY;
-        while cluster_cmd(&etcd.url, &["hosts"]).is_err() {
-            assert!(Instant::now() < deadline, "etcd did not start");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        etcd
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Runs `fabvm cluster --etcd URL --json ARGS`: the JSON printed, or stderr.
-fn cluster_cmd(url: &str, args: &[&str]) -> Result<Value, String> {
-    let out = Command::new(fabvm())
-        .args(["cluster", "--etcd", url, "--json"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {out:?}"))
-}
-
-/// One test "host": its VM registry, store and agent.
-struct Host {
-    name: &'static str,
-    runtime: PathBuf,
-    store: PathBuf,
-    addr: String,
-    agent: Option<Vm>,
-}
-
-impl Host {
-    fn new(dir: &Path, name: &'static str) -> Host {
-        let runtime = dir.join(name).join("run");
-        std::fs::create_dir_all(&runtime).unwrap();
-        Host {
-            name,
-            store: dir.join(name).join("store"),
-            runtime,
-            addr: format!("127.0.0.1:{}", free_port()),
-            agent: None,
-        }
-    }
-
-    fn command(&self) -> Command {
-        let mut cmd = Command::new(fabvm());
-        cmd.env("FABVM_RUNTIME_DIR", &self.runtime);
-        cmd
-    }
-
-    fn serve(&mut self, etcd: &str, key: &Path) {
-        let mut cmd = self.command();
-        cmd.args(["host", "serve", "--name", self.name, "--listen", &self.addr])
-            .arg("--key")
-            .arg(key)
-            .args([
-                "--etcd",
-                etcd,
-                "--ttl",
-                "2",
-                "--refresh",
-                "1",
-                "--publish-every",
-                "1",
-                "--store",
-            ])
-            .arg(&self.store)
-            .env("RUST_LOG", "info");
-        self.agent = Some(Vm::start_command(&mut cmd));
-    }
-}
-
-fn hosts(url: &str) -> Vec<Value> {
-    cluster_cmd(url, &["hosts"]).unwrap()["hosts"]
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
-fn find<'a>(hosts: &'a [Value], name: &str) -> Option<&'a Value> {
-    hosts.iter().find(|h| h["name"] == name)
-}
-
-/// Waits until `cond` holds for the live hosts; returns them. On failure the agents' logs
-/// are in the message.
-fn wait_hosts(
-    url: &str,
-    agents: &[&Host],
-    what: &str,
-    cond: impl Fn(&[Value]) -> bool,
-) -> Vec<Value> {
-    let deadline = Instant::now() + EVENTUALLY;
-    loop {
-        let h = hosts(url);
-        if cond(&h) {
-            return h;
-        }
-        if Instant::now() >= deadline {
-            let logs: Vec<String> = agents
-                .iter()
-                .filter_map(|a| {
-                    a.agent
-                        .as_ref()
-                        .map(|v| format!("{}: {}", a.name, v.stderr()))
-                })
-                .collect();
-            panic!("{what}: hosts are {h:?}; agents:\n{}", logs.join("\n"));
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
 
 /// Up to `n` (page index, identity) of current non-zero pages of a running VM's table.
 fn vm_pages(sock: &Path, n: usize) -> (TableReader, Vec<(usize, PageId)>) {
@@ -484,6 +315,20 @@ fn cluster_commands_fail_with_one_line() {
             key.to_str().unwrap(),
             "--etcd",
             &nobody,
+        ],
+        vec![
+            "host",
+            "serve",
+            "--name",
+            "a",
+            "--listen",
+            &listen,
+            "--key",
+            key.to_str().unwrap(),
+            "--etcd",
+            &nobody,
+            "--summary-max",
+            "1G",
         ],
         vec![
             "host",

@@ -34,6 +34,8 @@ pub enum AgentError {
     Listen(String, std::io::Error),
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+    #[error("--summary-max must be between 4K and 64M")]
+    SummaryMax,
     #[error(transparent)]
     Registry(#[from] RegistryError),
 }
@@ -46,6 +48,9 @@ pub fn serve(args: &ServeArgs) -> Result<(), AgentError> {
     }
     if args.refresh == 0 {
         return Err(AgentError::Zero("--refresh"));
+    }
+    if !(4 << 10..=cluster::bloom::DECODE_MAX_BYTES as u64).contains(&args.summary_max) {
+        return Err(AgentError::SummaryMax);
     }
     let key = read_key(&args.key)?;
     let listener =
@@ -221,7 +226,11 @@ impl Agent {
 fn accept_loop(listener: TcpListener, key: MigrationKey, holdings: Arc<Mutex<Holdings>>) {
     let active = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
+        let Ok(stream) = stream else {
+            // Out of descriptors, say: let some connections end first.
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
         if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             active.fetch_sub(1, Ordering::SeqCst);
             log::warn!("page service: too many connections, one refused");
