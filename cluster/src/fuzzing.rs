@@ -86,7 +86,7 @@ pub fn seed_inputs() -> Vec<(&'static str, Vec<u8>)> {
     let id = PageId::of(&page);
     let mut bloom = Bloom::with_capacity(64, 1 << 12);
     (0..64).for_each(|k| bloom.insert(k));
-    let record = br#"{"name":"host-a","addr":"10.0.0.1:7100","mem_available":1,"mem_total":2,"cpus":2,"vms":1,"pages_held":3,"store_pages":0,"summary_generation":1,"summary_bytes":4096,"summary_fp_rate":0.01,"summary_unix_ms":5}"#;
+    let record = br#"{"name":"host-a","addr":"10.0.0.1:7100","mem_available":1,"mem_total":2,"cpus":2,"vms":1,"pages_held":3,"store_pages":0,"summary_generation":1,"summary_bytes":4096,"summary_fp_rate":0.01,"summary_unix_ms":5,"updated_unix_ms":6}"#;
     let bloom = bloom.encode();
     vec![
         ("request", [&[0u8][..], &encode_request(&[id, id])].concat()),

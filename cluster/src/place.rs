@@ -119,6 +119,7 @@ mod tests {
             summary_bytes: 0,
             summary_fp_rate: 0.0,
             summary_unix_ms: 0,
+            updated_unix_ms: 0,
         }
     }
 

@@ -50,6 +50,9 @@ pub struct HostRecord {
     pub summary_fp_rate: f64,
     /// When the summary was built, ms since the Unix epoch (its age is read against it).
     pub summary_unix_ms: u64,
+    /// When this record was written, ms since the Unix epoch (every tick of the agent).
+    #[serde(default)]
+    pub updated_unix_ms: u64,
 }
 
 impl HostRecord {
@@ -107,6 +110,7 @@ mod tests {
             summary_bytes: 4096,
             summary_fp_rate: 0.01,
             summary_unix_ms: 1,
+            updated_unix_ms: 2,
         }
     }
 

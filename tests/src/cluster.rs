@@ -22,45 +22,52 @@ pub struct Etcd {
     child: Option<Child>,
     /// Its client URL.
     pub url: String,
-    _dir: tempfile::TempDir,
+    peer_url: String,
+    dir: tempfile::TempDir,
 }
 
 impl Etcd {
     /// Starts it and waits until it answers.
     pub fn start() -> Etcd {
-        let dir = shm_dir("fcl-etcd-");
-        let (client, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut etcd = Etcd {
+            child: None,
+            url: format!("http://127.0.0.1:{}", free_port()),
+            peer_url: format!("http://127.0.0.1:{}", free_port()),
+            dir: shm_dir("fcl-etcd-"),
+        };
+        etcd.restart();
+        etcd
+    }
+
+    /// Starts it again (after [`Etcd::kill`]) on the same ports and data, and waits until it
+    /// answers.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "etcd is running");
+        let (url, peer_url) = (&self.url, &self.peer_url);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .unwrap();
         let child = Command::new("etcd")
             .args(["--name", "fcl", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", url, "--advertise-client-urls", url])
+            .args(["--listen-peer-urls", peer_url])
+            .args(["--initial-advertise-peer-urls", peer_url])
             .args(["--initial-cluster", &format!("fcl={peer_url}")])
             .arg("--auto-compaction-retention=5m")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("etcd.log")).unwrap())
+            .stderr(log)
             .spawn()
             .expect("run etcd (Debian's etcd-server, installed by scripts/setup.sh)");
-        let etcd = Etcd {
-            child: Some(child),
-            url,
-            _dir: dir,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + EVENTUALLY;
-        while cluster_cmd(&etcd.url, &["hosts"]).is_err() {
+        while cluster_cmd(&self.url, &["hosts"]).is_err() {
             assert!(Instant::now() < deadline, "etcd did not start");
             std::thread::sleep(Duration::from_millis(200));
         }
-        etcd
     }
 
     /// Kills it (as a crash would).
@@ -145,6 +152,14 @@ impl Host {
             .env("RUST_LOG", "info");
         self.agent = Some(Vm::start_command(&mut cmd));
     }
+}
+
+/// Whether process `pid` runs (exists and is not a zombie), without touching it.
+pub fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit(')').next().map(|r| r.trim_start().to_string()))
+        .is_some_and(|state| !state.starts_with('Z'))
 }
 
 /// The live hosts, from `cluster hosts --json`.

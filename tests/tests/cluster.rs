@@ -17,7 +17,9 @@ use cluster::service::ServiceError;
 use fabric::live::{PageState, TableReader};
 use fabric::migration::{MigrationError, MigrationKey};
 use fabric::{PageId, Store, PAGE_SIZE};
-use fabvm_tests::cluster::{cluster_cmd, find, wait_hosts, Etcd, Host, EVENTUALLY, READY};
+use fabvm_tests::cluster::{
+    cluster_cmd, find, hosts, running, wait_hosts, Etcd, Host, EVENTUALLY, READY,
+};
 use fabvm_tests::{boot_guest, count, ctl, expect_error, fabvm, free_port, require_kvm, Vm};
 use serde_json::Value;
 
@@ -249,15 +251,45 @@ fn registry_summaries_page_service_and_placement() {
     );
     let got = cluster::fetch_pages(&a.addr, &key_bytes, &ids[..10]).unwrap();
     assert!(got.iter().all(Option::is_some));
-    for host in [&mut a, &mut b] {
-        let agent = host.agent.as_mut().unwrap();
+    for host in [&a, &b] {
+        let agent = host.agent.as_ref().unwrap();
         assert!(
-            agent.wait_exit(Duration::ZERO).is_none(),
+            running(agent.pid()),
             "agent {} exited: {}",
             host.name,
             agent.stderr()
         );
     }
+
+    // etcd back (same data): the agents write their records again (restored records of
+    // dead agents would not be rewritten), with their summaries.
+    let restarted = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    etcd.restart();
+    wait_hosts(&etcd.url, &[&a, &b], "a and b back", |h| {
+        h.len() == 2
+            && ["a", "b"].iter().all(|n| {
+                find(h, n).is_some_and(|r| {
+                    r["summary_generation"].as_u64() > Some(0)
+                        && r["updated_unix_ms"].as_u64() > Some(restarted)
+                })
+            })
+    });
+    let ranked = cluster_cmd(&etcd.url, &["place", "--snapshot", snap.to_str().unwrap()]).unwrap();
+    assert_eq!(ranked["hosts"][0]["name"], "b", "{ranked}");
+
+    // SIGTERM: the agent revokes its lease before it exits 0, so b is gone when it has.
+    let agent = b.agent.as_mut().unwrap();
+    // SAFETY: kill only sends a signal to the agent, a child of this process.
+    assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) }, 0);
+    let status = agent
+        .wait_exit(EVENTUALLY)
+        .expect("agent b exits on SIGTERM");
+    assert!(status.success(), "{status:?}: {}", agent.stderr());
+    let left = hosts(&etcd.url);
+    assert!(find(&left, "b").is_none(), "b still listed: {left:?}");
 }
 
 #[test]

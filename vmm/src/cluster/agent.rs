@@ -2,10 +2,11 @@
 //! a lease (renewed every third of its TTL), publishes a summary of the pages the host holds
 //! when they change, and serves those pages to other hosts over the page service. An etcd
 //! that goes away costs the registration only: pages keep being served, and the agent
-//! registers again (a new lease) once etcd answers.
+//! registers again (a new lease) once etcd answers. SIGTERM or SIGINT revokes the lease (the
+//! host leaves the registry at once) and ends the agent with exit 0.
 
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,13 @@ use crate::migration::{read_key, KeyFileError};
 
 /// Most page-service connections served at once.
 const MAX_CONNECTIONS: usize = 16;
+
+/// Set by SIGTERM or SIGINT.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
 
 /// Errors starting the agent (once it runs it only logs).
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +64,11 @@ pub fn serve(args: &ServeArgs) -> Result<(), AgentError> {
     let listener =
         TcpListener::bind(&args.listen).map_err(|e| AgentError::Listen(args.listen.clone(), e))?;
     let mut registry = Registry::connect(&args.etcd, ETCD_TIMEOUT)?;
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: `on_stop` only stores to an atomic, which is async-signal-safe; the
+        // handler stays valid for the life of the process.
+        unsafe { libc::signal(signal, on_stop as *const () as libc::sighandler_t) };
+    }
     let holdings = Arc::new(Mutex::new(Holdings::open(args.store.as_deref())));
     {
         let holdings = holdings.clone();
@@ -101,7 +114,7 @@ impl Agent {
         let tick = (ttl / 3).max(Duration::from_millis(500));
         let refresh = Duration::from_secs(self.args.refresh);
         let mut next_refresh = Instant::now();
-        loop {
+        while !STOP.load(Ordering::SeqCst) {
             let now = Instant::now();
             let rebuilt = if now >= next_refresh {
                 next_refresh = now + refresh;
@@ -115,7 +128,17 @@ impl Agent {
                     self.lease = None;
                 }
             }
-            std::thread::sleep(tick.min(next_refresh.saturating_duration_since(Instant::now())));
+            let until =
+                Instant::now() + tick.min(next_refresh.saturating_duration_since(Instant::now()));
+            while Instant::now() < until && !STOP.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        if let Some(lease) = self.lease {
+            match registry.revoke(lease) {
+                Ok(()) => log::info!("lease revoked: {} left the registry", self.args.name),
+                Err(e) => log::warn!("cannot revoke the lease ({e}): it expires within its TTL"),
+            }
         }
     }
 
@@ -218,6 +241,7 @@ impl Agent {
             summary_bytes: summary.map_or(0, |s| s.bytes.len() as u64),
             summary_fp_rate: summary.map_or(0.0, |s| s.fp_rate),
             summary_unix_ms: at,
+            updated_unix_ms: unix_ms(),
         }
     }
 }
