@@ -44,10 +44,11 @@ const REBUILD_EVERY: Duration = Duration::from_secs(60);
 pub struct Holdings {
     pages: HostPages,
     store_dir: Option<PathBuf>,
-    /// Keys of the store's pages as last read (kept when the store is busy), and the
-    /// store's figures then.
+    /// Keys of the store's pages as last read (kept when the store is busy), their count
+    /// and sum, and the store files' fingerprint then.
     store_keys: Vec<Key>,
     store_figures: (u64, u64),
+    store_print: [u128; 6],
     /// Each indexed VM's keys as last summarised (by index in the host index).
     vm_keys: HashMap<usize, Vec<Key>>,
     bloom: Option<Bloom>,
@@ -87,6 +88,7 @@ impl Holdings {
             store_dir: store_dir.map(Path::to_path_buf),
             store_keys: Vec::new(),
             store_figures: (0, 0),
+            store_print: [0; 6],
             vm_keys: HashMap::new(),
             bloom: None,
             capacity: 0,
@@ -177,23 +179,32 @@ impl Holdings {
         })
     }
 
-    /// Reads the store's keys when its figures (pages, journal, packs) moved; true when they
-    /// did. A store busy now keeps the keys read last time.
+    /// Reads the store's keys when its files moved ([`fabric::fingerprint`]: the store is
+    /// not opened, so not locked, otherwise); true when the set of pages changed. A store
+    /// busy now keeps the keys read last time and is read at a later refresh.
     fn read_store(&mut self) -> bool {
         let Some(dir) = self.store_dir.as_ref().filter(|d| d.exists()) else {
             return false;
         };
+        let print = fabric::fingerprint(dir);
+        if print == self.store_print {
+            return false;
+        }
         let Ok(store) = Store::open(dir) else {
             log::debug!("store {} busy: its summary keys are kept", dir.display());
             return false;
         };
-        let stats = store.stats();
-        let figures = (stats.pages, stats.journal_bytes ^ (stats.packs << 48));
+        self.store_print = print;
+        let keys: Vec<Key> = store.ids().map(|id| key_of(Some(*id))).collect();
+        let figures = (
+            keys.len() as u64,
+            keys.iter().fold(0u64, |a, &k| a.wrapping_add(k)),
+        );
         if figures == self.store_figures {
             return false;
         }
         self.store_figures = figures;
-        self.store_keys = store.ids().map(|id| key_of(Some(*id))).collect();
+        self.store_keys = keys;
         true
     }
 
