@@ -12,14 +12,19 @@ setup_log() { echo "setup: $*" >&2; }
 # Debian packages: compiler and binutils for the test guest; busybox-static, cpio, xz and
 # zstd for the initramfs; e2fsprogs for the ext4 root image (mkfs.ext4 -d, debugfs) and
 # the tests' checks of it; util-linux (unshare, setpriv) and iproute2 for the tests; QEMU
-# for the Debian image's TCG test and the side-by-side benchmarks.
+# for the Debian image's TCG test and the side-by-side benchmarks; etcd for the cluster
+# registry's tests (a single-node etcd each); protoc and protobuf's well-known types
+# (libprotobuf-dev) for the etcd client's build.
 need_pkgs=()
 for pair in gcc:gcc ld:binutils readelf:binutils busybox:busybox-static cpio:cpio \
 	xz:xz-utils zstd:zstd lz4:lz4 objcopy:binutils unshare:util-linux setpriv:util-linux ip:iproute2 dpkg-deb:dpkg iasl:acpica-tools nft:nftables \
-	mkfs.ext4:e2fsprogs debugfs:e2fsprogs e2fsck:e2fsprogs qemu-system-x86_64:qemu-system-x86; do
+	mkfs.ext4:e2fsprogs debugfs:e2fsprogs e2fsck:e2fsprogs qemu-system-x86_64:qemu-system-x86 \
+	etcd:etcd-server protoc:protobuf-compiler descriptor.proto:libprotobuf-dev; do
 	cmd="${pair%%:*}" pkg="${pair#*:}"
 	if [ "$cmd" = busybox ]; then
 		[ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || need_pkgs+=("$pkg")
+	elif [ "$cmd" = descriptor.proto ]; then
+		[ -f /usr/include/google/protobuf/descriptor.proto ] || need_pkgs+=("$pkg")
 	else
 		command -v "$cmd" >/dev/null || need_pkgs+=("$pkg")
 	fi

@@ -24,5 +24,6 @@ pub use hashing::{bitmap_words, hash_region, rehash_dirty, HashingError, RehashS
 pub use identity::{identify, is_zero, Page, PageId, PAGE_SHIFT, PAGE_SIZE};
 pub use manifest::{DecodeLimits, Manifest, ManifestCounts, ManifestError, Region};
 pub use store::{
-    default_dir, GcReport, RootSummary, Store, StoreError, StoreOptions, StoreStats, VerifyReport,
+    default_dir, fingerprint, GcReport, RootSummary, Store, StoreError, StoreOptions, StoreStats,
+    VerifyReport,
 };

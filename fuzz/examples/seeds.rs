@@ -45,6 +45,13 @@ fn main() {
         ("identity_table", identity_table()),
         ("api_request", api_request()),
         ("cli_args", cli_args()),
+        (
+            "cluster_decoders",
+            cluster::fuzzing::seed_inputs()
+                .into_iter()
+                .map(|(name, bytes)| (name.to_string(), bytes))
+                .collect(),
+        ),
     ];
     for (target, seeds) in written {
         let dir = root.join(target);

@@ -1,6 +1,7 @@
 //! Helpers for fabvm's integration tests: find (or build) the `fabvm` binary and the guest
 //! images, check for KVM loudly, and run a VM while watching its serial console.
 
+pub mod cluster;
 pub mod debian;
 pub mod ksm;
 pub mod netns;

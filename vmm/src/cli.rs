@@ -178,8 +178,11 @@ pub enum Command {
     Store(StoreArgs),
     /// Be the destination of a live migration: wait for one VM, then run it.
     Receive(ReceiveArgs),
-    /// Figures about every VM running on this host (page sharing).
+    /// Figures about every VM running on this host (page sharing), or serve this host to the
+    /// cluster (`host serve`).
     Host(HostArgs),
+    /// The cluster registry on etcd: live hosts, and where a VM would best go.
+    Cluster(ClusterArgs),
     /// Run a VM (or `receive`) as an unprivileged user in namespaces and a chroot of its own
     /// holding only its files (as root; see docs/jail.md).
     Jail(JailArgs),
@@ -236,6 +239,83 @@ pub enum HostOp {
         /// Host page store to report on [default: as for `fabvm --store`].
         #[arg(long, value_name = "DIR")]
         store: Option<PathBuf>,
+    },
+    /// The host agent: register this host in the cluster registry under a lease, publish a
+    /// summary of the pages it holds, and serve those pages to other hosts (see
+    /// docs/cluster.md). Runs until killed; its entries vanish within the lease's TTL.
+    Serve(ServeArgs),
+}
+
+/// `fabvm host serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// This host's name in the cluster (letters, digits, '.', '-', '_').
+    #[arg(long)]
+    pub name: String,
+    /// Address the page service listens on (and other hosts reach it at), e.g. 10.0.0.1:7100.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: String,
+    /// Pre-shared key file of the page service (the migration key scheme).
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// etcd endpoints, comma-separated URLs (e.g. http://127.0.0.1:2379).
+    #[arg(long, value_name = "URL")]
+    pub etcd: String,
+    /// Host page store whose pages are summarised and served (opened only briefly, so
+    /// snapshots and migrations can use it meanwhile).
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Lease TTL in seconds: how long a dead agent's entries outlive it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    pub ttl: u64,
+    /// Seconds between summary refreshes.
+    #[arg(long, value_name = "SECONDS", default_value_t = 2)]
+    pub refresh: u64,
+    /// Least seconds between publications of a summary that only gained pages (guests
+    /// writing); one whose VMs or store changed is published at the next refresh. Every
+    /// publication stays in etcd's history until compacted (see docs/cluster.md).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub publish_every: u64,
+    /// Largest page summary, e.g. 4M (K/M suffixes; past this the false-positive rate grows).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4M")]
+    pub summary_max: u64,
+}
+
+/// `fabvm cluster`.
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// etcd endpoints, comma-separated URLs (e.g. http://127.0.0.1:2379).
+    #[arg(long, value_name = "URL", global = true)]
+    pub etcd: Option<String>,
+    /// Print the result as one line of JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub op: ClusterOp,
+}
+
+/// Operations of `fabvm cluster`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ClusterOp {
+    /// Live hosts: address, memory available, CPUs, VMs, pages held, summary age.
+    Hosts,
+    /// Rank hosts for a VM by the share of its pages each holds, then free memory and CPU.
+    Place {
+        /// A snapshot directory (its manifest's pages).
+        #[arg(
+            long,
+            value_name = "DIR",
+            required_unless_present = "api_sock",
+            conflicts_with = "api_sock"
+        )]
+        snapshot: Option<PathBuf>,
+        /// A VM running on this host (its published live identities).
+        #[arg(long, value_name = "PATH")]
+        api_sock: Option<PathBuf>,
+        /// Memory the VM needs [default: its guest memory size].
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        mem: Option<u64>,
     },
 }
 

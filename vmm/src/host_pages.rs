@@ -33,6 +33,8 @@ pub struct HostPages {
     counters: HostCounters,
     /// Hash every copied page, never trusting a harvest.
     hash_always: bool,
+    /// Keep the range digests (a migration destination's; a host agent has no use for them).
+    with_ranges: bool,
 }
 
 /// How long a destination waits for a running VM to harvest its dirty log on request before
@@ -84,6 +86,7 @@ impl HostPages {
             store,
             counters: HostCounters::default(),
             hash_always: false,
+            with_ranges: true,
         };
         hosted.refresh(except);
         hosted
@@ -139,12 +142,22 @@ impl HostPages {
 
     /// Brings the range digests up to what the tables say now.
     fn index_ranges(&mut self) {
-        self.ranges.update(&self.index);
+        if self.with_ranges {
+            self.ranges.update(&self.index);
+        }
     }
 
     /// Takes pages from `store` too.
     pub fn with_store(mut self, store: Option<Store>) -> Self {
         self.store = store;
+        self
+    }
+
+    /// Keeps no range digests (for a reader that never answers a source's summaries: the
+    /// host agent), so a refresh reads only the chunks that moved.
+    pub fn without_ranges(mut self) -> Self {
+        self.with_ranges = false;
+        self.ranges = HostRanges::default();
         self
     }
 

@@ -5,6 +5,7 @@ pub mod acpi;
 pub mod api;
 pub mod boot;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod console;
 pub mod device_manager;

@@ -6,7 +6,9 @@ use std::time::Duration;
 use clap::error::ErrorKind;
 use clap::Parser;
 use vmm::api::{client, Request};
-use vmm::cli::{Cli, Command, CtlArgs, CtlOp, HostArgs, HostOp, ReceiveArgs, StoreArgs, StoreOp};
+use vmm::cli::{
+    Cli, ClusterArgs, Command, CtlArgs, CtlOp, HostArgs, HostOp, ReceiveArgs, StoreArgs, StoreOp,
+};
 use vmm::config::Launch;
 use vmm::vcpu::exit::StopReason;
 
@@ -41,6 +43,7 @@ fn main() {
         Some(Command::Store(args)) => store(args),
         Some(Command::Receive(args)) => receive(args),
         Some(Command::Host(args)) => host(args),
+        Some(Command::Cluster(args)) => cluster(args),
         Some(Command::Jail(args)) => match vmm::jail::run(&args) {
             Ok(code) => std::process::exit(code),
             Err(e) => fail(&format!("jail: {e}"), e.exit_code()),
@@ -182,7 +185,20 @@ fn store(args: StoreArgs) {
     print_value(&value, args.json);
 }
 
+fn cluster(args: ClusterArgs) {
+    match vmm::cluster::commands::run(&args) {
+        Ok(text) => println!("{text}"),
+        Err(e) => fail(&format!("cluster: {e}"), 1),
+    }
+}
+
 fn host(args: HostArgs) {
+    if let HostOp::Serve(serve) = &args.op {
+        if let Err(e) = vmm::cluster::agent::serve(serve) {
+            fail(&format!("host serve: {e}"), 1);
+        }
+        return;
+    }
     let value = serde_json::to_value(vmm::sharing::host_report()).unwrap_or_default();
     match args.op {
         HostOp::Stats => print_value(&value, args.json),
@@ -203,6 +219,7 @@ fn host(args: HostArgs) {
                 vmm::metrics::prometheus::render(&figures, "fabvm_host")
             );
         }
+        HostOp::Serve(_) => unreachable!("served above"),
     }
 }
 

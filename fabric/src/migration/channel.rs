@@ -5,7 +5,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 
-use super::wire::{Header, Hello, MsgType, Role, HEADER_LEN, HELLO_LEN, MAC_LEN};
+use super::wire::{Header, Hello, MsgType, Protocol, Role, HEADER_LEN, HELLO_LEN, MAC_LEN};
 use super::{Limits, MigrationError, MigrationKey, Transport};
 
 /// Read buffer size: small messages are read from it, large payloads straight into place.
@@ -34,6 +34,7 @@ pub(crate) struct Counters {
 /// What this end puts in its hello.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct HelloParams {
+    pub(crate) protocol: Protocol,
     pub(crate) role: Role,
     pub(crate) versions: (u16, u16),
     pub(crate) features: u16,
@@ -54,6 +55,7 @@ pub(crate) struct Session {
 impl Session {
     pub(crate) fn derive(
         key: &MigrationKey,
+        protocol: Protocol,
         source_hello: &[u8; HELLO_LEN],
         destination_hello: &[u8; HELLO_LEN],
     ) -> Session {
@@ -70,17 +72,33 @@ impl Session {
             h.update(th.as_bytes());
             *h.finalize().as_bytes()
         };
-        Session {
-            source_to_destination: blake3::derive_key(
-                "fabvm 2026 migration v1 MAC source to destination",
-                &material,
-            ),
-            destination_to_source: blake3::derive_key(
-                "fabvm 2026 migration v1 MAC destination to source",
-                &material,
-            ),
-            source_proof: proof(b"fabvm migration v1 source proof"),
-            destination_proof: proof(b"fabvm migration v1 destination proof"),
+        match protocol {
+            Protocol::Migration => Session {
+                source_to_destination: blake3::derive_key(
+                    "fabvm 2026 migration v1 MAC source to destination",
+                    &material,
+                ),
+                destination_to_source: blake3::derive_key(
+                    "fabvm 2026 migration v1 MAC destination to source",
+                    &material,
+                ),
+                source_proof: proof(b"fabvm migration v1 source proof"),
+                destination_proof: proof(b"fabvm migration v1 destination proof"),
+            },
+            // Other labels: a page-service session's keys and proofs are worth nothing in
+            // a migration and the other way round, though both come from one key file.
+            Protocol::PageService => Session {
+                source_to_destination: blake3::derive_key(
+                    "fabvm 2026 page service v1 MAC client to server",
+                    &material,
+                ),
+                destination_to_source: blake3::derive_key(
+                    "fabvm 2026 page service v1 MAC server to client",
+                    &material,
+                ),
+                source_proof: proof(b"fabvm page service v1 client proof"),
+                destination_proof: proof(b"fabvm page service v1 server proof"),
+            },
         }
     }
 }
@@ -123,6 +141,7 @@ pub(crate) fn encode_frame(key: &[u8; 32], kind: u8, seq: u64, payload: &[u8]) -
 #[derive(Debug)]
 pub(crate) struct Channel<S> {
     stream: S,
+    protocol: Protocol,
     role: Role,
     /// Bounds on what the peer may send.
     limits: Limits,
@@ -164,6 +183,7 @@ impl<S: Read + Write> Channel<S> {
     ) -> Result<(Channel<S>, Hello, u16), MigrationError> {
         let mut ch = Channel {
             stream,
+            protocol: own.protocol,
             role: own.role,
             limits,
             send_key: [0; 32],
@@ -187,7 +207,7 @@ impl<S: Read + Write> Channel<S> {
             max_window: own.max_window,
             nonce,
         }
-        .encode();
+        .encode_for(own.protocol);
         ch.stream.write_all(&hello)?;
         ch.stream.flush()?;
         ch.counters.wire_sent += HELLO_LEN as u64;
@@ -195,7 +215,7 @@ impl<S: Read + Write> Channel<S> {
         let mut peer_bytes = [0u8; HELLO_LEN];
         ch.read_exact(&mut peer_bytes)?;
         ch.counters.wire_received += HELLO_LEN as u64;
-        let peer = Hello::decode(&peer_bytes)?;
+        let peer = Hello::decode_for(&peer_bytes, own.protocol)?;
         if peer.role != own.role.peer() {
             return Err(MigrationError::NotAPeer(match own.role {
                 Role::Source => "destination (it is a source too)",
@@ -214,7 +234,7 @@ impl<S: Read + Write> Channel<S> {
             Role::Source => (&hello, &peer_bytes),
             Role::Destination => (&peer_bytes, &hello),
         };
-        let s = Session::derive(key, source_hello, destination_hello);
+        let s = Session::derive(key, own.protocol, source_hello, destination_hello);
         let (own_proof, peer_proof) = match own.role {
             Role::Source => {
                 ch.send_key = s.source_to_destination;
@@ -243,6 +263,11 @@ impl<S: Read + Write> Channel<S> {
             Err(_) => return Err(MigrationError::AuthFailed),
         }
         Ok((ch, peer, version))
+    }
+
+    /// This end's role.
+    pub(crate) fn role(&self) -> Role {
+        self.role
     }
 
     /// Starts an outgoing frame: append the payload to the returned buffer, then
@@ -324,6 +349,12 @@ impl<S: Read + Write> Channel<S> {
             what: "frame",
             why: "unknown message type",
         })?;
+        if !kind.in_protocol(self.protocol) {
+            return Err(MigrationError::Unexpected {
+                got: kind.name(),
+                when: "on this kind of channel",
+            });
+        }
         if !kind.sent_by(self.role.peer()) {
             return Err(MigrationError::Unexpected {
                 got: kind.name(),

@@ -10,7 +10,9 @@ use std::io::{self, Read, Write};
 
 use super::channel::{encode_frame, Session};
 use super::ranges::{digest, RangeIndex};
-use super::wire::{self, Hello, MsgType, RangeAnswer, Role, HELLO_LEN, VERSION_MAX, VERSION_MIN};
+use super::wire::{
+    self, Hello, MsgType, Protocol, RangeAnswer, Role, HELLO_LEN, VERSION_MAX, VERSION_MIN,
+};
 use super::{
     Compression, GuestSink, Limits, MigrationKey, PageSource, Receiver, Sender, SenderConfig,
     Transport, VmDescription,
@@ -80,11 +82,11 @@ impl ScriptedPeer {
         let peer: [u8; HELLO_LEN] = self.peer_hello[..HELLO_LEN].try_into().expect("64 bytes");
         let (key, proof) = match self.role {
             Role::Source => {
-                let s = Session::derive(&self.key, &self.hello, &peer);
+                let s = Session::derive(&self.key, Protocol::Migration, &self.hello, &peer);
                 (s.source_to_destination, s.source_proof)
             }
             Role::Destination => {
-                let s = Session::derive(&self.key, &peer, &self.hello);
+                let s = Session::derive(&self.key, Protocol::Migration, &peer, &self.hello);
                 (s.destination_to_source, s.destination_proof)
             }
         };

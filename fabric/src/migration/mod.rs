@@ -211,6 +211,7 @@ mod receiver;
 mod rx_ranges;
 mod rx_state;
 mod sender;
+mod service;
 mod stats;
 mod tx_push;
 mod tx_ranges;
@@ -234,6 +235,7 @@ pub use error::{KeyError, MigrationError};
 pub use ranges::{Holder as RangeHolder, RangeIndex};
 pub use receiver::{ReceivedVm, Receiver};
 pub use sender::Sender;
+pub use service::ServiceChannel;
 pub use stats::{MigrationStats, ReceiverStats, RoundStats};
 
 /// The byte stream a [`Sender`] runs over: any `Read + Write` (implement this trait with

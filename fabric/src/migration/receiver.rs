@@ -11,8 +11,8 @@ use super::rx_state::RxState;
 use super::sender::unexpected;
 use super::stats::ReceiverStats;
 use super::wire::{
-    self, Complete, MsgType, OfferView, Role, FEATURE_LZ4, PAGES_PER_MESSAGE, VERSION_MAX,
-    VERSION_MIN,
+    self, Complete, MsgType, OfferView, Protocol, Role, FEATURE_LZ4, PAGES_PER_MESSAGE,
+    VERSION_MAX, VERSION_MIN,
 };
 use super::{GuestSink, Limits, MigrationError, MigrationKey, PageSource, VmDescription};
 use crate::identity::PAGE_SIZE;
@@ -79,6 +79,7 @@ impl<S: Read + Write> Receiver<S> {
         versions: (u16, u16),
     ) -> Result<(Receiver<S>, VmDescription), MigrationError> {
         let own = HelloParams {
+            protocol: Protocol::Migration,
             role: Role::Destination,
             versions,
             features: FEATURE_LZ4,

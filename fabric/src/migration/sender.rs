@@ -12,8 +12,8 @@ use super::layout::{Bitmap, Layout};
 use super::ranges::EVIDENCE_PAGES;
 use super::stats::{MigrationStats, RoundStats};
 use super::wire::{
-    self, Body, Complete, MsgType, NeedView, PageEntry, RangeSummary, Role, Run, COMPRESS_BUF,
-    FEATURE_LZ4, MAX_RUN, PAGES_PER_MESSAGE, STATE_CHUNK, VERSION_MAX, VERSION_MIN,
+    self, Body, Complete, MsgType, NeedView, PageEntry, Protocol, RangeSummary, Role, Run,
+    COMPRESS_BUF, FEATURE_LZ4, MAX_RUN, PAGES_PER_MESSAGE, STATE_CHUNK, VERSION_MAX, VERSION_MIN,
 };
 use super::{Compression, MigrationError, MigrationKey, SenderConfig, Transport, VmDescription};
 use crate::identity::{is_zero, Page, PageId, PAGE_SIZE};
@@ -140,6 +140,7 @@ impl<S: Transport> Sender<S> {
     ) -> Result<Sender<S>, MigrationError> {
         let want_lz4 = config.compression == Compression::Lz4;
         let own = HelloParams {
+            protocol: Protocol::Migration,
             role: Role::Source,
             versions,
             features: if want_lz4 { FEATURE_LZ4 } else { 0 },

@@ -195,6 +195,28 @@ pub struct Store {
     poisoned: bool,
 }
 
+/// A cheap fingerprint of the store under `dir` (inode, length and modification time of its
+/// index and journal: a checkpoint renames a new index into place, a commit appends to the
+/// journal) that moves whenever a committed change does: for a process that polls a store
+/// others write (the host agent) and opens it, taking its lock, only when this moved.
+pub fn fingerprint(dir: &Path) -> [u128; 6] {
+    use std::os::unix::fs::MetadataExt;
+    let stat = |name: &str| {
+        fs::metadata(dir.join(name)).map_or([0; 3], |m| {
+            let mtime = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            [u128::from(m.ino()), u128::from(m.len()), mtime]
+        })
+    };
+    let (index, journal) = (stat(INDEX), stat(JOURNAL));
+    [
+        index[0], index[1], index[2], journal[0], journal[1], journal[2],
+    ]
+}
+
 impl Store {
     /// Opens (creating if needed) the store under `dir`, recovering from any crash.
     pub fn open(dir: impl AsRef<Path>) -> Result<Store, StoreError> {
@@ -322,6 +344,12 @@ impl Store {
     /// Removes root `name`, dropping its references; returns how many pages it held.
     pub fn remove_root(&mut self, name: &str) -> Result<u64, StoreError> {
         self.mutate(|s| s.remove_root_inner(name))
+    }
+
+    /// The identities of every page stored, in no particular order (what a host agent
+    /// summarises for the cluster).
+    pub fn ids(&self) -> impl ExactSizeIterator<Item = &PageId> + '_ {
+        self.state.entries.keys()
     }
 
     /// The registered roots, by name.

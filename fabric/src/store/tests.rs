@@ -537,3 +537,18 @@ fn missing_index_with_data_is_an_error() {
         Err(StoreError::Corrupt(_))
     ));
 }
+
+#[test]
+fn fingerprint_moves_with_committed_changes_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let before = fingerprint(dir.path());
+    let mut store = Store::open_with(dir.path(), SMALL).unwrap();
+    let p = pages(1..=3);
+    store.put_many(&refs(&p)).unwrap();
+    let put = fingerprint(dir.path());
+    assert_ne!(before, put);
+    assert_eq!(put, fingerprint(dir.path()), "reading it changes nothing");
+    assert_eq!(store.ids().len(), 3);
+    store.add_root("r", &ids(&p)).unwrap();
+    assert_ne!(put, fingerprint(dir.path()));
+}

@@ -68,6 +68,30 @@ use super::{Limits, MigrationError};
 
 /// First bytes of every migration stream.
 pub const MAGIC: [u8; 8] = *b"FABVMMIG";
+/// First bytes of every page-service stream (the same channel, another protocol).
+pub const SERVICE_MAGIC: [u8; 8] = *b"FABVMPGS";
+/// Most page identities in one page-service request (and pages in its reply).
+pub const SERVICE_MAX_IDS: usize = 256;
+
+/// Which protocol a channel speaks: its hello's magic, its session keys' labels and the
+/// message types it accepts differ, so neither can be mistaken for the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Live migration (everything but the page-service messages).
+    Migration,
+    /// The host agent's page service (`PageRequest`, `PageReply`, and `Auth`/`Abort`).
+    PageService,
+}
+
+impl Protocol {
+    /// The first eight bytes of its hello.
+    pub fn magic(self) -> [u8; 8] {
+        match self {
+            Protocol::Migration => MAGIC,
+            Protocol::PageService => SERVICE_MAGIC,
+        }
+    }
+}
 /// Oldest protocol version spoken.
 pub const VERSION_MIN: u16 = 3;
 /// Newest protocol version spoken.
@@ -141,8 +165,13 @@ pub struct Hello {
 impl Hello {
     /// The 64 bytes of the hello.
     pub fn encode(&self) -> [u8; HELLO_LEN] {
+        self.encode_for(Protocol::Migration)
+    }
+
+    /// The 64 bytes of the hello of `protocol`.
+    pub fn encode_for(&self, protocol: Protocol) -> [u8; HELLO_LEN] {
         let mut b = [0u8; HELLO_LEN];
-        b[..8].copy_from_slice(&MAGIC);
+        b[..8].copy_from_slice(&protocol.magic());
         b[8..10].copy_from_slice(&self.version_min.to_le_bytes());
         b[10..12].copy_from_slice(&self.version_max.to_le_bytes());
         b[12] = self.role as u8;
@@ -157,7 +186,12 @@ impl Hello {
     /// Decodes a hello. Reserved bytes are ignored: a later version may use them, and
     /// versions are negotiated before anything else is interpreted.
     pub fn decode(b: &[u8; HELLO_LEN]) -> Result<Hello, MigrationError> {
-        if b[..8] != MAGIC {
+        Self::decode_for(b, Protocol::Migration)
+    }
+
+    /// [`Hello::decode`] for `protocol`.
+    pub fn decode_for(b: &[u8; HELLO_LEN], protocol: Protocol) -> Result<Hello, MigrationError> {
+        if b[..8] != protocol.magic() {
             return Err(MigrationError::NotAPeer("endpoint (bad magic)"));
         }
         let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
@@ -213,6 +247,10 @@ pub enum MsgType {
     Answer = 36,
     /// Guest resumed on the destination.
     Ack = 35,
+    /// Page service: identities a client asks for (the client is the source role).
+    PageRequest = 25,
+    /// Page service: the pages held, in the request's order.
+    PageReply = 37,
 }
 
 impl MsgType {
@@ -234,6 +272,8 @@ impl MsgType {
             33 => Need,
             36 => Answer,
             35 => Ack,
+            25 => PageRequest,
+            37 => PageReply,
             _ => return None,
         })
     }
@@ -256,6 +296,17 @@ impl MsgType {
             Need => "Need",
             Answer => "Answer",
             Ack => "Ack",
+            PageRequest => "PageRequest",
+            PageReply => "PageReply",
+        }
+    }
+
+    /// Whether a channel of `protocol` carries this type.
+    pub fn in_protocol(self, protocol: Protocol) -> bool {
+        match self {
+            MsgType::Auth | MsgType::Abort => true,
+            MsgType::PageRequest | MsgType::PageReply => protocol == Protocol::PageService,
+            _ => protocol == Protocol::Migration,
         }
     }
 
@@ -290,6 +341,8 @@ impl MsgType {
                 48 + n * 12 + n * (3 + 32) + n * PAGE_SIZE as u64
             }
             Accept | Ack => 0,
+            PageRequest => 8 + SERVICE_MAX_IDS as u64 * 32,
+            PageReply => 8 + SERVICE_MAX_IDS as u64 * (1 + PAGE_SIZE as u64),
         }
     }
 }

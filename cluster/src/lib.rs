@@ -1,0 +1,16 @@
+//! fabvm's cluster layer (no KVM): the etcd host registry, the compact summaries of the pages
+//! each host holds, the page service's wire code and client, and placement ranking. The
+//! design is in `docs/cluster.md`.
+
+pub mod bloom;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
+pub mod place;
+pub mod record;
+pub mod registry;
+pub mod service;
+
+pub use bloom::Bloom;
+pub use record::HostRecord;
+pub use registry::Registry;
+pub use service::{fetch_pages, PageClient};
