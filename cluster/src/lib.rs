@@ -6,6 +6,7 @@ pub mod bloom;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod place;
+pub mod pull;
 pub mod record;
 pub mod registry;
 pub mod service;
