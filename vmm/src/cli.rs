@@ -48,6 +48,25 @@ pub struct RunArgs {
     #[arg(long, requires = "restore")]
     pub lazy: bool,
 
+    /// With --restore: etcd endpoints (comma-separated URLs) of the cluster to fetch the pages
+    /// the store lacks from, from the hosts whose summaries claim them (docs/cluster.md).
+    #[arg(
+        long,
+        value_name = "URL[,URL...]",
+        requires = "key",
+        conflicts_with = "kernel"
+    )]
+    pub etcd: Option<String>,
+
+    /// With --etcd: the page service's pre-shared key file (the migration key scheme).
+    #[arg(long, value_name = "FILE", requires = "etcd")]
+    pub key: Option<PathBuf>,
+
+    /// With --restore: report the pages pulled from the cluster (per host) as one line of
+    /// JSON on stderr.
+    #[arg(long, conflicts_with = "kernel")]
+    pub json: bool,
+
     /// Guest memory size, e.g. 512M or 2G (K/M/G/T suffixes; a bare number is MiB) [default: 512M].
     #[arg(long, value_name = "SIZE", value_parser = parse_size, conflicts_with = "restore")]
     pub mem: Option<u64>,

@@ -116,6 +116,8 @@ pub enum Source {
         lazy: bool,
         /// The disks and taps the user lets the snapshot reopen (`--disk`, `--net`).
         confirmed: Confirmed,
+        /// Where to fetch the pages the store lacks (`--etcd`, `--key`, `--json`).
+        pull: crate::cluster::pull::PullConfig,
     },
 }
 
@@ -133,6 +135,11 @@ impl Launch {
                     confirmed: Confirmed {
                         disks: args.disks,
                         nets: args.nets,
+                    },
+                    pull: crate::cluster::pull::PullConfig {
+                        etcd: args.etcd,
+                        key: args.key,
+                        json: args.json,
                     },
                 }
             }

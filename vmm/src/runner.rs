@@ -8,6 +8,7 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, cpuid, regs, BootEntry, BootError};
+use crate::cluster::pull::PullConfig;
 use crate::config::{Launch, Source, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager, DeviceStates};
 use crate::event_loop::{self, Machine};
@@ -39,6 +40,9 @@ pub enum RunError {
     /// A snapshot's disks or taps not confirmed on the command line.
     #[error(transparent)]
     Unconfirmed(#[from] crate::snapshot::confirm::ConfirmError),
+    /// Fetching the pages a snapshot's store lacks.
+    #[error(transparent)]
+    Pull(#[from] crate::cluster::pull::PullError),
     /// Restoring VM state.
     #[error("restoring VM state: {0}")]
     VmState(#[from] VmStateError),
@@ -87,7 +91,8 @@ pub fn run(launch: &Launch) -> Result<StopReason, RunError> {
             dir,
             lazy,
             confirmed,
-        } => restore_snapshot(dir, *lazy, confirmed, launch, &ctx.sink)?,
+            pull,
+        } => restore_snapshot(dir, *lazy, (confirmed, pull), launch, &ctx.sink)?,
     };
     let services = event_loop::Services {
         api_sock: launch.api_sock.clone(),
@@ -324,7 +329,7 @@ fn create_vcpus(
 fn restore_snapshot(
     dir: &std::path::Path,
     lazy: bool,
-    confirmed: &Confirmed,
+    (confirmed, pull): (&Confirmed, &PullConfig),
     launch: &Launch,
     sink: &StopSink,
 ) -> Result<Built, RunError> {
@@ -357,6 +362,7 @@ fn restore_snapshot(
         None => {
             let (ids, hash) = join()?;
             let loaded = restore::Loaded::new(dir, state.clone(), ids, hash)?;
+            crate::cluster::pull::ensure_pages(dir, &loaded, &store, pull)?;
             let memory = if lazy {
                 // The loader thread (if this process builds the image) runs on its own
                 // until the image is complete, then ends.

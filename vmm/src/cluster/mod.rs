@@ -1,10 +1,12 @@
 //! fabvm's side of the cluster (the registry, summaries, page-service wire code and ranking
 //! live in the `cluster` crate): the host agent (`fabvm host serve`, [`agent`]) and the
-//! `fabvm cluster` commands ([`commands`]).
+//! `fabvm cluster` commands ([`commands`]), and a restore's fetching of the pages its store
+//! lacks ([`pull`]).
 
 pub mod agent;
 pub mod commands;
 mod host;
+pub mod pull;
 
 /// How long a `fabvm cluster` command or an agent waits for etcd before it gives up.
 pub const ETCD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);

@@ -1,0 +1,184 @@
+//! A restore pulls the pages its store lacks from the cluster (issue 13, stage 2), end to
+//! end on a real single-node etcd: host a snapshots a test guest into its store, host c holds
+//! a sibling guest's snapshot (sharing half its pages), host b has an empty store. Restoring
+//! a's snapshot on b with `--etcd` fetches pages from both a and c and the guest keeps
+//! verifying; the store then holds them (a second restore needs no cluster). Without
+//! `--etcd`, with the only holder of some pages gone, or with etcd down, the restore fails
+//! with one line.
+
+use std::path::Path;
+use std::process::Command;
+
+use fabvm_tests::cluster::{find, wait_hosts, Etcd, Host, READY};
+use fabvm_tests::{boot_guest, ctl, expect_error, fabvm, require_kvm, Vm};
+use serde_json::Value;
+
+/// Boots a test guest with `cmdline` on `store`, snapshots it into `snap`, shuts it down.
+fn snapshot_guest(tmp: &Path, name: &str, store: &Path, cmdline: &str, snap: &Path) {
+    let sock = tmp.join(format!("{name}.sock"));
+    let mut cmd = Command::new(fabvm());
+    cmd.env("FABVM_RUNTIME_DIR", tmp.join(name))
+        .arg("--store")
+        .arg(store);
+    let _vm = boot_guest(&mut cmd, &sock, "64M", cmdline, READY);
+    let (ok, _, err) = ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
+    assert!(ok, "snapshot: {err}");
+}
+
+/// `fabvm --restore SNAP --store STORE` with `extra` options, as host `b`, with memory images
+/// in a directory of its own named after the store (images are per host, in /dev/shm by
+/// default: a restore finding one needs no page of the store).
+fn restore(b: &Host, snap: &Path, store: &Path, extra: &[&str]) -> Vm {
+    let mut cmd = b.command();
+    let mut images = store.as_os_str().to_owned();
+    images.push("-images");
+    cmd.env("FABVM_IMAGE_DIR", images)
+        .arg("--restore")
+        .arg(snap)
+        .arg("--store")
+        .arg(store)
+        .args(extra);
+    Vm::start_command(&mut cmd)
+}
+
+/// Waits for a restored guest to verify its memory; returns it.
+fn verifies(mut vm: Vm, what: &str) -> Vm {
+    assert!(
+        vm.wait_for_all(&["verify ok pass="], READY),
+        "{what}: restored guest never verified:\n{}\n{}",
+        vm.stdout(),
+        vm.stderr()
+    );
+    assert!(!vm.stdout().contains("FAILED"), "{what}: {}", vm.stdout());
+    vm
+}
+
+#[test]
+fn restore_pulls_missing_pages_from_the_hosts_holding_them() {
+    if require_kvm("cluster_restore").is_none() {
+        return;
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("fcl-restore-")
+        .tempdir()
+        .unwrap();
+    let key = tmp.path().join("key");
+    std::fs::write(
+        &key,
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+    )
+    .unwrap();
+    let key_arg = key.to_str().unwrap();
+    let mut etcd = Etcd::start();
+    let (mut a, b, mut c) = (
+        Host::new(tmp.path(), "a"),
+        Host::new(tmp.path(), "b"),
+        Host::new(tmp.path(), "c"),
+    );
+    let snap = tmp.path().join("snap");
+    let sibling = tmp.path().join("sibling");
+    snapshot_guest(
+        tmp.path(),
+        "va",
+        &a.store,
+        "passes=0 hb=500 seed=21 share=50",
+        &snap,
+    );
+    snapshot_guest(
+        tmp.path(),
+        "vc",
+        &c.store,
+        "passes=0 hb=500 seed=22 share=50",
+        &sibling,
+    );
+    a.serve(&etcd.url, &key);
+    c.serve(&etcd.url, &key);
+    wait_hosts(
+        &etcd.url,
+        &[&a, &c],
+        "a and c with their stores summarised",
+        |h| {
+            ["a", "c"].iter().all(|n| {
+                find(h, n).is_some_and(|r| {
+                    r["store_pages"].as_u64() > Some(8_000)
+                        && r["summary_generation"].as_u64() > Some(0)
+                })
+            })
+        },
+    );
+
+    // b, empty store: the restore pulls every page, from a and from c.
+    let url = etcd.url.clone();
+    let store_b = b.store.clone();
+    let vm = restore(
+        &b,
+        &snap,
+        &store_b,
+        &["--etcd", &url, "--key", key_arg, "--json"],
+    );
+    let mut vm = verifies(vm, "pulled");
+    let stderr = vm.stderr();
+    let report: Value = stderr
+        .lines()
+        .find_map(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .filter(|v| v["pull"].is_object())
+        })
+        .unwrap_or_else(|| panic!("no pull report on stderr: {stderr}"))["pull"]
+        .clone();
+    eprintln!("pull report: {report}");
+    assert!(report["wanted"].as_u64() > Some(8_000), "{report}");
+    assert_eq!(report["fetched"], report["wanted"], "{report}");
+    assert_eq!(report["missing"], 0, "{report}");
+    let hosts = report["hosts"].as_array().unwrap();
+    for name in ["a", "c"] {
+        let h = find(hosts, name).unwrap_or_else(|| panic!("{name} not asked: {report}"));
+        let pages = h["pages"].as_u64().unwrap();
+        assert!(pages > 100, "{name} gave {pages} pages: {report}");
+        assert_eq!(h["bytes"].as_u64(), Some(pages * 4096), "{report}");
+        assert_eq!(h["wrong"], 0, "{report}");
+        assert!(
+            h["ms"].as_f64().is_some() && h["error"].is_null(),
+            "{report}"
+        );
+    }
+    vm.kill();
+    // b's store now holds the snapshot: restoring again (memory image built anew from the
+    // store) needs no cluster.
+    std::fs::remove_dir_all(tmp.path().join("b/store-images")).unwrap();
+    let mut vm = verifies(restore(&b, &snap, &store_b, &[]), "offline");
+    vm.kill();
+
+    // Without --etcd, a store lacking pages: one line naming the count and the snapshot.
+    let line = expect_error(restore(&b, &snap, &tmp.path().join("b2"), &[]));
+    assert!(
+        line.contains("pages are not in store") && line.contains("snap"),
+        "{line}"
+    );
+
+    // a gone: the pages only a held are held by no live host.
+    if let Some(mut agent) = a.agent.take() {
+        agent.kill();
+    }
+    let line = expect_error(restore(
+        &b,
+        &snap,
+        &tmp.path().join("b3"),
+        &["--etcd", &url, "--key", key_arg],
+    ));
+    assert!(line.contains("held by no live host"), "{line}");
+
+    // etcd down with pages missing: one line.
+    etcd.kill();
+    let line = expect_error(restore(
+        &b,
+        &snap,
+        &tmp.path().join("b4"),
+        &["--etcd", &url, "--key", key_arg],
+    ));
+    assert!(line.contains("etcd at"), "{line}");
+    if let Some(mut agent) = c.agent.take() {
+        agent.kill();
+    }
+}
