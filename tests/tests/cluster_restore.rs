@@ -2,12 +2,22 @@
 //! end on a real single-node etcd: host a snapshots a test guest into its store, host c holds
 //! a sibling guest's snapshot (sharing half its pages), host b has an empty store. Restoring
 //! a's snapshot on b with `--etcd` fetches pages from both a and c and the guest keeps
-//! verifying; the store then holds them (a second restore needs no cluster). Without
-//! `--etcd`, with the only holder of some pages gone, or with etcd down, the restore fails
-//! with one line.
+//! verifying; the store then holds them (a second restore needs no cluster); a lazy restore
+//! pulls the same way; a registered host that claims every page and serves wrong ones costs
+//! misses only. Without `--etcd`, with the only holder of some pages gone, or with etcd down,
+//! the restore fails with one line.
 
+use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
+
+use cluster::bloom::DEFAULT_MAX_BYTES;
+use cluster::record::unix_ms;
+use cluster::service::{decode_request, encode_reply};
+use cluster::{Bloom, HostRecord, Registry};
+use fabric::migration::{MigrationKey, ServiceChannel};
+use fabric::{DecodeLimits, Manifest, PAGE_SIZE};
 
 use fabvm_tests::cluster::{find, wait_hosts, Etcd, Host, READY};
 use fabvm_tests::{boot_guest, ctl, expect_error, fabvm, require_kvm, Vm};
@@ -39,6 +49,69 @@ fn restore(b: &Host, snap: &Path, store: &Path, extra: &[&str]) -> Vm {
         .arg(store)
         .args(extra);
     Vm::start_command(&mut cmd)
+}
+
+/// Registers host `liar` whose summary claims every page of `snap` and whose
+/// page service answers every request with wrong pages; returns the registry and the lease
+/// to revoke.
+fn register_liar(url: &str, key: &Path, snap: &Path) -> (Registry, i64) {
+    let bytes = std::fs::read(snap.join("memory.manifest")).unwrap();
+    let manifest = Manifest::decode(&bytes, &DecodeLimits::default()).unwrap();
+    let ids = manifest.distinct_ids();
+    let mut bloom = Bloom::with_capacity(ids.len() as u64, DEFAULT_MAX_BYTES);
+    ids.iter().for_each(|id| bloom.insert_id(id));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let key = MigrationKey::from_file_contents(&std::fs::read(key).unwrap()).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let Ok(mut ch) = ServiceChannel::accept(stream, &key) else {
+                continue;
+            };
+            while let Ok(Some(asked)) = ch.recv().map(|b| decode_request(b).ok()) {
+                let wrong = [0x5a; PAGE_SIZE];
+                let reply = encode_reply(&vec![Some(&wrong); asked.len()]);
+                if ch.send(&reply).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let mut registry = Registry::connect(url, Duration::from_secs(3)).unwrap();
+    let lease = registry.grant(Duration::from_secs(60)).unwrap();
+    let summary = bloom.encode();
+    registry.put_summary("liar", 1, &summary, lease).unwrap();
+    let record = HostRecord {
+        name: "liar".into(),
+        addr,
+        mem_available: 1 << 30,
+        mem_total: 1 << 30,
+        cpus: 1,
+        vms: 0,
+        pages_held: ids.len() as u64,
+        store_pages: ids.len() as u64,
+        summary_generation: 1,
+        summary_bytes: summary.len() as u64,
+        summary_fp_rate: bloom.fp_rate(),
+        summary_unix_ms: unix_ms(),
+        updated_unix_ms: unix_ms(),
+    };
+    registry.put_host(&record, lease).unwrap();
+    (registry, lease)
+}
+
+/// The pull report a restore printed with `--json`.
+fn pull_report(vm: &Vm) -> Value {
+    let stderr = vm.stderr();
+    stderr
+        .lines()
+        .find_map(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .filter(|v| v["pull"].is_object())
+        })
+        .unwrap_or_else(|| panic!("no pull report on stderr: {stderr}"))["pull"]
+        .clone()
 }
 
 /// Waits for a restored guest to verify its memory; returns it.
@@ -117,16 +190,7 @@ fn restore_pulls_missing_pages_from_the_hosts_holding_them() {
         &["--etcd", &url, "--key", key_arg, "--json"],
     );
     let mut vm = verifies(vm, "pulled");
-    let stderr = vm.stderr();
-    let report: Value = stderr
-        .lines()
-        .find_map(|l| {
-            serde_json::from_str::<Value>(l)
-                .ok()
-                .filter(|v| v["pull"].is_object())
-        })
-        .unwrap_or_else(|| panic!("no pull report on stderr: {stderr}"))["pull"]
-        .clone();
+    let report = pull_report(&vm);
     eprintln!("pull report: {report}");
     assert!(report["wanted"].as_u64() > Some(8_000), "{report}");
     assert_eq!(report["fetched"], report["wanted"], "{report}");
@@ -148,6 +212,40 @@ fn restore_pulls_missing_pages_from_the_hosts_holding_them() {
     // store) needs no cluster.
     std::fs::remove_dir_all(tmp.path().join("b/store-images")).unwrap();
     let mut vm = verifies(restore(&b, &snap, &store_b, &[]), "offline");
+    vm.kill();
+
+    // A host claiming every page and serving wrong ones: each page it was asked for is a
+    // miss (and wrong), fetched again from a or c; the guest verifies.
+    let (mut liar, lease) = register_liar(&url, &key, &snap);
+    let vm = restore(
+        &b,
+        &snap,
+        &tmp.path().join("b-liar"),
+        &["--etcd", &url, "--key", key_arg, "--json"],
+    );
+    let mut vm = verifies(vm, "liar");
+    let report = pull_report(&vm);
+    eprintln!("pull report with a liar: {report}");
+    let lie = find(report["hosts"].as_array().unwrap(), "liar").expect("liar asked");
+    assert!(lie["asked"].as_u64() > Some(0), "{report}");
+    assert_eq!(lie["wrong"], lie["asked"], "{report}");
+    assert_eq!(lie["misses"], lie["asked"], "{report}");
+    assert_eq!(lie["pages"], 0, "{report}");
+    assert_eq!(report["fetched"], report["wanted"], "{report}");
+    vm.kill();
+    liar.revoke(lease).unwrap();
+
+    // A lazy restore (userfaultfd) pulls the same way, into another empty store.
+    let store_lazy = tmp.path().join("b-lazy");
+    let mut vm = verifies(
+        restore(
+            &b,
+            &snap,
+            &store_lazy,
+            &["--lazy", "--etcd", &url, "--key", key_arg],
+        ),
+        "lazy",
+    );
     vm.kill();
 
     // Without --etcd, a store lacking pages: one line naming the count and the snapshot.
