@@ -19,7 +19,7 @@ if ! timeout 600 python3 bench/run.py --quick; then
 fi
 # Every fuzz target for a few seconds from its committed seeds (scripts/fuzz.sh, docs/testing.md);
 # a crash, leak or hang fails the run here. FABVM_FUZZ_SECONDS=0 skips it.
-fuzz_seconds="${FABVM_FUZZ_SECONDS:-15}"
+fuzz_seconds="${FABVM_FUZZ_SECONDS:-10}"
 if [ "$fuzz_seconds" != 0 ]; then
 	bash scripts/fuzz.sh "$fuzz_seconds"
 fi

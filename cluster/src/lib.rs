@@ -8,10 +8,12 @@ pub mod fuzzing;
 pub mod place;
 pub mod pull;
 pub mod record;
+#[cfg(feature = "etcd")]
 pub mod registry;
 pub mod service;
 
 pub use bloom::Bloom;
 pub use record::HostRecord;
+#[cfg(feature = "etcd")]
 pub use registry::Registry;
 pub use service::{fetch_pages, PageClient};

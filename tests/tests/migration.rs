@@ -306,8 +306,15 @@ fn link_stalled_mid_migration_times_out() {
         std::thread::sleep(Duration::from_secs(3));
         s.hosts.stall(Host::A);
     });
+    // The stall drops what the source sends: either the source's own timeout fires, or the
+    // destination's (nothing arrives) and it gives up and closes, which the source then sees
+    // as a disconnection; which one comes first depends on the machine's load. Either way the
+    // migration ends by a timeout, not a hang, and the guest stays on the source.
     assert!(
-        err.contains("timed out") || err.contains("Timed") || err.contains("timeout"),
+        err.contains("timed out")
+            || err.contains("Timed")
+            || err.contains("timeout")
+            || err.contains("peer disconnected"),
         "{err}"
     );
 }

@@ -185,6 +185,7 @@ fn store(args: StoreArgs) {
     print_value(&value, args.json);
 }
 
+#[cfg(feature = "etcd")]
 fn cluster(args: ClusterArgs) {
     match vmm::cluster::commands::run(&args) {
         Ok(text) => println!("{text}"),
@@ -192,11 +193,26 @@ fn cluster(args: ClusterArgs) {
     }
 }
 
+#[cfg(not(feature = "etcd"))]
+fn cluster(_: ClusterArgs) {
+    fail("cluster: this fabvm was built without etcd support", 1);
+}
+
+#[cfg(feature = "etcd")]
+fn host_serve(serve: &vmm::cli::ServeArgs) {
+    if let Err(e) = vmm::cluster::agent::serve(serve) {
+        fail(&format!("host serve: {e}"), 1);
+    }
+}
+
+#[cfg(not(feature = "etcd"))]
+fn host_serve(_: &vmm::cli::ServeArgs) {
+    fail("host serve: this fabvm was built without etcd support", 1);
+}
+
 fn host(args: HostArgs) {
     if let HostOp::Serve(serve) = &args.op {
-        if let Err(e) = vmm::cluster::agent::serve(serve) {
-            fail(&format!("host serve: {e}"), 1);
-        }
+        host_serve(serve);
         return;
     }
     let value = serde_json::to_value(vmm::sharing::host_report()).unwrap_or_default();

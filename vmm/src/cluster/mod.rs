@@ -3,8 +3,11 @@
 //! `fabvm cluster` commands ([`commands`]), and a restore's fetching of the pages its store
 //! lacks ([`pull`]).
 
+#[cfg(feature = "etcd")]
 pub mod agent;
+#[cfg(feature = "etcd")]
 pub mod commands;
+#[cfg(feature = "etcd")]
 mod host;
 pub mod pull;
 

@@ -6,11 +6,11 @@
 use std::path::{Path, PathBuf};
 
 use cluster::pull::{plan, pull, PullReport};
-use cluster::registry::RegistryError;
 use cluster::service::IO_TIMEOUT;
-use cluster::{Bloom, HostRecord, PageClient, Registry};
+use cluster::{Bloom, HostRecord, PageClient};
 use fabric::{PageId, StoreError};
 
+#[cfg(feature = "etcd")]
 use super::ETCD_TIMEOUT;
 use crate::migration::{read_key, KeyFileError};
 use crate::snapshot::open_store;
@@ -42,12 +42,12 @@ pub enum PullError {
         missing: usize,
         total: usize,
     },
-    #[error("snapshot {snapshot}: {missing} pages are not in store {store}, and {source}")]
+    #[error("snapshot {snapshot}: {missing} pages are not in store {store}, and {reason}")]
     Registry {
         snapshot: PathBuf,
         store: PathBuf,
         missing: usize,
-        source: RegistryError,
+        reason: String,
     },
     #[error("snapshot {snapshot}: {missing} pages are not in store {store}: {source}")]
     Key {
@@ -101,11 +101,11 @@ pub fn ensure_pages(
         missing: missing.len(),
         source,
     })?;
-    let hosts = live_hosts(etcd).map_err(|source| PullError::Registry {
+    let hosts = live_hosts(etcd).map_err(|reason| PullError::Registry {
         snapshot: snapshot.clone(),
         store: store_path.clone(),
         missing: missing.len(),
-        source,
+        reason,
     })?;
     let plan = plan(&missing, &hosts);
     let connect = |addr: &str| PageClient::connect(addr, &key, IO_TIMEOUT);
@@ -133,8 +133,24 @@ pub fn ensure_pages(
 }
 
 /// Live hosts and their summaries (a summary that cannot be read counts as none).
-fn live_hosts(etcd: &str) -> Result<Vec<(HostRecord, Option<Bloom>)>, RegistryError> {
-    let mut registry = Registry::connect(etcd, ETCD_TIMEOUT)?;
+#[cfg(feature = "etcd")]
+fn live_hosts(etcd: &str) -> Result<Vec<(HostRecord, Option<Bloom>)>, String> {
+    live_hosts_in(etcd).map_err(|e| e.to_string())
+}
+
+/// A build without the etcd client (the fuzz targets' build) has no registry to ask.
+#[cfg(not(feature = "etcd"))]
+fn live_hosts(etcd: &str) -> Result<Vec<(HostRecord, Option<Bloom>)>, String> {
+    Err(format!(
+        "this fabvm was built without etcd support (asked for {etcd})"
+    ))
+}
+
+#[cfg(feature = "etcd")]
+fn live_hosts_in(
+    etcd: &str,
+) -> Result<Vec<(HostRecord, Option<Bloom>)>, cluster::registry::RegistryError> {
+    let mut registry = cluster::Registry::connect(etcd, ETCD_TIMEOUT)?;
     let mut hosts = Vec::new();
     for host in registry.hosts()? {
         let summary = registry.summary(&host.name).unwrap_or_else(|e| {
