@@ -218,6 +218,33 @@ fn unknown_flag() {
     assert!(line.contains("--frobnicate"), "{line}");
 }
 
+#[test]
+fn missing_required_argument_is_named() {
+    let line = run(&["receive"]);
+    assert!(line.contains("--listen"), "{line}");
+    let line = run(&["ctl"]);
+    assert!(line.contains("subcommand is missing"), "{line}");
+}
+
+/// A reader that went away (`fabvm host stats | head -c0`) ends fabvm quietly, not with a
+/// panic about a broken pipe.
+#[test]
+fn output_to_a_closed_pipe_is_no_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(fabvm())
+        .args(["host", "stats"])
+        .env("FABVM_RUNTIME_DIR", dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the read end closes before fabvm writes
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }

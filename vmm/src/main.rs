@@ -32,11 +32,15 @@ fn main() {
             let _ = e.print();
             return;
         }
-        Err(e) => {
+        Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            fail(first.trim_start_matches("error: "), 2);
+            let usage = rendered
+                .lines()
+                .find(|l| l.starts_with("Usage:"))
+                .unwrap_or("see --help");
+            fail(&format!("a subcommand is missing; {}", usage.trim()), 2)
         }
+        Err(e) => fail(&one_line(&e.render().to_string()), 2),
     };
     match cli.command {
         Some(Command::Ctl(args)) => ctl(args),
@@ -188,7 +192,7 @@ fn store(args: StoreArgs) {
 #[cfg(feature = "etcd")]
 fn cluster(args: ClusterArgs) {
     match vmm::cluster::commands::run(&args) {
-        Ok(text) => println!("{text}"),
+        Ok(text) => print_text(&text),
         Err(e) => fail(&format!("cluster: {e}"), 1),
     }
 }
@@ -254,7 +258,34 @@ fn print_value(value: &serde_json::Value, json: bool) {
     } else {
         serde_json::to_string_pretty(value)
     };
-    println!("{}", text.unwrap_or_default());
+    print_text(&text.unwrap_or_default());
+}
+
+/// Prints `text` and a newline on stdout; a reader that went away (`fabvm ctl stats | head`)
+/// ends the process quietly rather than with a panic.
+fn print_text(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
+        std::process::exit(0);
+    }
+}
+
+/// clap's error as one line: its first line, and when that line only introduces a list
+/// ("the following required arguments were not provided:"), the list's items after it.
+fn one_line(rendered: &str) -> String {
+    let mut lines = rendered.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ");
+    if !first.ends_with(':') {
+        return first.to_string();
+    }
+    let items: Vec<&str> = lines
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .collect();
+    format!("{} {}", first, items.join(", "))
 }
 
 fn fail(message: &str, code: i32) -> ! {
