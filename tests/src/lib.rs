@@ -414,6 +414,17 @@ pub fn count(haystack: &str, needle: &str) -> usize {
     haystack.matches(needle).count()
 }
 
+/// Writes the tests' migration and page-service key (32 bytes in hex) to `dir/key`.
+pub fn write_test_key(dir: &Path) -> PathBuf {
+    let key = dir.join("key");
+    std::fs::write(
+        &key,
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+    )
+    .expect("write the key file");
+    key
+}
+
 /// Waits for a fabvm that was given bad input and checks the failure contract: a non-zero
 /// exit within 30 s, no panic, exactly one line on stderr starting `fabvm: `, no console
 /// output. Returns the error line.

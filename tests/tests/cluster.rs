@@ -68,12 +68,7 @@ fn registry_summaries_page_service_and_placement() {
         .prefix("fcl-test-")
         .tempdir()
         .unwrap();
-    let key = tmp.path().join("key");
-    std::fs::write(
-        &key,
-        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
-    )
-    .unwrap();
+    let key = fabvm_tests::write_test_key(tmp.path());
     let mut etcd = Etcd::start();
     let (mut a, mut b, mut c) = (
         Host::new(tmp.path(), "a"),

@@ -135,12 +135,7 @@ fn restore_pulls_missing_pages_from_the_hosts_holding_them() {
         .prefix("fcl-restore-")
         .tempdir()
         .unwrap();
-    let key = tmp.path().join("key");
-    std::fs::write(
-        &key,
-        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
-    )
-    .unwrap();
+    let key = fabvm_tests::write_test_key(tmp.path());
     let key_arg = key.to_str().unwrap();
     let mut etcd = Etcd::start();
     let (mut a, b, mut c) = (
