@@ -1,10 +1,12 @@
 //! Properties the `cluster_decoders` fuzz target checks on every decoder of bytes a host
-//! does not control: page-service requests and replies, page summaries and host records.
-//! The first byte picks the decoder (its value mod 4); the rest is its input.
+//! does not control: page-service requests and replies, control requests and replies (an
+//! agent's VMs, migrations, receivers), page summaries and host records.
+//! The first byte picks the decoder (its value mod 6); the rest is its input.
 
 use fabric::{PageId, PAGE_SIZE};
 
 use crate::bloom::{Bloom, DECODE_MAX_BYTES};
+use crate::control;
 use crate::record::{check_name, HostRecord};
 use crate::service::{decode_reply, decode_request, encode_reply, encode_request};
 
@@ -13,7 +15,7 @@ pub fn run(data: &[u8]) {
     let Some((&which, input)) = data.split_first() else {
         return;
     };
-    match which % 4 {
+    match which % 6 {
         0 => {
             // An accepted request is exactly what the encoder writes for its identities.
             if let Ok(ids) = decode_request(input) {
@@ -32,6 +34,20 @@ pub fn run(data: &[u8]) {
                 assert_eq!(bloom.encode(), sealed);
                 let _ = bloom.contains(u64::from_le_bytes([which; 8]));
                 let _ = bloom.fp_rate();
+            }
+        }
+        4 => {
+            // An accepted control request is what the encoder writes for it.
+            if let Ok(req) = control::decode_request(input) {
+                assert!(control::is_control(input));
+                let again = control::decode_request(&control::encode_request(&req));
+                assert_eq!(again.expect("re-decodes"), req);
+            }
+        }
+        5 => {
+            if let Ok(reply) = control::decode_reply(input) {
+                let again = control::decode_reply(&control::encode_reply(&reply));
+                assert_eq!(again.expect("re-decodes"), reply);
             }
         }
         _ => {
@@ -100,6 +116,34 @@ pub fn seed_inputs() -> Vec<(&'static str, Vec<u8>)> {
             [&[6u8][..], &bloom[..bloom.len() - 32]].concat(),
         ),
         ("record", [&[3u8][..], &record[..]].concat()),
+        (
+            "control-request",
+            [
+                &[4u8][..],
+                &control::encode_request(&control::ControlRequest::Migrate {
+                    pid: 42,
+                    dest: "10.0.0.2:7000".into(),
+                    downtime_ms: 100,
+                    max_rounds: 30,
+                }),
+            ]
+            .concat(),
+        ),
+        (
+            "control-reply",
+            [
+                &[5u8][..],
+                &control::encode_reply(&control::ControlReply::Vms {
+                    vms: vec![control::VmInfo {
+                        pid: 42,
+                        api_sock: Some("/run/vm.sock".into()),
+                        mem: 1 << 26,
+                        pages: 100,
+                    }],
+                }),
+            ]
+            .concat(),
+        ),
     ]
 }
 
@@ -115,6 +159,8 @@ mod tests {
         assert!(decode_reply(&inputs[1][1..], &[ids[0], ids[0]], &mut 0).unwrap()[0].is_some());
         assert!(Bloom::decode(&inputs[2][1..], DECODE_MAX_BYTES).is_ok());
         assert!(HostRecord::decode(&inputs[4][1..]).is_ok());
+        assert!(control::decode_request(&inputs[5][1..]).is_ok());
+        assert!(control::decode_reply(&inputs[6][1..]).is_ok());
         for i in 0..inputs.len() {
             let mut bad = inputs[i].clone();
             let at = bad.len() / 2;

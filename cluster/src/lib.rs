@@ -3,9 +3,11 @@
 //! design is in `docs/cluster.md`.
 
 pub mod bloom;
+pub mod control;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod place;
+pub mod plan;
 pub mod pull;
 pub mod record;
 #[cfg(feature = "etcd")]

@@ -25,6 +25,8 @@ use fabric::migration::wire::SERVICE_MAX_IDS;
 use fabric::migration::{MigrationError, MigrationKey, ServiceChannel};
 use fabric::{Page, PageId, PAGE_SIZE};
 
+use crate::control::{self, ControlError, ControlReply, ControlRequest};
+
 /// How long either end waits for the other before it gives up.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -40,6 +42,9 @@ pub enum ServiceError {
     /// A payload that is not as specified.
     #[error("page service message malformed: {0}")]
     Malformed(&'static str),
+    /// A control message that is not as specified.
+    #[error(transparent)]
+    Control(#[from] ControlError),
 }
 
 /// Encodes a request for `ids` (at most [`SERVICE_MAX_IDS`]).
@@ -179,6 +184,22 @@ impl PageClient {
     pub fn mismatched(&self) -> u64 {
         self.mismatched
     }
+
+    /// Sends a control request and returns its final reply, handing each `Progress` reply
+    /// before it to `progress` (see [`crate::control`]).
+    pub fn control(
+        &mut self,
+        req: &ControlRequest,
+        mut progress: impl FnMut(&ControlReply),
+    ) -> Result<ControlReply, ServiceError> {
+        self.ch.send(&control::encode_request(req))?;
+        loop {
+            match control::decode_reply(self.ch.recv()?)? {
+                p @ ControlReply::Progress { .. } => progress(&p),
+                reply => return Ok(reply),
+            }
+        }
+    }
 }
 
 /// Fetches `ids` from the page service at `addr` (one connection; [`IO_TIMEOUT`]).
@@ -199,7 +220,26 @@ pub fn serve(
     stream: TcpStream,
     key: &MigrationKey,
     timeout: Duration,
+    source: impl FnMut(&[PageId], &mut [Page]) -> Vec<bool>,
+) -> Result<ServeStats, ServiceError> {
+    serve_with_control(stream, key, timeout, source, |_, reply| {
+        reply(&ControlReply::Failed {
+            error: "this page service takes no control requests".into(),
+        })
+    })
+}
+
+/// What answers a control request: it sends its replies through the function it is given
+/// (progress replies, then exactly one final reply), and stops when that fails.
+pub type Reply<'a> = dyn FnMut(&ControlReply) -> Result<(), ServiceError> + 'a;
+
+/// [`serve`], with control requests ([`crate::control`]) handed to `control`.
+pub fn serve_with_control(
+    stream: TcpStream,
+    key: &MigrationKey,
+    timeout: Duration,
     mut source: impl FnMut(&[PageId], &mut [Page]) -> Vec<bool>,
+    mut control: impl FnMut(ControlRequest, &mut Reply<'_>) -> Result<(), ServiceError>,
 ) -> Result<ServeStats, ServiceError> {
     let timeout = Some(timeout);
     let err = |e| ServiceError::Connect("client".into(), e);
@@ -211,6 +251,20 @@ pub fn serve(
     let mut pages = vec![[0u8; PAGE_SIZE]; SERVICE_MAX_IDS];
     loop {
         let ids = match ch.recv() {
+            Ok(payload) if control::is_control(payload) => {
+                let req = match control::decode_request(payload) {
+                    Ok(req) => req,
+                    Err(e) => {
+                        ch.abort(&e.to_string());
+                        return Err(e.into());
+                    }
+                };
+                stats.control += 1;
+                control(req, &mut |reply: &ControlReply| {
+                    ch.send(&control::encode_reply(reply)).map_err(Into::into)
+                })?;
+                continue;
+            }
             Ok(payload) => match decode_request(payload) {
                 Ok(ids) => ids,
                 Err(e) => {
@@ -248,6 +302,8 @@ pub struct ServeStats {
     pub served: u64,
     /// Pages the source gave that did not hash to their identity (sent as absent).
     pub mismatched: u64,
+    /// Control requests answered.
+    pub control: u64,
 }
 
 #[cfg(test)]

@@ -176,3 +176,60 @@ fn replies_decode_only_as_specified() {
     // A reply for another number of identities.
     assert!(decode_reply(&good, &ids[..1], &mut n).is_err());
 }
+
+#[test]
+fn control_requests_share_the_connection_with_page_requests() {
+    use crate::control::{ControlReply, ControlRequest};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let h = thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let source = |ids: &[PageId], _: &mut [Page]| vec![false; ids.len()];
+        serve_with_control(stream, &key(1), IO_TIMEOUT, source, |req, reply| {
+            if let ControlRequest::Migrate { pid, .. } = req {
+                for round in 1..=2 {
+                    reply(&ControlReply::Progress {
+                        round,
+                        bytes_sent: round * 10,
+                    })?;
+                }
+                reply(&ControlReply::Migrated {
+                    report: serde_json::json!({ "pid": pid }),
+                })
+            } else {
+                reply(&ControlReply::Failed {
+                    error: format!("{req:?}"),
+                })
+            }
+        })
+    });
+    let mut client = PageClient::connect(&addr, &key(1), IO_TIMEOUT).unwrap();
+    let mut rounds = Vec::new();
+    let migrate = ControlRequest::Migrate {
+        pid: 9,
+        dest: "x:1".into(),
+        downtime_ms: 1,
+        max_rounds: 1,
+    };
+    let done = client
+        .control(&migrate, |p| rounds.push(p.clone()))
+        .unwrap();
+    assert_eq!(rounds.len(), 2);
+    assert!(matches!(done, ControlReply::Migrated { report } if report["pid"] == 9));
+    // Pages still work on the same connection, then another control request.
+    let id = PageId::of(&page(1));
+    assert_eq!(client.fetch(&[id]).unwrap(), vec![None]);
+    let listed = client.control(&ControlRequest::ListVms, |_| {}).unwrap();
+    assert!(matches!(listed, ControlReply::Failed { error } if error == "ListVms"));
+    drop(client);
+    let stats = h.join().unwrap().unwrap();
+    assert_eq!((stats.control, stats.requests), (2, 1));
+
+    // A plain page service refuses control requests politely.
+    let (addr, h) = server(HashMap::new(), key(1), IO_TIMEOUT);
+    let mut client = PageClient::connect(&addr, &key(1), IO_TIMEOUT).unwrap();
+    let reply = client.control(&ControlRequest::Receive, |_| {}).unwrap();
+    assert!(matches!(reply, ControlReply::Failed { .. }), "{reply:?}");
+    drop(client);
+    h.join().unwrap().unwrap();
+}
