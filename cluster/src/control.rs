@@ -296,9 +296,8 @@ mod tests {
         // A smaller VM holding half of the keys: its sample (a higher threshold) contains
         // every key of the big sample that it holds.
         let half: Vec<u64> = keys[..50_000].to_vec();
-        let hs: std::collections::HashSet<u64> = sample_keys(half.clone(), 10_000)
-            .into_iter()
-            .collect();
+        let hs: std::collections::HashSet<u64> =
+            sample_keys(half.clone(), 10_000).into_iter().collect();
         let half: std::collections::HashSet<u64> = half.into_iter().collect();
         let held = s.iter().filter(|k| half.contains(k)).count();
         let found = s.iter().filter(|k| hs.contains(k)).count();

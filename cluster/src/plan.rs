@@ -160,12 +160,7 @@ pub fn plan_drain(
 /// Plans consolidating `vms` onto as few of `hosts` as memory allows. A host whose record
 /// counts VMs that `vms` does not list (its agent did not answer) stays on.
 pub fn plan_pack(vms: &[Vm], hosts: &[(HostRecord, Option<Bloom>)]) -> PackPlan {
-    let load = |name: &str| -> u64 {
-        vms.iter()
-            .filter(|v| v.host == name)
-            .map(|v| v.mem)
-            .sum()
-    };
+    let load = |name: &str| -> u64 { vms.iter().filter(|v| v.host == name).map(|v| v.mem).sum() };
     let mut order: Vec<&HostRecord> = hosts.iter().map(|(h, _)| h).collect();
     order.sort_by(|a, b| load(&a.name).cmp(&load(&b.name)).then(a.name.cmp(&b.name)));
     let mut cluster = Cluster {
@@ -203,13 +198,7 @@ pub fn plan_pack(vms: &[Vm], hosts: &[(HostRecord, Option<Bloom>)]) -> PackPlan 
         let mut trial = cluster.clone();
         let planned: Vec<Move> = own
             .iter()
-            .map(|vm| {
-                trial.place(
-                    vm,
-                    |h| h != host.name && !off.contains(h),
-                    &mut best_fit,
-                )
-            })
+            .map(|vm| trial.place(vm, |h| h != host.name && !off.contains(h), &mut best_fit))
             .collect();
         if planned.iter().all(|m| m.to.is_some()) {
             cluster = trial;

@@ -309,9 +309,35 @@ pub struct ClusterArgs {
     /// Print the result as one line of JSON.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The agents' pre-shared key file (the page service's; `drain` and `pack` need it).
+    #[arg(long, value_name = "FILE", global = true)]
+    pub key: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub op: ClusterOp,
+}
+
+/// How `drain` chooses each VM's destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlacementArg {
+    /// The best-ranked host, as `place` ranks (pages held, then memory and CPU).
+    Overlap,
+    /// A random host with room (for comparison).
+    Random,
+}
+
+/// Options of a migration started by `drain` or `pack`.
+#[derive(Debug, Clone, Args)]
+pub struct MoveArgs {
+    /// Plan and print, move nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Downtime budget of each migration, ms.
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    pub downtime_ms: u64,
+    /// Most pre-copy rounds of each migration.
+    #[arg(long, value_name = "N", default_value_t = 30)]
+    pub max_rounds: u32,
 }
 
 /// Operations of `fabvm cluster`.
@@ -335,6 +361,26 @@ pub enum ClusterOp {
         /// Memory the VM needs [default: its guest memory size].
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         mem: Option<u64>,
+    },
+    /// Live-migrate every VM off HOST (maintenance), each to its best place, one after the
+    /// other; a VM whose migration fails stays on HOST (exit 1).
+    Drain {
+        /// The host to empty (its name in the registry).
+        host: String,
+        /// How destinations are chosen.
+        #[arg(long, value_enum, default_value = "overlap")]
+        placement: PlacementArg,
+        /// Seed of `--placement random` [default: from the clock].
+        #[arg(long, value_name = "N")]
+        seed: Option<u64>,
+        #[command(flatten)]
+        moves: MoveArgs,
+    },
+    /// Consolidate VMs onto as few hosts as memory allows and say which hosts can be switched
+    /// off (power saving).
+    Pack {
+        #[command(flatten)]
+        moves: MoveArgs,
     },
 }
 

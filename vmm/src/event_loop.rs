@@ -96,9 +96,12 @@ pub fn run(
     };
     // Other fabvm processes on this host (migration destinations, the sharing report) find
     // our pages through this registration; without it they just don't see this VM.
-    let _registration = crate::host_index::Registration::new(&state.machine.vm.memory)
-        .map_err(|e| log::warn!("{e}"))
-        .ok();
+    let _registration = crate::host_index::Registration::new(
+        &state.machine.vm.memory,
+        services.api_sock.as_deref(),
+    )
+    .map_err(|e| log::warn!("{e}"))
+    .ok();
     state.sharing = Some(crate::sharing::Sharing::start(
         &state.machine.vm.memory,
         services.share,

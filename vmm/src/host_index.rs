@@ -41,6 +41,9 @@ pub struct RegisteredVm {
     pub pid: u32,
     /// Its guest RAM.
     pub regions: Vec<RegisteredRegion>,
+    /// Its API socket, if it serves one (the host agent migrates VMs through it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_sock: Option<PathBuf>,
 }
 
 impl RegisteredVm {
@@ -90,8 +93,8 @@ pub struct Registration {
 }
 
 impl Registration {
-    /// Registers this process's guest memory.
-    pub fn new(memory: &GuestMemory) -> Result<Self, IndexError> {
+    /// Registers this process's guest memory and API socket (absolute).
+    pub fn new(memory: &GuestMemory, api_sock: Option<&Path>) -> Result<Self, IndexError> {
         let dir = registry_dir();
         let err = |source| IndexError::Registry {
             path: dir.clone(),
@@ -108,6 +111,7 @@ impl Registration {
                     len: r.len(),
                 })
                 .collect(),
+            api_sock: api_sock.map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())),
         };
         let path = dir.join(format!("{}.json", vm.pid));
         let tmp = dir.join(format!(".{}.tmp", vm.pid));

@@ -513,7 +513,7 @@ mod tests {
     /// This process's own buffer, published as a running VM's memory at frame 0.
     fn publish_own(mem: &[u8]) -> (Registration, IdentityTable) {
         let memory = GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), PAGE_SIZE)]).unwrap();
-        let registration = Registration::new(&memory).unwrap();
+        let registration = Registration::new(&memory, None).unwrap();
         let path = table_path(std::process::id());
         let region = TableRegion {
             guest_addr: 0,

@@ -191,8 +191,13 @@ fn store(args: StoreArgs) {
 
 #[cfg(feature = "etcd")]
 fn cluster(args: ClusterArgs) {
+    use vmm::cluster::commands::CommandError;
     match vmm::cluster::commands::run(&args) {
         Ok(text) => print_text(&text),
+        Err(CommandError::Incomplete { report, line }) => {
+            print_text(&report);
+            fail(&format!("cluster: {line}"), 1)
+        }
         Err(e) => fail(&format!("cluster: {e}"), 1),
     }
 }

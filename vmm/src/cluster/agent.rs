@@ -16,6 +16,7 @@ use cluster::service::{self, IO_TIMEOUT};
 use cluster::{HostRecord, Registry};
 use fabric::migration::MigrationKey;
 
+use super::control::Control;
 use super::host::{cpus, meminfo, Change, Holdings, Summary};
 use super::ETCD_TIMEOUT;
 use crate::cli::ServeArgs;
@@ -72,9 +73,10 @@ pub fn serve(args: &ServeArgs) -> Result<(), AgentError> {
     let holdings = Arc::new(Mutex::new(Holdings::open(args.store.as_deref())));
     {
         let holdings = holdings.clone();
+        let control = Control::new(args);
         std::thread::Builder::new()
             .name("fabvm-pages".into())
-            .spawn(move || accept_loop(listener, key, holdings))
+            .spawn(move || accept_loop(listener, key, holdings, control))
             .map_err(|e| AgentError::Listen(args.listen.clone(), e))?;
     }
     eprintln!(
@@ -246,8 +248,14 @@ impl Agent {
     }
 }
 
-/// Accepts page-service connections, one thread each, at most [`MAX_CONNECTIONS`] at once.
-fn accept_loop(listener: TcpListener, key: MigrationKey, holdings: Arc<Mutex<Holdings>>) {
+/// Accepts page-service connections (page and control requests), one thread each, at most
+/// [`MAX_CONNECTIONS`] at once.
+fn accept_loop(
+    listener: TcpListener,
+    key: MigrationKey,
+    holdings: Arc<Mutex<Holdings>>,
+    control: Control,
+) {
     let active = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
         let Ok(stream) = stream else {
@@ -261,6 +269,7 @@ fn accept_loop(listener: TcpListener, key: MigrationKey, holdings: Arc<Mutex<Hol
             continue;
         }
         let (key, holdings, done) = (key.clone(), holdings.clone(), active.clone());
+        let control = control.clone();
         let peer = stream
             .peer_addr()
             .map(|a| a.to_string())
@@ -268,9 +277,13 @@ fn accept_loop(listener: TcpListener, key: MigrationKey, holdings: Arc<Mutex<Hol
         let spawned = std::thread::Builder::new()
             .name("fabvm-page-conn".into())
             .spawn(move || {
-                let result = service::serve(stream, &key, IO_TIMEOUT, |ids, out| {
-                    holdings.lock().expect("not poisoned").fetch(ids, out)
-                });
+                let result = service::serve_with_control(
+                    stream,
+                    &key,
+                    IO_TIMEOUT,
+                    |ids, out| holdings.lock().expect("not poisoned").fetch(ids, out),
+                    |req, reply| control.handle(req, reply),
+                );
                 match result {
                     Ok(s) => log::info!("page service {peer}: {s:?}"),
                     Err(e) => log::warn!("page service {peer}: {e}"),

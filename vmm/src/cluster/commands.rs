@@ -8,7 +8,7 @@ use cluster::place::{rank, Placement, W_CPU, W_HELD, W_MEM};
 use cluster::record::unix_ms;
 use cluster::registry::RegistryError;
 use cluster::{Bloom, HostRecord, Registry};
-use fabric::live::{key_of, TableReader};
+use fabric::live::key_of;
 use fabric::PAGE_SIZE;
 use serde_json::{json, Value};
 
@@ -27,6 +27,18 @@ pub enum CommandError {
     Snapshot(String, String),
     #[error("VM at {0}: {1}")]
     Vm(String, String),
+    #[error("--key FILE is required (the agents' key)")]
+    NoKey,
+    #[error("{0}")]
+    Key(String),
+    #[error("no live host named {0:?} (live: {1})")]
+    UnknownHost(String, String),
+    /// An agent refused or could not be reached.
+    #[error("{0}")]
+    Agent(String),
+    /// Some VMs did not move: `report` is printed before `line`.
+    #[error("{line}")]
+    Incomplete { report: String, line: String },
 }
 
 /// Runs a `fabvm cluster` command; returns what to print.
@@ -56,15 +68,7 @@ pub fn run(args: &ClusterArgs) -> Result<String, CommandError> {
                 (None, None) => unreachable!("clap requires one"),
             };
             let mem = mem.unwrap_or(guest_mem);
-            let mut registry = Registry::connect(&etcd, ETCD_TIMEOUT)?;
-            let mut hosts: Vec<(HostRecord, Option<Bloom>)> = Vec::new();
-            for host in registry.hosts()? {
-                let summary = registry.summary(&host.name).unwrap_or_else(|e| {
-                    log::warn!("{e}; counted as holding nothing");
-                    None
-                });
-                hosts.push((host, summary));
-            }
+            let hosts = live_hosts(&mut Registry::connect(&etcd, ETCD_TIMEOUT)?)?;
             let ranked = rank(&hosts, &keys, mem);
             Ok(if args.json {
                 json!({"pages": keys.len(), "mem": mem, "score": SCORE, "hosts": ranked})
@@ -73,7 +77,39 @@ pub fn run(args: &ClusterArgs) -> Result<String, CommandError> {
                 place_table(&ranked, keys.len(), mem)
             })
         }
+        ClusterOp::Drain {
+            host,
+            placement,
+            seed,
+            moves,
+        } => super::drain::drain(
+            &etcd,
+            args.key.as_deref(),
+            host,
+            *placement,
+            *seed,
+            moves,
+            args.json,
+        ),
+        ClusterOp::Pack { moves } => {
+            super::drain::pack(&etcd, args.key.as_deref(), moves, args.json)
+        }
     }
+}
+
+/// Every live host with its summary (one that cannot be read counts as none).
+pub fn live_hosts(
+    registry: &mut Registry,
+) -> Result<Vec<(HostRecord, Option<Bloom>)>, CommandError> {
+    let mut hosts = Vec::new();
+    for host in registry.hosts()? {
+        let summary = registry.summary(&host.name).unwrap_or_else(|e| {
+            log::warn!("{e}; counted as holding nothing");
+            None
+        });
+        hosts.push((host, summary));
+    }
+    Ok(hosts)
 }
 
 const SCORE: &str =
@@ -102,21 +138,8 @@ fn vm_keys(sock: &Path) -> Result<(Vec<u64>, u64), CommandError> {
     let path = result["identities"]["published"]
         .as_str()
         .ok_or_else(|| err(&"publishes no identity table (started with --identities off?)"))?;
-    let table = TableReader::open(Path::new(path)).map_err(|e| err(&e))?;
-    let mut keys = std::collections::HashSet::new();
-    let mut entries = Vec::new();
-    for chunk in 0..table.chunks() {
-        if table.read_chunk(chunk, &mut entries).is_none() {
-            return Err(err(&"its identity table is being rewritten; try again"));
-        }
-        keys.extend(
-            entries
-                .iter()
-                .filter_map(|e| e.id)
-                .map(|id| key_of(Some(id))),
-        );
-    }
-    let mem = table.pages() as u64 * PAGE_SIZE as u64;
+    let (keys, pages) = super::control::table_keys(Path::new(path)).map_err(|e| err(&e))?;
+    let mem = pages * PAGE_SIZE as u64;
     Ok((keys.into_iter().collect(), mem))
 }
 

@@ -325,6 +325,7 @@ mod tests {
                 host_addr: 0,
                 len: 600 * PAGE_SIZE as u64,
             }],
+            api_sock: None,
         };
         let pages = vm_pages(&vm).unwrap();
         assert_eq!(pages.keys.len(), 600);

@@ -180,6 +180,7 @@ impl Sharing {
                     len: r.len(),
                 })
                 .collect(),
+            api_sock: None,
         };
         let others = host_index::running_vms(Some(pid));
         let other_pages: Vec<_> = index::published(&others).into_iter().flatten().collect();
