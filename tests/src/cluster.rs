@@ -133,7 +133,13 @@ impl Host {
 
     /// Starts its agent: 2 s lease, refreshed and published every second.
     pub fn serve(&mut self, etcd: &str, key: &Path) {
+        self.serve_with_env(etcd, key, &[]);
+    }
+
+    /// [`Host::serve`] with extra environment (e.g. a `FABVM_TEST_FAILPOINT`).
+    pub fn serve_with_env(&mut self, etcd: &str, key: &Path, env: &[(&str, &str)]) {
         let mut cmd = self.command();
+        cmd.envs(env.iter().copied());
         cmd.args(["host", "serve", "--name", self.name, "--listen", &self.addr])
             .arg("--key")
             .arg(key)

@@ -34,7 +34,9 @@ pub struct Moved {
     /// Bytes the source sent, and the migration's time (from its report).
     pub bytes: u64,
     pub ms: f64,
-    /// The VM at its destination: API socket and console (a file on that host).
+    /// The VM at its destination: its process (the receiver the agent started), API socket
+    /// and console (files on that host).
+    pub dest_pid: Option<u32>,
     pub api_sock: Option<String>,
     pub console: Option<String>,
     pub report: Option<Value>,
@@ -90,14 +92,30 @@ pub fn pack(
     let key = key(key_file)?;
     let hosts = live_hosts(&mut Registry::connect(etcd, ETCD_TIMEOUT)?)?;
     let mut vms = Vec::new();
-    for (h, _) in &hosts {
-        // A host whose agent does not answer keeps its VMs (and stays on).
+    let (mut answered, mut silent) = (Vec::new(), Vec::new());
+    for (h, summary) in &hosts {
+        // A host whose agent does not answer keeps its VMs, stays on and takes none.
         match list_vms(h, &key) {
-            Ok(listed) => vms.extend(listed),
-            Err(e) => log::warn!("{e}; host {} stays on", h.name),
+            Ok(listed) => {
+                vms.extend(listed);
+                answered.push((h.clone(), summary.clone()));
+            }
+            Err(e) => silent.push((h.name.clone(), e.to_string())),
         }
     }
-    let plan = plan_pack(&vms, &hosts);
+    if answered.is_empty() && !silent.is_empty() {
+        return Err(CommandError::Agent(format!(
+            "no agent answered ({})",
+            silent[0].1
+        )));
+    }
+    for (name, e) in &silent {
+        log::warn!("{e}; host {name} stays on");
+    }
+    let hosts = answered;
+    let mut plan = plan_pack(&vms, &hosts);
+    plan.keep.extend(silent.into_iter().map(|(name, _)| name));
+    plan.keep.sort();
     let mut head = json!({
         "dry_run": moves.dry_run,
         "hosts": hosts.len(),
@@ -239,6 +257,7 @@ fn execute(
             error: None,
             bytes: 0,
             ms: 0.0,
+            dest_pid: None,
             api_sock: None,
             console: None,
             report: None,
@@ -300,13 +319,13 @@ fn move_one(
     };
     let to = mv.to.as_deref().ok_or("no live host has room for it")?;
     let (source, dest) = (host(&mv.from)?, host(to)?);
-    let (port, api_sock, console) = match ask(dest, key, &ControlRequest::Receive, |_| {})? {
+    let (port, pid, api_sock, console) = match ask(dest, key, &ControlRequest::Receive, |_| {})? {
         ControlReply::Receiving {
             port,
+            pid,
             api_sock,
             console,
-            ..
-        } => (port, api_sock, console),
+        } => (port, pid, api_sock, console),
         other => return Err(format!("host {to}: answered {other:?}")),
     };
     let ip = dest.addr.rsplit_once(':').map_or("", |(ip, _)| ip);
@@ -321,6 +340,7 @@ fn move_one(
             out.bytes = report["bytes_sent"].as_u64().unwrap_or(0);
             out.ms = report["total_ms"].as_f64().unwrap_or(0.0);
             out.report = Some(report);
+            out.dest_pid = Some(pid);
             out.api_sock = Some(api_sock);
             out.console = Some(console);
             Ok(())
