@@ -206,7 +206,6 @@ fn drain_sends_each_vm_to_the_host_holding_its_pages() {
     assert_eq!(listed.len(), 3);
     let (ok, plan, _) = cluster(&url, &key, &["drain", "a", "--dry-run"]);
     assert!(ok && plan["moves"].as_array().unwrap().is_empty(), "{plan}");
-
     // Pack: a has nothing, b's two VMs fit on c: a and b can be switched off.
     let (ok, plan, err) = cluster(&url, &key, &["pack", "--dry-run"]);
     assert!(ok, "pack: {err}");
@@ -218,7 +217,44 @@ fn drain_sends_each_vm_to_the_host_holding_its_pages() {
         .unwrap()
         .iter()
         .all(|m| m["to"] == "c"));
-
+    // And for real, as people read it: a line per VM on stderr, the hosts to switch off.
+    let out = Command::new(fabvm())
+        .args(["cluster", "--etcd", &url, "--key"])
+        .arg(&key)
+        .arg("pack")
+        .output()
+        .unwrap();
+    let (text, progress) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{text}\n{progress}");
+    assert!(text.contains("pack: 2 of 2 VMs moved"), "{text}");
+    assert!(text.contains("switch off: a, b"), "{text}");
+    assert_eq!(count(&progress, ": migrating"), 2, "{progress}");
+    assert_eq!(count(&progress, "-> c: moved"), 2, "{progress}");
+    c.guests[2]
+        .0
+        .wait_exit(EVENTUALLY)
+        .expect("b's sibling moved");
+    wait_hosts(&url, &[], "c holds all", |h| {
+        [("a", 0), ("b", 0), ("c", 4)]
+            .iter()
+            .all(|(n, vms)| find(h, n).is_some_and(|r| r["vms"] == *vms))
+    });
+    // The consoles of the VMs received on c (the pack's report is for people; find them).
+    let consoles: Vec<std::path::PathBuf> = std::fs::read_dir(c.hosts[2].runtime.join("received"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "console"))
+        .collect();
+    assert_eq!(consoles.len(), 3, "{consoles:?}");
+    for console in &consoles {
+        let text = std::fs::read_to_string(console).unwrap();
+        console_verifies(console.to_str().unwrap(), count(&text, "verify ok") + 1);
+    }
+    received.0.extend(received_pids(&c.hosts[2].runtime));
     // Bad input: one line each.
     let wrong = c.tmp.path().join("wrong.key");
     std::fs::write(&wrong, "ffeeddccbbaa99887766554433221100").unwrap();
@@ -244,8 +280,22 @@ fn drain_sends_each_vm_to_the_host_holding_its_pages() {
         .args(["drain", "b"]);
     let line = expect_error(Vm::start_command(&mut cmd));
     assert!(line.contains("etcd"), "{line}");
-    let (b1, sock) = &mut c.guests[2];
-    still_runs(b1, sock);
+    let (c2, sock) = &mut c.guests[3];
+    still_runs(c2, sock);
+}
+
+/// Pids of the VMs received under a host's runtime directory (from their API sockets'
+/// owners is more than needed: the registry lists them).
+fn received_pids(runtime: &Path) -> Vec<u32> {
+    std::fs::read_dir(runtime.join("vms"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_suffix(".json")?.parse().ok()
+        })
+        .collect()
 }
 
 #[test]
