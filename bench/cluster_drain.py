@@ -136,73 +136,111 @@ def drain_once(a, placement, seed, work):
     with open(key, "w") as f:
         f.write(os.urandom(32).hex())
     etcd = f"http://{SWITCH_ADDR}:2379"
+    runtimes = [os.path.join(work, f"h{i}", "run") for i in range(HOSTS)]
+    # The VMs the agents received are theirs, not the harness's: killed by pid at the end.
+    common.at_cleanup(lambda: kill_registered(runtimes))
+    # etcd's data on tmpfs (fsyncs on a busy disk make lease grants take seconds).
+    etcd_dir = tempfile.mkdtemp(prefix="fabvm-cd-etcd-", dir="/dev/shm")
+    common.at_cleanup(lambda: shutil.rmtree(etcd_dir, ignore_errors=True))
     with Star(a.rate_mbit) as star:
-        etcd_dir = tempfile.mkdtemp(prefix="fabvm-cd-etcd-", dir="/dev/shm")
-        common.at_cleanup(lambda: shutil.rmtree(etcd_dir, ignore_errors=True))
-        star.spawn(star.sw, ["etcd", "--name", "cd", "--data-dir", os.path.join(etcd_dir, "data"),
-                             "--listen-client-urls", etcd, "--advertise-client-urls", etcd,
-                             "--listen-peer-urls", f"http://{SWITCH_ADDR}:2380",
-                             "--initial-advertise-peer-urls", f"http://{SWITCH_ADDR}:2380",
-                             "--initial-cluster", f"cd=http://{SWITCH_ADDR}:2380",
-                             "--auto-compaction-retention=5m"],
-                   stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "etcd.log"), "w"))
-        env, socks, consoles = [], [], []
-        for i in range(HOSTS):
-            d = os.path.join(work, f"h{i}")
-            os.makedirs(os.path.join(d, "run"), exist_ok=True)
-            env.append(dict(os.environ, FABVM_RUNTIME_DIR=os.path.join(d, "run")))
+        try:
+            return drain_in(a, placement, seed, work, key, etcd, star, etcd_dir)
+        finally:
+            kill_registered(runtimes)
+            star.close()
+            shutil.rmtree(etcd_dir, ignore_errors=True)
 
-        def guest(i, name, cmdline):
-            sock = os.path.join(work, f"{name}.sock")
-            err = open(os.path.join(work, f"{name}.stderr"), "w")
-            proc = star.spawn(star.ns[i], [common.FABVM, "--kernel", common.GUEST, "--mem", a.mem,
-                                           "--cmdline", cmdline, "--api-sock", sock, "--store",
-                                           os.path.join(work, f"h{i}", "store")],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=env[i])
-            con = Console(proc)
-            con.wait("ready", 600)
-            return sock, con
 
-        for h in range(1, HOSTS):
-            socks.append(guest(h, f"sibling{h}", sibling_cmdline(h, a.fill, a.share, a.hb))[0])
-        for i in range(a.vms):
-            sock, con = guest(0, f"vm{i}", guest_cmdline(i, a.fill, a.share, a.hb))
-            socks.append(sock)
-            consoles.append(con)
-        for i in range(HOSTS):
-            star.spawn(star.ns[i], [common.FABVM, "host", "serve", "--name", f"h{i}", "--listen",
-                                    f"{addr(i)}:{AGENT_PORT}", "--key", key, "--etcd", etcd, "--store",
-                                    os.path.join(work, f"h{i}", "store"), "--refresh", "1",
-                                    "--publish-every", "1"],
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=open(os.path.join(work, f"agent{i}.log"), "w"), env=env[i])
-        for sock in socks:
-            common.wait_identities_current(sock, timeout=300)
-        # The summaries have caught up when an overlap plan finds each guest's pages.
-        deadline = time.time() + 300
-        while True:
-            ok, plan, err = cluster_cmd(star, key, etcd, "drain", "h0", "--dry-run")
-            moves = plan.get("moves", [])
-            if ok and len(moves) == a.vms and all(m["held"] >= a.share / 100 * 0.8 for m in moves):
-                break
-            if time.time() > deadline:
-                raise RuntimeError(f"summaries never caught up: {plan} {err}")
-            time.sleep(1)
-        before = star.tx_bytes()
-        t0 = time.time()
-        args = ["drain", "h0", "--placement", placement] + (["--seed", str(seed)] if seed is not None else [])
-        ok, report, err = cluster_cmd(star, key, etcd, *args)
-        wall = time.time() - t0
-        wire = star.tx_bytes() - before
-        verified = 0
-        for m in report.get("moves", []):
-            if m.get("ok") and m.get("console"):
-                verified += wait_console(m["console"], "verify ok", 300)
-        return {"ok": ok, "error": None if ok else err, "wall_s": wall, "wire_bytes": wire,
-                "vmm_bytes": report.get("bytes"), "migrations_ms": report.get("ms"),
-                "moved": report.get("moved"), "verified": verified,
-                "moves": [{k: m.get(k) for k in ("pid", "to", "held", "bytes", "ms", "ok", "error")}
-                          for m in report.get("moves", [])]}
+def kill_registered(runtimes):
+    """Kills the VMs registered in the hosts' VM registries and the receivers the agents
+    started (their pids are in the registries, `recv-*.sock` owners are found by name)."""
+    pids = set()
+    for run_dir in runtimes:
+        for name in os.listdir(os.path.join(run_dir, "vms")) if os.path.isdir(os.path.join(run_dir, "vms")) else []:
+            if name.endswith(".json") and name[:-5].isdigit():
+                pids.add(int(name[:-5]))
+    for proc in os.listdir("/proc"):
+        if proc.isdigit():
+            try:
+                with open(f"/proc/{proc}/cmdline", "rb") as f:
+                    cmd = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"receive" in cmd and any(r.encode() in arg for r in runtimes for arg in cmd):
+                pids.add(int(proc))
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+
+
+def drain_in(a, placement, seed, work, key, etcd, star, etcd_dir):
+    """drain_once's body, inside the namespaces."""
+    star.spawn(star.sw, ["etcd", "--name", "cd", "--data-dir", os.path.join(etcd_dir, "data"),
+                         "--listen-client-urls", etcd, "--advertise-client-urls", etcd,
+                         "--listen-peer-urls", f"http://{SWITCH_ADDR}:2380",
+                         "--initial-advertise-peer-urls", f"http://{SWITCH_ADDR}:2380",
+                         "--initial-cluster", f"cd=http://{SWITCH_ADDR}:2380",
+                         "--auto-compaction-retention=5m"],
+               stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "etcd.log"), "w"))
+    env, socks, consoles = [], [], []
+    for i in range(HOSTS):
+        d = os.path.join(work, f"h{i}")
+        os.makedirs(os.path.join(d, "run"), exist_ok=True)
+        env.append(dict(os.environ, FABVM_RUNTIME_DIR=os.path.join(d, "run")))
+
+    def guest(i, name, cmdline):
+        sock = os.path.join(work, f"{name}.sock")
+        err = open(os.path.join(work, f"{name}.stderr"), "w")
+        proc = star.spawn(star.ns[i], [common.FABVM, "--kernel", common.GUEST, "--mem", a.mem,
+                                       "--cmdline", cmdline, "--api-sock", sock, "--store",
+                                       os.path.join(work, f"h{i}", "store")],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=env[i])
+        con = Console(proc)
+        con.wait("ready", 600)
+        return sock, con
+
+    for h in range(1, HOSTS):
+        socks.append(guest(h, f"sibling{h}", sibling_cmdline(h, a.fill, a.share, a.hb))[0])
+    for i in range(a.vms):
+        sock, con = guest(0, f"vm{i}", guest_cmdline(i, a.fill, a.share, a.hb))
+        socks.append(sock)
+        consoles.append(con)
+    for i in range(HOSTS):
+        star.spawn(star.ns[i], [common.FABVM, "host", "serve", "--name", f"h{i}", "--listen",
+                                f"{addr(i)}:{AGENT_PORT}", "--key", key, "--etcd", etcd, "--store",
+                                os.path.join(work, f"h{i}", "store"), "--refresh", "1",
+                                "--publish-every", "1"],
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=open(os.path.join(work, f"agent{i}.log"), "w"), env=env[i])
+    for sock in socks:
+        common.wait_identities_current(sock, timeout=300)
+    # The summaries have caught up when an overlap plan finds each guest's pages.
+    deadline = time.time() + 300
+    while True:
+        ok, plan, err = cluster_cmd(star, key, etcd, "drain", "h0", "--dry-run")
+        moves = plan.get("moves", [])
+        if ok and len(moves) == a.vms and all(m["held"] >= a.share / 100 * 0.8 for m in moves):
+            break
+        if time.time() > deadline:
+            raise RuntimeError(f"summaries never caught up: {plan} {err}")
+        time.sleep(1)
+    before = star.tx_bytes()
+    t0 = time.time()
+    args = ["drain", "h0", "--placement", placement] + (["--seed", str(seed)] if seed is not None else [])
+    ok, report, err = cluster_cmd(star, key, etcd, *args)
+    wall = time.time() - t0
+    wire = star.tx_bytes() - before
+    verified = 0
+    for m in report.get("moves", []):
+        if m.get("ok") and m.get("console"):
+            verified += wait_console(m["console"], "verify ok", 300)
+    return {"ok": ok, "error": None if ok else err, "wall_s": wall, "wire_bytes": wire,
+            "vmm_bytes": report.get("bytes"), "migrations_ms": report.get("ms"),
+            "moved": report.get("moved"), "verified": verified,
+            "moves": [{k: m.get(k) for k in ("pid", "to", "held", "bytes", "ms", "ok", "error")}
+                      for m in report.get("moves", [])]}
 
 
 def wait_console(path, needle, timeout):
