@@ -78,7 +78,9 @@ pub fn drain(
             plan_table(&format!("drain {host}: plan"), &plan)
         });
     }
+    let started = Instant::now();
     let done = execute(&plan, &hosts, &key, moves, json);
+    head["wall_ms"] = (started.elapsed().as_secs_f64() * 1000.0).into();
     finish(head, &done, json, &format!("drain {host}"))
 }
 
@@ -135,7 +137,9 @@ pub fn pack(
             )
         });
     }
+    let started = Instant::now();
     let done = execute(&plan.moves, &hosts, &key, moves, json);
+    head["wall_ms"] = (started.elapsed().as_secs_f64() * 1000.0).into();
     // A host can go off only when every VM planned off it left.
     let off: Vec<&String> = plan
         .switch_off
@@ -360,14 +364,16 @@ fn finish(mut head: Value, done: &[Moved], json: bool, what: &str) -> Result<Str
     head["failed"] = failed.into();
     head["bytes"] = bytes.into();
     head["ms"] = ms.into();
+    let wall = head["wall_ms"].as_f64().unwrap_or(ms);
     let text = if json {
         head.to_string()
     } else {
         format!(
-            "{what}: {moved} of {} VMs moved, {:.1} MB sent, {:.2} s{}",
+            "{what}: {moved} of {} VMs moved, {:.1} MB sent, {:.2} s in migrations, {:.2} s in all{}",
             done.len(),
             bytes as f64 / 1e6,
             ms / 1000.0,
+            wall / 1000.0,
             if failed > 0 {
                 format!(", {failed} failed (still on their hosts)")
             } else {
