@@ -264,6 +264,8 @@ def run(quick=False, runs=None, log=print):
     if not quick:
         plan.append((*PLAIN_DEFAULT, "plain"))
     host = {k: ksm_read(k) for k in ("run", "pages_to_scan", "sleep_millisecs")}
+    ksmd = ksmd_pid()
+    ksmd_nice = os.getpriority(os.PRIO_PROCESS, ksmd) if ksmd else None
     results = []
     try:
         for n, mem, share, mode in plan:
@@ -277,6 +279,8 @@ def run(quick=False, runs=None, log=print):
     finally:
         set_ksm(host)
         ksm_write("run", host["run"])
+        if ksmd_nice is not None:  # the leader raises it while merging; a killed one may not lower it
+            os.setpriority(os.PRIO_PROCESS, ksmd, ksmd_nice)
     return {"host_ksm": host, "poll_s": POLL, "results": results}
 
 

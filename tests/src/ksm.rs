@@ -27,10 +27,30 @@ pub fn write(name: &str, value: u64) {
         .unwrap_or_else(|e| panic!("set {} to {value}: {e}", path.display()));
 }
 
-/// The host's KSM knobs as they were; restored on drop.
+/// The `ksmd` kernel thread's pid and nice value.
+pub fn ksmd() -> (u32, i32) {
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if stat.contains(" (ksmd) ") {
+            // Field 19 (nice), counted from the state (field 3) after the command name.
+            let rest = &stat[stat.rfind(')').unwrap() + 1..];
+            let nice = rest.split_whitespace().nth(16).unwrap().parse().unwrap();
+            return (pid, nice);
+        }
+    }
+    panic!("no ksmd thread in /proc");
+}
+
+/// The host's KSM knobs and ksmd's nice value as they were; restored on drop.
 #[derive(Debug)]
 pub struct Knobs {
     saved: Vec<(&'static str, u64)>,
+    ksmd: (u32, i32),
 }
 
 impl Knobs {
@@ -43,7 +63,22 @@ impl Knobs {
         );
         Knobs {
             saved: SAVED.iter().map(|&name| (name, read(name))).collect(),
+            ksmd: ksmd(),
         }
+    }
+
+    /// The value `name` had when saved.
+    pub fn saved(&self, name: &str) -> u64 {
+        self.saved
+            .iter()
+            .find(|(n, _)| *n == name)
+            .expect("a saved knob")
+            .1
+    }
+
+    /// ksmd's nice value when saved.
+    pub fn ksmd_nice(&self) -> i32 {
+        self.ksmd.1
     }
 }
 
@@ -54,6 +89,12 @@ impl Drop for Knobs {
             if let Err(e) = std::fs::write(&path, value.to_string()) {
                 eprintln!("could not restore {}: {e}", path.display());
             }
+        }
+        let (pid, nice) = self.ksmd;
+        // SAFETY: setpriority only reads its arguments.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, pid, nice) } != 0 {
+            let e = std::io::Error::last_os_error();
+            eprintln!("could not restore ksmd's nice value {nice}: {e}");
         }
     }
 }

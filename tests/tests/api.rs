@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use fabvm_tests::{
-    boot_guest, count, ctl, fabvm, free_port, require_kvm, wait_for_socket, workspace, Vm,
+    boot_guest, count, ctl, fabvm, free_port, require_kvm, wait_for_socket, workspace,
+    write_test_key, Vm,
 };
 
 const READY: Duration = Duration::from_secs(60);
@@ -305,12 +306,7 @@ fn migration_streams_progress_lines_then_the_report() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let key = tmp.path().join("key");
-    std::fs::write(
-        &key,
-        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
-    )
-    .unwrap();
+    let key = write_test_key(tmp.path());
     let (mut source, sock) = boot(tmp.path(), "src");
     let port = free_port();
     let dst_sock = tmp.path().join("dst.sock");

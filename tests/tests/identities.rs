@@ -8,13 +8,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fabvm_tests::netns::{Host, TwoHosts};
-use fabvm_tests::{boot_guest, count, ctl, fabvm, filled_pages, require_kvm, wait_for_socket, Vm};
+use fabvm_tests::{
+    boot_guest, count, ctl, fabvm, filled_pages, require_kvm, wait_for_socket, write_test_key, Vm,
+};
 
 const READY: Duration = Duration::from_secs(90);
 /// The rehash-check guests keep rewriting memory and a disk: slow to verify on a loaded host.
 const BUSY_READY: Duration = Duration::from_secs(240);
 const PORT: u16 = 7201;
-const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n";
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
@@ -147,8 +148,7 @@ struct Fabric {
 impl Fabric {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("key");
-        std::fs::write(&key, KEY).unwrap();
+        let key = write_test_key(dir.path());
         Fabric {
             hosts: TwoHosts::new(),
             dir,

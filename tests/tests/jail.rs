@@ -8,7 +8,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use fabvm_tests::netns::{Host, TwoHosts};
-use fabvm_tests::{boot_guest, count, ctl, expect_error, fabvm, require_kvm, wait_for_socket, Vm};
+use fabvm_tests::{
+    boot_guest, count, ctl, expect_error, fabvm, require_kvm, wait_for_socket, write_test_key, Vm,
+};
 
 const READY: Duration = Duration::from_secs(90);
 const UID: u32 = 65534;
@@ -86,12 +88,7 @@ fn jailed_vmm_boots_snapshots_and_migrates() {
     );
     let snaps = user_dir(&dir.path().join("snaps"));
     let store = dir.path().join("store");
-    let key = dir.path().join("migration.key");
-    std::fs::write(
-        &key,
-        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
-    )
-    .unwrap();
+    let key = write_test_key(dir.path());
     let id = format!("src{}", std::process::id());
 
     // Boot in the jail on host A.

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use fabvm_tests::netns::{Host, TwoHosts};
 use fabvm_tests::{
-    boot_guest, count, ctl, fabvm, filled_pages, require_kvm, test_guest, wait_for_socket, Vm,
+    boot_guest, count, ctl, fabvm, filled_pages, require_kvm, test_guest, wait_for_socket,
+    write_test_key, Vm,
 };
 
 const READY: Duration = Duration::from_secs(90);
@@ -25,12 +26,7 @@ struct Setup {
 impl Setup {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("migration.key");
-        std::fs::write(
-            &key,
-            "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
-        )
-        .unwrap();
+        let key = write_test_key(dir.path());
         Self {
             hosts: TwoHosts::new(),
             dir,

@@ -165,7 +165,7 @@ fn ten_guests_sharing_90_percent_converge_under_half_and_keep_verifying() {
     if require_kvm("sharing").is_none() {
         return;
     }
-    let _knobs = Knobs::save("sharing");
+    let knobs = Knobs::save("sharing");
     let started = Instant::now();
     let mut fleet = Fleet::start(Some("--share"));
     let ready = started.elapsed();
@@ -225,6 +225,28 @@ fn ten_guests_sharing_90_percent_converge_under_half_and_keep_verifying() {
     );
 
     fleet.keep_verifying(2);
+
+    // Merged: the leader gives ksmd the host's settings back, its priority included.
+    let status = fleet.runtime.join("vms/sharing.status");
+    let deadline = Instant::now() + READY;
+    let mut leader = Value::Null;
+    while Instant::now() < deadline {
+        leader =
+            serde_json::from_slice(&std::fs::read(&status).unwrap_or_default()).unwrap_or_default();
+        if leader["fast"] == false {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(leader["fast"], false, "ksmd still fast: {leader}");
+    for knob in ["pages_to_scan", "sleep_millisecs"] {
+        assert_eq!(ksm::read(knob), knobs.saved(knob), "{knob} not given back");
+    }
+    assert_eq!(
+        ksm::ksmd().1,
+        knobs.ksmd_nice(),
+        "ksmd's nice value not given back"
+    );
     eprintln!("whole test: {:?}", started.elapsed());
 }
 

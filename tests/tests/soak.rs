@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fabvm_tests::{boot_guest, count, ctl, fabvm, free_port, require_kvm, wait_for_socket, Vm};
+use fabvm_tests::{
+    boot_guest, count, ctl, fabvm, free_port, require_kvm, wait_for_socket, write_test_key, Vm,
+};
 
 const READY: Duration = Duration::from_secs(90);
-const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
 fn trials() -> usize {
     std::env::var("FABVM_SOAK_TRIALS")
@@ -243,8 +244,7 @@ fn four_concurrent_migrations_on_one_host() {
         return;
     }
     let host = Host::new();
-    let key = host.path("key");
-    std::fs::write(&key, KEY).unwrap();
+    let key = write_test_key(host.dir.path());
     let started = Instant::now();
     let mut sources: Vec<(Vm, PathBuf)> = (0..4)
         .map(|i| host.boot(&format!("src{i}"), &format!("fill=24 seed={i} hb=200"), &[]))
@@ -386,8 +386,7 @@ fn destination_killed_at_random_points_leaves_the_guest_on_the_source() {
     }
     let host = Host::new();
     let dest_host = Host::new();
-    let key = host.path("key");
-    std::fs::write(&key, KEY).unwrap();
+    let key = write_test_key(host.dir.path());
     let mut rng = Rng::new("kill9_destination");
     let cmdline = "fill=48 seed=9 hb=200 dirty=2000";
     let (mut source, mut sock) = host.boot("src", cmdline, &[]);

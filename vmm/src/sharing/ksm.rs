@@ -22,6 +22,9 @@ pub enum KsmError {
     /// A KSM knob could not be set.
     #[error("cannot set {path}: {source}")]
     Write { path: PathBuf, source: io::Error },
+    /// ksmd's priority could not be changed.
+    #[error("cannot set ksmd's nice value: {0}")]
+    Nice(io::Error),
 }
 
 /// Whether this kernel has KSM.
@@ -205,6 +208,29 @@ pub fn cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// ksmd's nice value (None if ksmd is not found).
+pub fn ksmd_nice() -> Option<i32> {
+    nice(&fs::read_to_string(format!("/proc/{}/stat", ksmd_pid()?)).ok()?)
+}
+
+/// The nice value (field 19) from a `/proc/PID/stat` line.
+fn nice(stat: &str) -> Option<i32> {
+    // Counted after the command name, as in `cpu_ticks`: field 3 is the first.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(16)?.parse().ok()
+}
+
+/// Sets ksmd's nice value (root only).
+pub fn set_ksmd_nice(nice: i32) -> Result<(), KsmError> {
+    let pid = ksmd_pid().ok_or_else(|| KsmError::Nice(io::ErrorKind::NotFound.into()))?;
+    // SAFETY: setpriority only reads its arguments; a bad pid or value is an error return.
+    let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, pid, nice) };
+    if ret != 0 {
+        return Err(KsmError::Nice(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// The pid of the `ksmd` kernel thread.
 fn ksmd_pid() -> Option<u32> {
     static PID: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
@@ -243,6 +269,7 @@ mod tests {
     fn stat_cpu_ticks_skip_the_command_name() {
         let line = "37 (ksmd) S 2 0 0 0 -1 2129984 0 0 0 0 617 45 0 0 25 5 1 0 9 0 0";
         assert_eq!(cpu_ticks(line), Some(662));
+        assert_eq!(nice(line), Some(5));
         let odd = "42 (a b) c) R 1 0 0 0 -1 0 0 0 0 0 10 20 0 0";
         assert_eq!(cpu_ticks(odd), Some(30));
         assert_eq!(cpu_ticks("garbage"), None);

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::index::{self, Key, VmPages};
 use super::ksm::{self, ProcessStat};
 use super::plan::{self, VmPlan};
+use super::tuning::{Ksmd, Scans, Tuner, Want};
 use super::{Registered, ShareMode};
 use crate::host_index::RegisteredVm;
 
@@ -55,17 +56,6 @@ const REPLAN_EVERY: Duration = Duration::from_secs(1);
 const STAGE1_DONE: f64 = 0.9;
 /// ...or after this many passes over the marked pages since stage 1 was marked.
 const STAGE1_PASSES: u64 = 3;
-/// Merged pages within this fraction of the target count as converged.
-const CONVERGED: f64 = 0.99;
-/// Passes over the marked pages without progress after which the fast scan stops.
-const PLATEAU_PASSES: u64 = 4;
-/// Fast scan: ksmd's batch is this fraction of the marked pages (clamped below)...
-const FAST_BATCH_DIVISOR: u64 = 20;
-const FAST_BATCH_MIN: u64 = 1_000;
-const FAST_BATCH_MAX: u64 = 50_000;
-/// ...with this sleep between batches.
-const FAST_SLEEP_MS: u64 = 10;
-
 /// The leader's published state (`sharing.status` in the registry), for `fabvm host stats`
 /// and the benchmark.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -96,15 +86,6 @@ pub struct Status {
     pub hash_ms: u64,
 }
 
-/// KSM settings saved before the leader raised them (`ksm.tuning` in the registry).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Saved {
-    /// The host's `pages_to_scan`.
-    pub pages_to_scan: u64,
-    /// The host's `sleep_millisecs`.
-    pub sleep_millisecs: u64,
-}
-
 /// A plan file (`PID.plan`): frame ranges to mark mergeable.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlanFile {
@@ -121,10 +102,6 @@ pub fn plan_path(dir: &Path, pid: u32) -> PathBuf {
 fn status_path(dir: &Path) -> PathBuf {
     dir.join("sharing.status")
 }
-fn tuning_path(dir: &Path) -> PathBuf {
-    dir.join("ksm.tuning")
-}
-
 /// Reads the leader's last published status.
 pub fn read_status(dir: &Path) -> Option<Status> {
     serde_json::from_slice(&fs::read(status_path(dir)).ok()?).ok()
@@ -157,76 +134,6 @@ impl Tracked {
     }
 }
 
-/// How far ksmd has scanned: its `full_scans` and `pages_scanned` counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Scans {
-    /// Full scans of every mergeable area.
-    pub full: u64,
-    /// Pages scanned (0 where the kernel does not count them).
-    pub pages: u64,
-}
-
-impl Scans {
-    /// The counters now.
-    pub fn of(global: &ksm::Global) -> Self {
-        Self {
-            full: global.full_scans,
-            pages: global.pages_scanned,
-        }
-    }
-
-    /// Complete passes over `marked` pages since `since`: full scans that ended, but no more
-    /// than the pages scanned allow (a scan that was half done when the pages were marked
-    /// ends without having seen them all).
-    pub fn passes_since(&self, since: Scans, marked: u64) -> u64 {
-        let full = self.full.saturating_sub(since.full);
-        if self.pages == 0 {
-            return full.saturating_sub(1);
-        }
-        full.min(self.pages.saturating_sub(since.pages) / marked.max(1))
-    }
-}
-
-/// What the ksmd tuning wants now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Want {
-    /// Scan fast: `(pages_to_scan, sleep_millisecs)`.
-    Fast(u64, u64),
-    /// The host's own settings.
-    Normal,
-}
-
-/// Decides the scan rate from the target and progress; pure, so it is tested alone.
-#[derive(Debug, Default)]
-pub struct Tuner {
-    best_merged: u64,
-    at_best: Scans,
-}
-
-impl Tuner {
-    /// Starts over (pages newly marked): progress is measured from here.
-    pub fn reset(&mut self, scans: Scans) {
-        self.best_merged = 0;
-        self.at_best = scans;
-    }
-
-    /// The rate for `merged` of `target` pages merged, ksmd at `scans`, with `marked` pages
-    /// mergeable in the planned VMs.
-    pub fn want(&mut self, target: u64, merged: u64, scans: Scans, marked: u64) -> Want {
-        if merged > self.best_merged + target / 1000 {
-            self.best_merged = merged;
-            self.at_best = scans;
-        }
-        let converged = merged as f64 >= CONVERGED * target as f64;
-        let plateau = scans.passes_since(self.at_best, marked) >= PLATEAU_PASSES;
-        if target == 0 || converged || plateau {
-            return Want::Normal;
-        }
-        let batch = (marked / FAST_BATCH_DIVISOR).clamp(FAST_BATCH_MIN, FAST_BATCH_MAX);
-        Want::Fast(batch, FAST_SLEEP_MS)
-    }
-}
-
 /// The leader's state.
 #[derive(Debug)]
 pub struct Leader {
@@ -237,18 +144,14 @@ pub struct Leader {
     stage1_at: Scans,
     stage1_marked: u64,
     tuner: Tuner,
-    saved: Option<Saved>,
-    tuning_failed: bool,
+    ksmd: Ksmd,
     status: Status,
 }
 
 impl Leader {
     /// Becomes the leader for the registry `dir` (the caller holds its lock).
     pub fn new(dir: PathBuf) -> Self {
-        // A leader that died with ksmd raised left the host's settings here.
-        let saved = fs::read(tuning_path(&dir))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let ksmd = Ksmd::new(&dir);
         let status = Status {
             leader: std::process::id(),
             epoch: read_status(&dir).map_or(0, |s| s.epoch),
@@ -262,8 +165,7 @@ impl Leader {
             stage1_at: Scans::default(),
             stage1_marked: 0,
             tuner: Tuner::default(),
-            saved,
-            tuning_failed: false,
+            ksmd,
             status,
         }
     }
@@ -310,7 +212,7 @@ impl Leader {
             self.status.target_pages,
             self.status.merged_pages,
         );
-        self.tune(want, &global);
+        self.status.fast = self.ksmd.apply(want, &global);
         self.status.vms = self.tracked.len();
         self.status.planned_vms = self.tracked.values().filter(|t| t.settled()).count();
         write_json(&status_path(&self.dir), &self.status);
@@ -318,7 +220,8 @@ impl Leader {
 
     /// Gives the host its ksmd settings back (the leader's VM is exiting).
     pub fn step_down(&mut self) {
-        self.tune(Want::Normal, &ksm::Global::read().unwrap_or_default());
+        let global = ksm::Global::read().unwrap_or_default();
+        self.status.fast = self.ksmd.apply(Want::Normal, &global);
     }
 
     /// Adds new guided VMs, forgets the ones that are gone.
@@ -548,52 +451,6 @@ impl Leader {
         }
         self.status.marked_pages = marked;
     }
-
-    /// Applies the wanted ksmd rate, saving the host's settings first.
-    fn tune(&mut self, want: Want, global: &ksm::Global) {
-        if self.tuning_failed {
-            return;
-        }
-        let result = match (want, self.saved) {
-            (Want::Fast(batch, sleep), saved) => {
-                if saved.is_none() {
-                    let saved = Saved {
-                        pages_to_scan: global.pages_to_scan,
-                        sleep_millisecs: global.sleep_millisecs,
-                    };
-                    write_json(&tuning_path(&self.dir), &saved);
-                    self.saved = Some(saved);
-                }
-                let sleep = sleep.min(self.saved.map_or(sleep, |s| s.sleep_millisecs));
-                let mut result = Ok(());
-                if global.pages_to_scan != batch {
-                    result = ksm::write("pages_to_scan", batch);
-                }
-                if result.is_ok() && global.sleep_millisecs != sleep {
-                    result = ksm::write("sleep_millisecs", sleep);
-                }
-                result
-            }
-            (Want::Normal, Some(saved)) => {
-                let result = ksm::write("pages_to_scan", saved.pages_to_scan)
-                    .and_then(|()| ksm::write("sleep_millisecs", saved.sleep_millisecs));
-                if result.is_ok() {
-                    self.saved = None;
-                    let _ = fs::remove_file(tuning_path(&self.dir));
-                }
-                result
-            }
-            (Want::Normal, None) => Ok(()),
-        };
-        match result {
-            Ok(()) => self.status.fast = self.saved.is_some(),
-            Err(e) => {
-                log::warn!("sharing: cannot tune ksmd, leaving its settings alone: {e}");
-                self.tuning_failed = true;
-                self.status.fast = false;
-            }
-        }
-    }
 }
 
 /// Keys of every [`SAMPLE_STRIDE`]th page of `vm`, from its published identities, and the
@@ -635,5 +492,13 @@ pub(crate) fn write_json(path: &Path, value: &impl Serialize) {
 }
 
 #[cfg(test)]
-#[path = "leader_tests.rs"]
-mod tests;
+mod tests {
+    use super::*;
+
+    #[test]
+    fn change_fraction() {
+        assert_eq!(changed(&[1, 2, 3, 4], &[1, 2, 3, 4]), 0.0);
+        assert_eq!(changed(&[1, 2, 3, 4], &[1, 0, 3, 4]), 0.25);
+        assert_eq!(changed(&[1], &[1, 2]), 1.0);
+    }
+}

@@ -17,6 +17,7 @@ pub mod index;
 pub mod ksm;
 pub mod leader;
 pub mod plan;
+pub mod tuning;
 
 use std::fs;
 use std::os::fd::AsRawFd;
