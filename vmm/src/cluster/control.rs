@@ -304,3 +304,23 @@ fn failpoint(name: &str) {
         std::process::exit(3);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listening_port_is_seen_and_a_closed_one_is_not() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(listening(port));
+        drop(listener);
+        assert!(!listening(port));
+    }
+
+    #[test]
+    fn receivers_live_next_to_the_vm_registry() {
+        assert_eq!(vm_dir().parent(), registry_dir().parent());
+        assert!(vm_dir().ends_with("received"));
+    }
+}
