@@ -10,6 +10,7 @@ pub mod config;
 pub mod console;
 pub mod device_manager;
 pub mod event_loop;
+pub mod failpoint;
 pub mod host_index;
 pub mod host_pages;
 pub mod host_ranges;

@@ -24,6 +24,7 @@ use serde_json::Value;
 
 use crate::api::{client, Request};
 use crate::cli::ServeArgs;
+use crate::failpoint::failpoint;
 use crate::host_index::{registry_dir, running_vms, table_path};
 
 /// Longest a migration started here may take.
@@ -294,15 +295,6 @@ fn listening(port: u16) -> bool {
             })
         })
     })
-}
-
-/// Fault injection for tests: `FABVM_TEST_FAILPOINT=NAME` ends the agent at the named point,
-/// as a host that dies would (no lease revoked, children left running).
-fn failpoint(name: &str) {
-    if std::env::var("FABVM_TEST_FAILPOINT").as_deref() == Ok(name) {
-        eprintln!("fabvm: failpoint {name}: exiting");
-        std::process::exit(3);
-    }
 }
 
 #[cfg(test)]

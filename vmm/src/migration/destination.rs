@@ -14,6 +14,7 @@ use super::guest::GuestPages;
 use super::{read_key, KeyFileError};
 use crate::cli::ReceiveArgs;
 use crate::event_loop::Services;
+use crate::failpoint::failpoint;
 use crate::host_pages::HostPages;
 use crate::layout;
 use crate::memory;
@@ -195,15 +196,6 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
         Ok(())
     })?;
     Ok(reason)
-}
-
-/// Fault injection for tests: `FABVM_TEST_FAILPOINT=NAME` makes this process die at the
-/// named point, as a crashed or killed destination would.
-fn failpoint(name: &str) {
-    if std::env::var("FABVM_TEST_FAILPOINT").as_deref() == Ok(name) {
-        eprintln!("fabvm: failpoint {name}: exiting");
-        std::process::exit(3);
-    }
 }
 
 /// Waits for the source's connection (up to `timeout_s` seconds, 0 = for ever), calling
