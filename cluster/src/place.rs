@@ -107,19 +107,11 @@ mod tests {
 
     fn host(name: &str, avail_gib: u64, cpus: u32, vms: u32) -> HostRecord {
         HostRecord {
-            name: name.into(),
-            addr: format!("{name}:1"),
             mem_available: avail_gib << 30,
             mem_total: 24 << 30,
             cpus,
             vms,
-            pages_held: 0,
-            store_pages: 0,
-            summary_generation: 1,
-            summary_bytes: 0,
-            summary_fp_rate: 0.0,
-            summary_unix_ms: 0,
-            updated_unix_ms: 0,
+            ..crate::record::test_host(name)
         }
     }
 

@@ -236,19 +236,11 @@ mod tests {
         let mut b = Bloom::with_capacity(100_000, DEFAULT_MAX_BYTES);
         keys.for_each(|k| b.insert(k));
         let r = HostRecord {
-            name: name.into(),
-            addr: format!("{name}:1"),
             mem_available: avail_gib * GIB,
             mem_total: 16 * GIB,
             cpus: 4,
             vms,
-            pages_held: 0,
-            store_pages: 0,
-            summary_generation: 1,
-            summary_bytes: 0,
-            summary_fp_rate: 0.0,
-            summary_unix_ms: 0,
-            updated_unix_ms: 0,
+            ..crate::record::test_host(name)
         };
         (r, Some(b))
     }

@@ -16,19 +16,11 @@ fn ids(n: u32) -> Vec<PageId> {
 
 fn host(name: &str) -> HostRecord {
     HostRecord {
-        name: name.into(),
         addr: name.into(),
         mem_available: 1 << 30,
         mem_total: 1 << 30,
         cpus: 2,
-        vms: 0,
-        pages_held: 0,
-        store_pages: 0,
-        summary_generation: 1,
-        summary_bytes: 0,
-        summary_fp_rate: 0.0,
-        summary_unix_ms: 0,
-        updated_unix_ms: 0,
+        ..crate::record::test_host(name)
     }
 }
 

@@ -92,13 +92,33 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A record for tests: host `name` at `name:1` with a summary, the rest zero; tests set what
+/// they need with struct update syntax.
+#[cfg(test)]
+pub(crate) fn test_host(name: &str) -> HostRecord {
+    HostRecord {
+        name: name.into(),
+        addr: format!("{name}:1"),
+        mem_available: 0,
+        mem_total: 0,
+        cpus: 0,
+        vms: 0,
+        pages_held: 0,
+        store_pages: 0,
+        summary_generation: 1,
+        summary_bytes: 0,
+        summary_fp_rate: 0.0,
+        summary_unix_ms: 0,
+        updated_unix_ms: 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    pub(crate) fn sample(name: &str) -> HostRecord {
+    fn sample(name: &str) -> HostRecord {
         HostRecord {
-            name: name.into(),
             addr: "10.0.0.1:7000".into(),
             mem_available: 8 << 30,
             mem_total: 24 << 30,
@@ -111,6 +131,7 @@ mod tests {
             summary_fp_rate: 0.01,
             summary_unix_ms: 1,
             updated_unix_ms: 2,
+            ..test_host(name)
         }
     }
 

@@ -213,6 +213,22 @@ impl Registry {
         Ok(hosts)
     }
 
+    /// Every live host with its summary (one that cannot be read counts as none: a summary
+    /// only guides where to ask, so a missing one costs misses, never an error).
+    pub fn hosts_with_summaries(
+        &mut self,
+    ) -> Result<Vec<(HostRecord, Option<Bloom>)>, RegistryError> {
+        let mut hosts = Vec::new();
+        for host in self.hosts()? {
+            let summary = self.summary(&host.name).unwrap_or_else(|e| {
+                log::warn!("{e}; counted as holding nothing");
+                None
+            });
+            hosts.push((host, summary));
+        }
+        Ok(hosts)
+    }
+
     /// Host `name`'s current summary, if it has a whole one.
     pub fn summary(&mut self, name: &str) -> Result<Option<Bloom>, RegistryError> {
         check_name(name)?;

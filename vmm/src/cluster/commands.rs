@@ -7,7 +7,7 @@ use std::path::Path;
 use cluster::place::{rank, Placement, W_CPU, W_HELD, W_MEM};
 use cluster::record::unix_ms;
 use cluster::registry::RegistryError;
-use cluster::{Bloom, HostRecord, Registry};
+use cluster::{HostRecord, Registry};
 use fabric::live::key_of;
 use fabric::PAGE_SIZE;
 use serde_json::{json, Value};
@@ -68,7 +68,7 @@ pub fn run(args: &ClusterArgs) -> Result<String, CommandError> {
                 (None, None) => unreachable!("clap requires one"),
             };
             let mem = mem.unwrap_or(guest_mem);
-            let hosts = live_hosts(&mut Registry::connect(&etcd, ETCD_TIMEOUT)?)?;
+            let hosts = Registry::connect(&etcd, ETCD_TIMEOUT)?.hosts_with_summaries()?;
             let ranked = rank(&hosts, &keys, mem);
             Ok(if args.json {
                 json!({"pages": keys.len(), "mem": mem, "score": SCORE, "hosts": ranked})
@@ -95,21 +95,6 @@ pub fn run(args: &ClusterArgs) -> Result<String, CommandError> {
             super::drain::pack(&etcd, args.key.as_deref(), moves, args.json)
         }
     }
-}
-
-/// Every live host with its summary (one that cannot be read counts as none).
-pub fn live_hosts(
-    registry: &mut Registry,
-) -> Result<Vec<(HostRecord, Option<Bloom>)>, CommandError> {
-    let mut hosts = Vec::new();
-    for host in registry.hosts()? {
-        let summary = registry.summary(&host.name).unwrap_or_else(|e| {
-            log::warn!("{e}; counted as holding nothing");
-            None
-        });
-        hosts.push((host, summary));
-    }
-    Ok(hosts)
 }
 
 const SCORE: &str =

@@ -15,7 +15,7 @@ use fabric::migration::MigrationKey;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::commands::{live_hosts, CommandError};
+use super::commands::CommandError;
 use super::ETCD_TIMEOUT;
 use crate::cli::{MoveArgs, PlacementArg};
 use crate::migration::read_key;
@@ -53,7 +53,7 @@ pub fn drain(
     json: bool,
 ) -> Result<String, CommandError> {
     let key = key(key_file)?;
-    let hosts = live_hosts(&mut Registry::connect(etcd, ETCD_TIMEOUT)?)?;
+    let hosts = Registry::connect(etcd, ETCD_TIMEOUT)?.hosts_with_summaries()?;
     let source = find(&hosts, host)?;
     let vms = list_vms(source, &key)?;
     let strategy = match placement {
@@ -92,7 +92,7 @@ pub fn pack(
     json: bool,
 ) -> Result<String, CommandError> {
     let key = key(key_file)?;
-    let hosts = live_hosts(&mut Registry::connect(etcd, ETCD_TIMEOUT)?)?;
+    let hosts = Registry::connect(etcd, ETCD_TIMEOUT)?.hosts_with_summaries()?;
     let mut vms = Vec::new();
     let (mut answered, mut silent) = (Vec::new(), Vec::new());
     for (h, summary) in &hosts {

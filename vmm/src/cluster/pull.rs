@@ -150,16 +150,7 @@ fn live_hosts(etcd: &str) -> Result<Vec<(HostRecord, Option<Bloom>)>, String> {
 fn live_hosts_in(
     etcd: &str,
 ) -> Result<Vec<(HostRecord, Option<Bloom>)>, cluster::registry::RegistryError> {
-    let mut registry = cluster::Registry::connect(etcd, ETCD_TIMEOUT)?;
-    let mut hosts = Vec::new();
-    for host in registry.hosts()? {
-        let summary = registry.summary(&host.name).unwrap_or_else(|e| {
-            log::warn!("{e}; counted as holding nothing");
-            None
-        });
-        hosts.push((host, summary));
-    }
-    Ok(hosts)
+    cluster::Registry::connect(etcd, ETCD_TIMEOUT)?.hosts_with_summaries()
 }
 
 fn log_report(report: &PullReport, json: bool) {
