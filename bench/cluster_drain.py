@@ -259,7 +259,7 @@ def wait_console(path, needle, timeout):
     return 0
 
 
-def qemu_sum(a, work):
+def qemu_sum(a, work, run):
     """The four guests migrated one by one by QEMU over one link of the same rate."""
     import migrate
     from netns import Link, LinkPair
@@ -267,7 +267,7 @@ def qemu_sum(a, work):
     for i in range(a.vms):
         sc = migrate.Scenario(f"vm{i}", f"guest {i}", guest_cmdline(i, a.fill, a.share, a.hb),
                               fill_mib=a.fill)
-        d = os.path.join(work, f"qemu{i}")
+        d = os.path.join(work, f"qemu{run}-{i}")
         os.makedirs(d)
         with LinkPair(Link("cd", a.rate_mbit, 0), tag=f"cd{i}") as net:
             res = migrate.qemu_migrate(net, sc, "qemu", a.mem, d, 7300 + i)
@@ -303,6 +303,7 @@ def main():
         if not shutil.which(tool):
             sys.exit(f"cluster_drain: {tool} not found")
     started = time.time()
+    load_before = common.load_average()
     results = {"overlap": [], "random": []}
     for r in range(a.runs):
         for placement in ("overlap", "random"):
@@ -314,7 +315,10 @@ def main():
     qemu = None
     if not a.no_qemu:
         with tempfile.TemporaryDirectory(prefix="fabvm-cd-q-") as work:
-            qemu = [qemu_sum(a, work) for _ in range(a.runs)]
+            qemu = [qemu_sum(a, work, r) for r in range(a.runs)]
+            for r, q in enumerate(qemu):
+                print(f"run {r + 1} qemu: {q['total_s']:.2f} s, {q['wire_bytes'] / 2**20:.1f} MiB, "
+                      f"verified {q['verified']}", file=sys.stderr, flush=True)
     report = {
         "model": {k: v for k, v in vars(a).items() if k not in ("out", "quick", "fabvm")},
         "quick": a.quick,
@@ -324,6 +328,7 @@ def main():
         "qemu": qemu and {"total_s": spread([q["total_s"] for q in qemu]),
                           "wire_bytes": spread([q["wire_bytes"] for q in qemu]), "runs": qemu},
         "meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "duration_s": round(time.time() - started),
+                 "load_before": load_before, "load_after": common.load_average(),
                  "command": " ".join(sys.argv), "machine": common.machine()},
     }
     name = "cluster-drain" + ("-quick" if a.quick else "")
@@ -341,7 +346,8 @@ def markdown(r):
     s = r["summary"]
     lines = [f"Drain of a host running {m['vms']} test guests ({m['mem']}, {m['fill']} MiB filled, {m['share']}% "
              f"of each guest's pages held by a sibling on one of the three other hosts), links {m['rate_mbit']:g} "
-             f"Mbit/s; median (min-max) over {m['runs']} run(s).", "",
+             f"Mbit/s; median (min-max) over {m['runs']} run(s); {r['meta']['date']}, load average "
+             f"{' '.join(map(str, r['meta']['load_before']))} before, {' '.join(map(str, r['meta']['load_after']))} after.", "",
              "| | total time (s) | on the wire (MiB) |", "|---|---|---|"]
 
     def row(label, t, b):
