@@ -175,8 +175,8 @@ def kill_registered(runtimes):
             pass
 
 
-def drain_in(a, placement, seed, work, key, etcd, star, etcd_dir):
-    """drain_once's body, inside the namespaces."""
+def start_etcd(star, etcd, etcd_dir, work):
+    """A single-node etcd in the switch namespace, its data in `etcd_dir`."""
     star.spawn(star.sw, ["etcd", "--name", "cd", "--data-dir", os.path.join(etcd_dir, "data"),
                          "--listen-client-urls", etcd, "--advertise-client-urls", etcd,
                          "--listen-peer-urls", f"http://{SWITCH_ADDR}:2380",
@@ -184,6 +184,21 @@ def drain_in(a, placement, seed, work, key, etcd, star, etcd_dir):
                          "--initial-cluster", f"cd=http://{SWITCH_ADDR}:2380",
                          "--auto-compaction-retention=5m"],
                stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "etcd.log"), "w"))
+
+
+def start_agent(star, i, key, etcd, work, env):
+    """Host i's agent (`fabvm host serve`) over its store, summaries refreshed every second."""
+    star.spawn(star.ns[i], [common.FABVM, "host", "serve", "--name", f"h{i}", "--listen",
+                            f"{addr(i)}:{AGENT_PORT}", "--key", key, "--etcd", etcd, "--store",
+                            os.path.join(work, f"h{i}", "store"), "--refresh", "1",
+                            "--publish-every", "1"],
+               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+               stderr=open(os.path.join(work, f"agent{i}.log"), "w"), env=env)
+
+
+def drain_in(a, placement, seed, work, key, etcd, star, etcd_dir):
+    """drain_once's body, inside the namespaces."""
+    start_etcd(star, etcd, etcd_dir, work)
     env, socks, consoles = [], [], []
     for i in range(HOSTS):
         d = os.path.join(work, f"h{i}")
@@ -208,12 +223,7 @@ def drain_in(a, placement, seed, work, key, etcd, star, etcd_dir):
         socks.append(sock)
         consoles.append(con)
     for i in range(HOSTS):
-        star.spawn(star.ns[i], [common.FABVM, "host", "serve", "--name", f"h{i}", "--listen",
-                                f"{addr(i)}:{AGENT_PORT}", "--key", key, "--etcd", etcd, "--store",
-                                os.path.join(work, f"h{i}", "store"), "--refresh", "1",
-                                "--publish-every", "1"],
-                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   stderr=open(os.path.join(work, f"agent{i}.log"), "w"), env=env[i])
+        start_agent(star, i, key, etcd, work, env[i])
     for sock in socks:
         common.wait_identities_current(sock, timeout=300)
     # The summaries have caught up when an overlap plan finds each guest's pages.
