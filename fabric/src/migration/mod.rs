@@ -206,6 +206,7 @@ mod error;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 mod layout;
+mod postcopy;
 pub mod ranges;
 mod receiver;
 mod rx_ranges;
@@ -232,6 +233,9 @@ use crate::manifest::Region;
 use crate::store::Store;
 
 pub use error::{KeyError, MigrationError};
+pub use postcopy::{
+    Pace, PageState, PostcopyDest, PostcopySource, PostcopySourceStats, PostcopyTable,
+};
 pub use ranges::{Holder as RangeHolder, RangeIndex};
 pub use receiver::{ReceivedVm, Receiver};
 pub use sender::Sender;

@@ -32,6 +32,10 @@ pub struct ReceivedVm {
     pub manifest: Manifest,
     /// Figures so far.
     pub stats: ReceiverStats,
+    /// Post-copy: the `(gfn, identity)` of the pages still to come (the guest may resume
+    /// before they are in: see [`Receiver::into_postcopy`]); empty after a pre-copy
+    /// migration.
+    pub postcopy: Vec<(u64, crate::identity::PageId)>,
 }
 
 /// The destination end of a migration over `S`.
@@ -148,6 +152,9 @@ impl<S: Read + Write> Receiver<S> {
                 outstanding: VecDeque::new(),
                 state: Vec::new(),
                 state_total: None,
+                postcopy_started: false,
+                listed: 0,
+                postcopy: Vec::new(),
                 actions: Vec::new(),
                 fetch: Vec::new(),
                 direct: Vec::new(),
@@ -162,7 +169,16 @@ impl<S: Read + Write> Receiver<S> {
             loop {
                 let rx = r.rx.as_mut().expect("receiving");
                 let stats = &mut r.stats;
-                match r.ch.recv()? {
+                let msg = r.ch.recv()?;
+                if rx.postcopy_started
+                    && !matches!(
+                        msg.0,
+                        MsgType::Missing | MsgType::State | MsgType::Switchover
+                    )
+                {
+                    return Err(unexpected(msg, "after the post-copy list"));
+                }
+                match msg {
                     (MsgType::Offer, payload) => {
                         let offer = OfferView::decode(payload, &r.limits)?;
                         let answer = rx.offer(&offer, &r.layout, &r.limits, stats, source, sink)?;
@@ -195,6 +211,26 @@ impl<S: Read + Write> Receiver<S> {
                             state,
                             manifest,
                             stats: r.stats.clone(),
+                            postcopy: Vec::new(),
+                        });
+                    }
+                    (MsgType::Missing, payload) => {
+                        let list = OfferView::decode(payload, &r.limits)?;
+                        rx.missing(&list, &r.layout, sink)?;
+                    }
+                    (MsgType::Switchover, payload) => {
+                        let switch = wire::Switchover::decode(payload)?;
+                        let rx = r.rx.take().expect("receiving");
+                        let (manifest, state, postcopy) = rx.switchover(&switch, &r.layout)?;
+                        r.stats.state_bytes = state.len() as u64;
+                        r.stats.set_counters(&r.ch.counters);
+                        r.phase = Phase::Completed;
+                        return Ok(ReceivedVm {
+                            description: r.desc.clone(),
+                            state,
+                            manifest,
+                            stats: r.stats.clone(),
+                            postcopy,
                         });
                     }
                     other => return Err(unexpected(other, "while receiving pages")),
@@ -217,6 +253,14 @@ impl<S: Read + Write> Receiver<S> {
             r.stats.set_counters(&r.ch.counters);
             Ok(r.stats.clone())
         })
+    }
+
+    /// The channel, once the source switched to post-copy (see [`super::postcopy`]).
+    pub(super) fn into_channel(self) -> Result<Channel<S>, MigrationError> {
+        if self.phase != Phase::Completed {
+            return Err(MigrationError::Misuse("post-copy before the switchover"));
+        }
+        Ok(self.ch)
     }
 
     /// Refuses or gives up (e.g. no memory for the guest): tells the source why, best
