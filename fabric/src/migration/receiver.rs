@@ -33,9 +33,9 @@ pub struct ReceivedVm {
     /// Figures so far.
     pub stats: ReceiverStats,
     /// Post-copy: the `(gfn, identity)` of the pages still to come (the guest may resume
-    /// before they are in: see [`Receiver::into_postcopy`]); empty after a pre-copy
+    /// before they are in: see [`Receiver::into_postcopy`]); `None` after a pre-copy
     /// migration.
-    pub postcopy: Vec<(u64, crate::identity::PageId)>,
+    pub postcopy: Option<Vec<(u64, crate::identity::PageId)>>,
 }
 
 /// The destination end of a migration over `S`.
@@ -211,7 +211,7 @@ impl<S: Read + Write> Receiver<S> {
                             state,
                             manifest,
                             stats: r.stats.clone(),
-                            postcopy: Vec::new(),
+                            postcopy: None,
                         });
                     }
                     (MsgType::Missing, payload) => {
@@ -230,7 +230,7 @@ impl<S: Read + Write> Receiver<S> {
                             state,
                             manifest,
                             stats: r.stats.clone(),
-                            postcopy,
+                            postcopy: Some(postcopy),
                         });
                     }
                     other => return Err(unexpected(other, "while receiving pages")),
@@ -270,6 +270,11 @@ impl<S: Read + Write> Receiver<S> {
             self.ch.send_abort(reason);
             self.phase = Phase::Failed;
         }
+    }
+
+    /// The stream underneath (to change its timeouts).
+    pub fn stream(&self) -> &S {
+        self.ch.stream()
     }
 
     /// Figures so far.

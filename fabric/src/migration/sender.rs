@@ -311,6 +311,11 @@ impl<S: Transport> Sender<S> {
         self.ch.unsent()
     }
 
+    /// The stream underneath (to change its timeouts).
+    pub fn stream(&self) -> &S {
+        self.ch.stream()
+    }
+
     /// Figures so far (for progress reports).
     pub fn stats(&self) -> MigrationStats {
         let mut stats = self.stats.clone();

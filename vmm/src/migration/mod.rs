@@ -17,6 +17,8 @@
 
 pub mod destination;
 pub mod guest;
+pub mod postcopy;
+pub mod postcopy_dest;
 pub mod source;
 
 use std::path::Path;

@@ -16,8 +16,9 @@ fn postcopy_destination(
         let (mut r, desc) = Receiver::accept(stream, &key(), Limits::default())?;
         let mut mem = Guest::new(desc.regions.clone());
         let vm = r.receive(&NoPages, &mut mem)?;
-        let listed = vm.postcopy.len();
-        let mut pc = r.into_postcopy(&vm.postcopy)?;
+        let pages = vm.postcopy.expect("a post-copy switch");
+        let listed = pages.len();
+        let mut pc = r.into_postcopy(&pages)?;
         pc.confirm_resumed()?;
         pc.want(&touch)?;
         while pc.table().remaining() > 0 {
@@ -111,7 +112,7 @@ fn a_page_not_matching_its_identity_fails_the_destination() {
         let (mut r, desc) = Receiver::accept(b, &key(), Limits::default())?;
         let mut mem = Guest::new(desc.regions.clone());
         let vm = r.receive(&NoPages, &mut mem)?;
-        let mut pc = r.into_postcopy(&vm.postcopy)?;
+        let mut pc = r.into_postcopy(&vm.postcopy.unwrap_or_default())?;
         pc.confirm_resumed()?;
         loop {
             pc.recv(&mut |_, _| Ok(()))?;
