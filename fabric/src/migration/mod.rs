@@ -234,7 +234,8 @@ use crate::store::Store;
 
 pub use error::{KeyError, MigrationError};
 pub use postcopy::{
-    Pace, PageState, PostcopyDest, PostcopySource, PostcopySourceStats, PostcopyTable,
+    Pace, PageState, PostcopyDest, PostcopyPages, PostcopySource, PostcopySourceStats,
+    PostcopyTable,
 };
 pub use ranges::{Holder as RangeHolder, RangeIndex};
 pub use receiver::{ReceivedVm, Receiver};

@@ -96,6 +96,7 @@ impl RxState {
                 }
                 self.listed += 1;
                 if current == Some(id) {
+                    self.present.push(gfn);
                     continue;
                 }
                 if let Some(old) = current {
@@ -116,7 +117,7 @@ impl RxState {
         self: Box<Self>,
         s: &Switchover,
         layout: &Layout,
-    ) -> Result<(Manifest, Vec<u8>, Vec<(u64, PageId)>), MigrationError> {
+    ) -> Result<(Manifest, Vec<u8>, PostcopyPages), MigrationError> {
         if self.round_open || !self.outstanding.is_empty() || self.expected != 0 {
             return Err(MigrationError::Unexpected {
                 got: "Switchover",
@@ -158,8 +159,22 @@ impl RxState {
             ));
         }
         let this = *self;
-        Ok((this.manifest, this.state, this.postcopy))
+        let pages = PostcopyPages {
+            missing: this.postcopy,
+            present: this.present,
+        };
+        Ok((this.manifest, this.state, pages))
     }
+}
+
+/// The pages a post-copy switch listed, as the destination found them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PostcopyPages {
+    /// `(gfn, identity)` of the pages still to come.
+    pub missing: Vec<(u64, PageId)>,
+    /// Frames listed that already hold their listed content here (the source is told not
+    /// to send them; they count as held).
+    pub present: Vec<u64>,
 }
 
 impl<S: Transport> Sender<S> {
@@ -547,16 +562,24 @@ pub struct PostcopyTable {
 }
 
 impl PostcopyTable {
-    /// A table of the listed `(gfn, identity)` pages, all missing.
-    pub fn new(pages: &[(u64, PageId)]) -> Self {
-        let pages: HashMap<u64, (PageId, PageState)> = pages
+    /// A table of the listed pages: `missing` ones to come, and `present` frames that hold
+    /// their listed content already (in, and counted as held).
+    pub fn new(missing: &[(u64, PageId)], present: &[u64]) -> Self {
+        let mut pages: HashMap<u64, (PageId, PageState)> = missing
             .iter()
             .map(|&(gfn, id)| (gfn, (id, PageState::Missing)))
             .collect();
+        let remaining = pages.len() as u64;
+        for &gfn in present {
+            pages.insert(gfn, (PageId([0; 32]), PageState::In));
+        }
         PostcopyTable {
-            remaining: pages.len() as u64,
+            remaining,
             pages,
-            figures: AllIn::default(),
+            figures: AllIn {
+                held: present.len() as u64,
+                ..AllIn::default()
+            },
         }
     }
 
@@ -641,17 +664,19 @@ impl PostcopyTable {
 }
 
 impl<S: Transport> Receiver<S> {
-    /// After a `Switchover` ([`super::ReceivedVm::postcopy`] not empty): the destination's
-    /// end of post-copy, to take the missing pages from the source.
-    pub fn into_postcopy(self, pages: &[(u64, PageId)]) -> Result<PostcopyDest<S>, MigrationError> {
+    /// After a `Switchover` ([`super::ReceivedVm::postcopy`]): the destination's end of
+    /// post-copy, to take the missing pages from the source (told at once not to send the
+    /// listed pages present here).
+    pub fn into_postcopy(self, pages: &PostcopyPages) -> Result<PostcopyDest<S>, MigrationError> {
         let ch = self.into_channel()?;
-        Ok(PostcopyDest {
+        let mut dest = PostcopyDest {
             ch,
-            table: PostcopyTable::new(pages),
+            table: PostcopyTable::new(&pages.missing, &pages.present),
             started: Instant::now(),
-            entries: Vec::new(),
             buf: Box::new([0; PAGE_SIZE]),
-        })
+        };
+        dest.held(&pages.present)?;
+        Ok(dest)
     }
 }
 
@@ -662,7 +687,6 @@ pub struct PostcopyDest<S: Transport> {
     ch: Channel<S>,
     table: PostcopyTable,
     started: Instant,
-    entries: Vec<(u64, usize)>,
     buf: Box<Page>,
 }
 
@@ -727,7 +751,6 @@ impl<S: Transport> PostcopyDest<S> {
         }
         let mut pages: Vec<PostPage<'_>> = Vec::new();
         wire::decode_post_pages(payload, &mut pages)?;
-        self.entries.clear();
         let mut n = 0;
         for p in &pages {
             p.body.expand(&mut self.buf)?;

@@ -35,7 +35,7 @@ pub struct ReceivedVm {
     /// Post-copy: the `(gfn, identity)` of the pages still to come (the guest may resume
     /// before they are in: see [`Receiver::into_postcopy`]); `None` after a pre-copy
     /// migration.
-    pub postcopy: Option<Vec<(u64, crate::identity::PageId)>>,
+    pub postcopy: Option<super::PostcopyPages>,
 }
 
 /// The destination end of a migration over `S`.
@@ -155,6 +155,7 @@ impl<S: Read + Write> Receiver<S> {
                 postcopy_started: false,
                 listed: 0,
                 postcopy: Vec::new(),
+                present: Vec::new(),
                 actions: Vec::new(),
                 fetch: Vec::new(),
                 direct: Vec::new(),

@@ -53,6 +53,7 @@ pub(super) struct RxState {
     pub(super) postcopy_started: bool,
     pub(super) listed: u64,
     pub(super) postcopy: Vec<(u64, PageId)>,
+    pub(super) present: Vec<u64>,
     // Reused buffers.
     pub(super) actions: Vec<Action>,
     pub(super) fetch: Vec<(u64, PageId)>,

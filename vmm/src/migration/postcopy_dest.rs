@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use cluster::{Bloom, HostRecord};
 use fabric::migration::{
-    GuestFrames, MigrationError, PageSource, PageState, PostcopyDest, Receiver,
+    GuestFrames, MigrationError, PageSource, PageState, PostcopyDest, PostcopyPages, Receiver,
 };
 use fabric::{Page, PageId, PAGE_SIZE};
 
@@ -77,7 +77,7 @@ impl Loader {
 /// Makes the listed pages absent, registers guest RAM on userfaultfd and starts the loader.
 pub fn start(
     receiver: Receiver<TcpStream>,
-    pages: &[(u64, PageId)],
+    pages: &PostcopyPages,
     memory: &GuestMemory,
     hosted: Box<dyn PageSource + Send>,
     fallback: Option<ClusterFallback>,
@@ -88,7 +88,7 @@ pub fn start(
     let fd = receiver.stream().try_clone().map_err(setup("socket"))?;
     let _ = fd.set_read_timeout(Some(POSTCOPY_TIMEOUT));
     let _ = fd.set_write_timeout(Some(POSTCOPY_TIMEOUT));
-    let mut sorted: Vec<u64> = pages.iter().map(|&(gfn, _)| gfn).collect();
+    let mut sorted: Vec<u64> = pages.missing.iter().map(|&(gfn, _)| gfn).collect();
     sorted.sort_unstable();
     for run in sorted.chunk_by(|a, b| a + 1 == *b) {
         let addr = guest
@@ -282,7 +282,7 @@ impl State {
     /// the VM is lost.
     fn source_failed(mut self, err: MigrationError) {
         let missing = self.dest.table().missing();
-        log::warn!(
+        log::info!(
             "post-copy: the source failed ({err}) with {} pages still missing",
             missing.len()
         );
