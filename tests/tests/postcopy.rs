@@ -343,7 +343,7 @@ fn tampering_relay(listen: TcpListener, to: String, clean: usize) {
             }
             for (i, b) in buf[..n].iter_mut().enumerate() {
                 let at = seen + i;
-                if at >= clean && at % 4096 == 0 {
+                if at >= clean && at.is_multiple_of(4096) {
                     *b ^= 1;
                 }
             }

@@ -183,7 +183,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
             )?;
             Confirm::Postcopy(loader)
         }
-        _ => Confirm::Precopy(receiver),
+        _ => Confirm::Precopy(Box::new(receiver)),
     };
     drop(keep_mapped);
     let ctx = RunContext::new()?;
@@ -228,7 +228,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
 /// How the destination tells the source the guest runs here.
 enum Confirm {
     /// Pre-copy: `Ack` on the migration connection.
-    Precopy(Receiver<TcpStream>),
+    Precopy(Box<Receiver<TcpStream>>),
     /// Post-copy: the loader owns the connection and sends it.
     Postcopy(Loader),
 }
