@@ -271,6 +271,12 @@ impl<S: Transport> Sender<S> {
     }
 }
 
+/// Most bytes of background stream left in the connection's send queue before more is
+/// written (128 KiB: 10 ms at 100 Mbit/s), and pages per streamed message (128 KiB): a
+/// faulted page waits behind at most about twice that, not the whole socket buffer.
+const STREAM_QUEUE: u64 = 128 << 10;
+const STREAM_BATCH: u64 = 32;
+
 /// What the source did in post-copy.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PostcopySourceStats {
@@ -402,13 +408,20 @@ impl<S: Transport> PostcopySource<S> {
                 None => u64::MAX,
                 Some(rate) => (started.elapsed().as_secs_f64() * rate as f64) as u64 + 1,
             };
-            if self.cursor < self.order.len() && self.stats.sent_streamed < allowed {
+            // The stream is written only while little of it waits in the send queue, so a
+            // faulted page queues behind at most STREAM_QUEUE bytes, not the whole buffer.
+            let queued = self.ch.unsent().is_some_and(|n| n > STREAM_QUEUE);
+            if self.cursor < self.order.len() && self.stats.sent_streamed < allowed && !queued {
                 self.send_stream(read_page, allowed - self.stats.sent_streamed)?;
                 continue;
             }
             if self.cursor < self.order.len() {
-                // Paced: wait a little, answering faults meanwhile.
-                std::thread::sleep(Duration::from_millis(2));
+                // Paced or queued: wait a little, answering faults meanwhile.
+                std::thread::sleep(if queued {
+                    Duration::from_micros(200)
+                } else {
+                    Duration::from_millis(2)
+                });
                 continue;
             }
             // Everything streamed: wait for faults of pages in flight, or AllIn.
@@ -493,7 +506,7 @@ impl<S: Transport> PostcopySource<S> {
     where
         F: Fn(u64, &mut Page) + Sync,
     {
-        let most = most.min(POSTCOPY_BATCH as u64) as usize;
+        let most = most.min(STREAM_BATCH) as usize;
         let mut batch = Vec::with_capacity(most);
         while batch.len() < most && self.cursor < self.order.len() {
             let gfn = self.order[self.cursor];
