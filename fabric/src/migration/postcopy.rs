@@ -290,7 +290,8 @@ pub struct PostcopySourceStats {
     pub held_at_destination: u64,
     /// Of the pages sent, sent lz4-compressed.
     pub compressed: u64,
-    /// Bytes written and read in post-copy, frames included.
+    /// Bytes written on the migration connection, the whole migration (pre-copy rounds,
+    /// list, state and post-copy), frames included.
     pub bytes_sent: u64,
     /// Bytes read.
     pub bytes_received: u64,

@@ -453,8 +453,8 @@ fn postcopy_report(
 ) -> MigrationReport {
     MigrationReport {
         dest: req.dest.clone(),
-        bytes_sent: protocol.bytes_sent + pc.source.bytes_sent,
-        bytes_received: protocol.bytes_received + pc.source.bytes_received,
+        bytes_sent: pc.source.bytes_sent,
+        bytes_received: pc.source.bytes_received,
         pages_offered: protocol.pages_offered,
         pages_found: protocol.pages_found,
         pages_sent: protocol.pages_sent + pc.source.sent_on_fault + pc.source.sent_streamed,
