@@ -193,6 +193,11 @@
 //! [`Sender::finish`]. `Ok` means the destination runs the guest: exit. `Err` means resume
 //! the guest here.
 //!
+//! Post-copy (hybrid): instead of [`Sender::finish`], [`Sender::switchover`] lists the pages
+//! the destination lacks and sends the state; the destination resumes the guest and takes
+//! those pages on demand ([`PostcopySource`], [`PostcopyDest`]; sequence and failure rules in
+//! `postcopy.rs`).
+//!
 //! Destination: accept, set timeouts and `TCP_NODELAY`, [`Receiver::accept`]; check the
 //! description and allocate zero-filled guest memory (or [`Receiver::abort`] with the
 //! reason); [`Receiver::receive`] with a [`PageSource`] over what the host holds (its
@@ -207,6 +212,7 @@ mod error;
 pub mod fuzzing;
 mod layout;
 mod postcopy;
+mod postcopy_rx;
 pub mod ranges;
 mod receiver;
 mod rx_ranges;
