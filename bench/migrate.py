@@ -193,7 +193,7 @@ def find(report, *names):
 # (FABVM_RUNTIME_DIR), so the receiver finds the sibling's pages there. fabvm's defaults:
 # downtime budget 100 ms (as QEMU's limit here), lz4 compression, THP-backed guest RAM.
 # Adjust here if the merged CLI or report differs.
-def fabvm_migrate(net, sc, mem, work, port, src_args=()):
+def fabvm_migrate(net, sc, mem, work, port, src_args=(), ctl_args=()):
     hosts = {}
     for side in ("src", "dst"):
         d = os.path.join(work, side)
@@ -227,7 +227,7 @@ def fabvm_migrate(net, sc, mem, work, port, src_args=()):
     before = net.counters()
     t0 = time.time()
     cmd = ["ip", "netns", "exec", net.ns["src"], common.FABVM, "ctl", "--api-sock", sock_s, "--json",
-           "migrate", "--key", key, f"{host}:{cport}"]
+           "migrate", "--key", key, f"{host}:{cport}", *ctl_args]
     limit = timeout_for(net.link, sc, mem)
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, env=env_s)

@@ -180,6 +180,11 @@ impl TwoHosts {
         );
     }
 
+    /// Ends a [`TwoHosts::stall`]: `host`'s packets flow again.
+    pub fn unstall(&self, host: Host) {
+        self.must_in(host, &["nft", "delete", "table", "inet", "fabvmstall"]);
+    }
+
     /// Runs `args` in `host`'s namespace; panics if it fails.
     fn must_in(&self, host: Host, args: &[&str]) {
         let mut all = vec!["ip", "netns", "exec", self.names[Self::i(host)].as_str()];

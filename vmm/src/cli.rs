@@ -405,6 +405,14 @@ pub struct ReceiveArgs {
     /// Print the migration report as one line of JSON on stderr when the VM starts here.
     #[arg(long)]
     pub json: bool,
+    /// Post-copy: etcd endpoints of the cluster whose page service may hold the pages a
+    /// source that fails after the switch did not send (the hosts registered when
+    /// `receive` starts are asked).
+    #[arg(long, value_name = "URL")]
+    pub etcd: Option<String>,
+    /// The page service's key file (with --etcd) [default: the --key file].
+    #[arg(long, value_name = "FILE")]
+    pub page_key: Option<PathBuf>,
     /// Hash every page copied from a VM running here, instead of confirming it by asking
     /// that VM for a harvest of its dirty log after the copy (slower; for debugging).
     #[arg(long)]
@@ -468,6 +476,14 @@ pub enum CtlOp {
         /// Send pages without compression.
         #[arg(long)]
         no_compress: bool,
+        /// Post-copy (hybrid): after the first pre-copy round, stop the guest, resume it at
+        /// the destination at once and send the rest on demand (pages the guest touches
+        /// first) and in the background. A source failure after the switch loses the VM.
+        #[arg(long)]
+        postcopy: bool,
+        /// Post-copy after N pre-copy rounds (0: at once, no pre-copy); implies --postcopy.
+        #[arg(long, value_name = "N")]
+        postcopy_after: Option<u32>,
     },
 }
 

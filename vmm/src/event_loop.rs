@@ -86,6 +86,7 @@ pub fn run(
         store: services.store.clone(),
         baseline: None,
         migrated: false,
+        lost: None,
         sharing: None,
     };
     let api_wake = std::sync::Arc::new(EventFd::new(EFD_NONBLOCK)?);
@@ -123,6 +124,8 @@ struct LoopState {
     baseline: Option<save::Baseline>,
     /// The VM now runs at a migration destination: stop here.
     migrated: bool,
+    /// A post-copy migration failed after the switchover: the guest cannot run here.
+    lost: Option<String>,
     /// Page sharing with other VMs (`--share`) and its figures.
     sharing: Option<crate::sharing::Sharing>,
 }
@@ -233,6 +236,9 @@ impl LoopState {
                             if self.migrated {
                                 return Ok(StopReason::Migrated);
                             }
+                            if let Some(lost) = self.lost.take() {
+                                return Ok(StopReason::Failed(lost));
+                            }
                         }
                     }
                     _ => {}
@@ -273,6 +279,7 @@ impl LoopState {
                 downtime_ms,
                 max_rounds,
                 compress,
+                postcopy_after,
             } => {
                 let request = MigrateRequest {
                     dest,
@@ -280,6 +287,7 @@ impl LoopState {
                     downtime: std::time::Duration::from_millis(downtime_ms),
                     max_rounds,
                     compress,
+                    postcopy_after,
                 };
                 let started = Instant::now();
                 let result = migrate_on_thread(&mut self.machine, self.paused, &request, progress);
@@ -292,7 +300,12 @@ impl LoopState {
                         self.migrated = true;
                         Response::ok(serde_json::to_value(report).unwrap_or_default())
                     }
-                    Err(e) => Response::error(e.to_string()),
+                    Err(e) => {
+                        if e.guest_gone() {
+                            self.lost = Some(e.to_string());
+                        }
+                        Response::error(e.to_string())
+                    }
                 }
             }
         }

@@ -100,6 +100,8 @@ fn ctl(args: CtlArgs) {
             downtime_ms,
             max_rounds,
             no_compress,
+            postcopy,
+            postcopy_after,
         } => Request::Migrate {
             dest,
             key: std::path::absolute(&key)
@@ -109,6 +111,7 @@ fn ctl(args: CtlArgs) {
             downtime_ms,
             max_rounds,
             compress: !no_compress,
+            postcopy_after: postcopy_after.or(postcopy.then_some(1)),
         },
         CtlOp::Snapshot { dir } => {
             // The VMM resolves relative paths against its own directory: send an absolute one.

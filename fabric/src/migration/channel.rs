@@ -265,6 +265,11 @@ impl<S: Read + Write> Channel<S> {
         Ok((ch, peer, version))
     }
 
+    /// The stream (to set its timeouts).
+    pub(crate) fn stream(&self) -> &S {
+        &self.stream
+    }
+
     /// This end's role.
     pub(crate) fn role(&self) -> Role {
         self.role

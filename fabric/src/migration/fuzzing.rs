@@ -321,6 +321,9 @@ pub fn run_receiver(data: &[u8]) -> bool {
     };
     let mut sink = CheckedSink::new(&desc);
     if let Ok(vm) = receiver.receive(&FuzzSource::default(), &mut sink) {
+        if let Some(pages) = &vm.postcopy {
+            return run_postcopy(receiver, pages, &desc);
+        }
         // A completed migration covered every page, and what was installed matches the
         // manifest the receiver reports.
         for (gfn, id) in vm.manifest.iter() {
@@ -334,6 +337,36 @@ pub fn run_receiver(data: &[u8]) -> bool {
         return receiver.confirm_resumed().is_ok();
     }
     false
+}
+
+/// Post-copy after a fuzzed switch: the rest of the input's frames are the source's pages.
+/// Every page installed must be listed and match its identity. Returns whether every page
+/// came.
+fn run_postcopy(
+    receiver: Receiver<ScriptedPeer>,
+    pages: &super::PostcopyPages,
+    desc: &VmDescription,
+) -> bool {
+    let listed: std::collections::HashMap<u64, PageId> = pages.missing.iter().copied().collect();
+    let Ok(mut dest) = receiver.into_postcopy(pages) else {
+        return false;
+    };
+    if dest.confirm_resumed().is_err() {
+        return false;
+    }
+    let mut sink = CheckedSink::new(desc);
+    while dest.table().remaining() > 0 {
+        let installed = dest.recv(&mut |gfn, page| {
+            let id = listed.get(&gfn).expect("installed a page not listed");
+            assert!(id.matches(page), "installed page {gfn:#x} does not match");
+            sink.write_page(gfn, page);
+            Ok(())
+        });
+        if installed.is_err() {
+            return false;
+        }
+    }
+    dest.finish().is_ok()
 }
 
 /// Valid inputs for [`run_receiver`] (seeds for the fuzzer's corpus): whole migrations of
@@ -438,9 +471,68 @@ pub fn seed_inputs() -> Vec<Vec<u8>> {
     with_describe.extend(frames.iter().cloned());
     seeds.push(push(&with_describe, 3));
     seeds.push(push(&v3_frames(&random, random_id, &text, text_id), 2));
+    seeds.push(push(
+        &postcopy_frames(&random, random_id, &text, text_id),
+        2,
+    ));
     seeds.push(vec![1, 17, 0, 0, 0, 0]);
     seeds.push(vec![0]);
     seeds
+}
+
+/// Post-copy at once: every frame listed (frames 0 and 1 with data, the rest zero), the
+/// state and `Switchover`, then the two pages (lz4 and raw).
+fn postcopy_frames(
+    random: &Page,
+    random_id: PageId,
+    text: &Page,
+    text_id: PageId,
+) -> Vec<(MsgType, Vec<u8>)> {
+    let desc = fuzz_description();
+    let mut frames = Vec::new();
+    for (i, r) in desc.regions.iter().enumerate() {
+        let mut runs = Vec::new();
+        let mut ids = Vec::new();
+        if i == 0 {
+            runs.push(wire::Run {
+                first: r.first_gfn(),
+                count: 2,
+                zero: false,
+            });
+            ids = vec![text_id, random_id];
+        }
+        let skip = if i == 0 { 2 } else { 0 };
+        runs.push(wire::Run {
+            first: r.first_gfn() + skip,
+            count: (r.pages - skip) as u32,
+            zero: true,
+        });
+        let mut list = Vec::new();
+        wire::encode_offer(&mut list, i as u32, 0, &runs, &ids);
+        frames.push((MsgType::Missing, list));
+    }
+    let state = b"fuzz state".to_vec();
+    let mut state_msg = Vec::new();
+    wire::encode_state(&mut state_msg, state.len() as u64, 0, &state);
+    frames.push((MsgType::State, state_msg));
+    let mut switch = Vec::new();
+    wire::Switchover {
+        rounds: 0,
+        state_len: state.len() as u64,
+        state_hash: *blake3::hash(&state).as_bytes(),
+        listed: 2,
+    }
+    .encode(&mut switch);
+    frames.push((MsgType::Switchover, switch));
+    let mut block = [0u8; wire::COMPRESS_BUF];
+    let len = wire::compress_page(text, &mut block).expect("compresses");
+    let first = desc.regions[0].first_gfn();
+    let mut pages = Vec::new();
+    wire::begin_post_pages(&mut pages, 2);
+    wire::put_post_page(&mut pages, first, wire::PostBody::Lz4(&block[..len]));
+    wire::put_post_page(&mut pages, first + 1, wire::PostBody::Raw(random));
+    frames.push((MsgType::PostPages, pages));
+    frames
 }
 
 /// Fills `page` with pseudo-random bytes (xorshift), so it does not compress.

@@ -83,6 +83,11 @@ impl Bitmap {
         was
     }
 
+    /// Whether bit `i` is set.
+    pub(crate) fn test(&self, i: u64) -> bool {
+        self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
     /// Clears bit `i`.
     pub(crate) fn unset(&mut self, i: u64) {
         self.words[(i / 64) as usize] &= !(1 << (i % 64));

@@ -193,6 +193,11 @@
 //! [`Sender::finish`]. `Ok` means the destination runs the guest: exit. `Err` means resume
 //! the guest here.
 //!
+//! Post-copy (hybrid): instead of [`Sender::finish`], [`Sender::switchover`] lists the pages
+//! the destination lacks and sends the state; the destination resumes the guest and takes
+//! those pages on demand ([`PostcopySource`], [`PostcopyDest`]; sequence and failure rules in
+//! `postcopy.rs`).
+//!
 //! Destination: accept, set timeouts and `TCP_NODELAY`, [`Receiver::accept`]; check the
 //! description and allocate zero-filled guest memory (or [`Receiver::abort`] with the
 //! reason); [`Receiver::receive`] with a [`PageSource`] over what the host holds (its
@@ -206,6 +211,8 @@ mod error;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 mod layout;
+mod postcopy;
+mod postcopy_rx;
 pub mod ranges;
 mod receiver;
 mod rx_ranges;
@@ -232,6 +239,10 @@ use crate::manifest::Region;
 use crate::store::Store;
 
 pub use error::{KeyError, MigrationError};
+pub use postcopy::{
+    Pace, PageState, PostcopyDest, PostcopyPages, PostcopySource, PostcopySourceStats,
+    PostcopyTable,
+};
 pub use ranges::{Holder as RangeHolder, RangeIndex};
 pub use receiver::{ReceivedVm, Receiver};
 pub use sender::Sender;

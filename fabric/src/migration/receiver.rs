@@ -32,6 +32,10 @@ pub struct ReceivedVm {
     pub manifest: Manifest,
     /// Figures so far.
     pub stats: ReceiverStats,
+    /// Post-copy: the `(gfn, identity)` of the pages still to come (the guest may resume
+    /// before they are in: see [`Receiver::into_postcopy`]); `None` after a pre-copy
+    /// migration.
+    pub postcopy: Option<super::PostcopyPages>,
 }
 
 /// The destination end of a migration over `S`.
@@ -148,6 +152,10 @@ impl<S: Read + Write> Receiver<S> {
                 outstanding: VecDeque::new(),
                 state: Vec::new(),
                 state_total: None,
+                postcopy_started: false,
+                listed: 0,
+                postcopy: Vec::new(),
+                present: Vec::new(),
                 actions: Vec::new(),
                 fetch: Vec::new(),
                 direct: Vec::new(),
@@ -162,7 +170,16 @@ impl<S: Read + Write> Receiver<S> {
             loop {
                 let rx = r.rx.as_mut().expect("receiving");
                 let stats = &mut r.stats;
-                match r.ch.recv()? {
+                let msg = r.ch.recv()?;
+                if rx.postcopy_started
+                    && !matches!(
+                        msg.0,
+                        MsgType::Missing | MsgType::State | MsgType::Switchover
+                    )
+                {
+                    return Err(unexpected(msg, "after the post-copy list"));
+                }
+                match msg {
                     (MsgType::Offer, payload) => {
                         let offer = OfferView::decode(payload, &r.limits)?;
                         let answer = rx.offer(&offer, &r.layout, &r.limits, stats, source, sink)?;
@@ -195,6 +212,26 @@ impl<S: Read + Write> Receiver<S> {
                             state,
                             manifest,
                             stats: r.stats.clone(),
+                            postcopy: None,
+                        });
+                    }
+                    (MsgType::Missing, payload) => {
+                        let list = OfferView::decode(payload, &r.limits)?;
+                        rx.missing(&list, &r.layout, sink)?;
+                    }
+                    (MsgType::Switchover, payload) => {
+                        let switch = wire::Switchover::decode(payload)?;
+                        let rx = r.rx.take().expect("receiving");
+                        let (manifest, state, postcopy) = rx.switchover(&switch, &r.layout)?;
+                        r.stats.state_bytes = state.len() as u64;
+                        r.stats.set_counters(&r.ch.counters);
+                        r.phase = Phase::Completed;
+                        return Ok(ReceivedVm {
+                            description: r.desc.clone(),
+                            state,
+                            manifest,
+                            stats: r.stats.clone(),
+                            postcopy: Some(postcopy),
                         });
                     }
                     other => return Err(unexpected(other, "while receiving pages")),
@@ -219,6 +256,14 @@ impl<S: Read + Write> Receiver<S> {
         })
     }
 
+    /// The channel, once the source switched to post-copy (see [`super::postcopy`]).
+    pub(super) fn into_channel(self) -> Result<Channel<S>, MigrationError> {
+        if self.phase != Phase::Completed {
+            return Err(MigrationError::Misuse("post-copy before the switchover"));
+        }
+        Ok(self.ch)
+    }
+
     /// Refuses or gives up (e.g. no memory for the guest): tells the source why, best
     /// effort. The receiver is unusable after.
     pub fn abort(&mut self, reason: &str) {
@@ -226,6 +271,11 @@ impl<S: Read + Write> Receiver<S> {
             self.ch.send_abort(reason);
             self.phase = Phase::Failed;
         }
+    }
+
+    /// The stream underneath (to change its timeouts).
+    pub fn stream(&self) -> &S {
+        self.ch.stream()
     }
 
     /// Figures so far.

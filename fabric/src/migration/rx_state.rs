@@ -48,6 +48,12 @@ pub(super) struct RxState {
     pub(super) outstanding: VecDeque<Needed>,
     pub(super) state: Vec<u8>,
     pub(super) state_total: Option<u64>,
+    /// Post-copy: a `Missing` list arrived (no more rounds); data pages it listed, and
+    /// those of them not installed here (what the source must still send).
+    pub(super) postcopy_started: bool,
+    pub(super) listed: u64,
+    pub(super) postcopy: Vec<(u64, PageId)>,
+    pub(super) present: Vec<u64>,
     // Reused buffers.
     pub(super) actions: Vec<Action>,
     pub(super) fetch: Vec<(u64, PageId)>,

@@ -311,6 +311,11 @@ impl<S: Transport> Sender<S> {
         self.ch.unsent()
     }
 
+    /// The stream underneath (to change its timeouts).
+    pub fn stream(&self) -> &S {
+        self.ch.stream()
+    }
+
     /// Figures so far (for progress reports).
     pub fn stats(&self) -> MigrationStats {
         let mut stats = self.stats.clone();
@@ -320,7 +325,7 @@ impl<S: Transport> Sender<S> {
 
     /// Runs `op` unless the sender already failed or finished; on error marks it failed
     /// and, when the error is ours rather than the peer's or the link's, tells the peer.
-    fn guard<T>(
+    pub(super) fn guard<T>(
         &mut self,
         op: impl FnOnce(&mut Self) -> Result<T, MigrationError>,
     ) -> Result<T, MigrationError> {
@@ -345,18 +350,7 @@ impl<S: Transport> Sender<S> {
         I: IntoIterator<Item = (u64, Option<PageId>)>,
         F: Fn(u64, &mut Page) + Sync,
     {
-        if self.phase == Phase::Describing {
-            // Read only now: the destination prepares while the caller gets its first
-            // round ready.
-            match self.ch.recv()? {
-                (MsgType::Accept, payload) => wire::expect_empty(payload, "Accept")?,
-                other => return Err(unexpected(other, "while waiting for Accept")),
-            }
-            self.phase = Phase::Described;
-        }
-        if self.phase != Phase::Described {
-            return Err(MigrationError::Misuse("round before describe"));
-        }
+        self.accepted()?;
         self.round += 1;
         let round = self.round;
         let start = Instant::now();
@@ -406,6 +400,22 @@ impl<S: Transport> Sender<S> {
         };
         self.stats.rounds.push(stats);
         Ok(stats)
+    }
+
+    /// Reads the destination's `Accept` if not yet read (the destination prepares while
+    /// the caller gets its first round ready); fails before `describe`.
+    pub(super) fn accepted(&mut self) -> Result<(), MigrationError> {
+        if self.phase == Phase::Describing {
+            match self.ch.recv()? {
+                (MsgType::Accept, payload) => wire::expect_empty(payload, "Accept")?,
+                other => return Err(unexpected(other, "while waiting for Accept")),
+            }
+            self.phase = Phase::Described;
+        }
+        if self.phase != Phase::Described {
+            return Err(MigrationError::Misuse("round before describe"));
+        }
+        Ok(())
     }
 
     /// Adds a page to the offer being built, extending the last run when it can.

@@ -68,6 +68,10 @@ pub enum Request {
         /// Compress sent pages (lz4) when it pays.
         #[serde(default = "default_true")]
         compress: bool,
+        /// Switch to post-copy after this many pre-copy rounds (0: at once); absent or
+        /// null: pre-copy only.
+        #[serde(default)]
+        postcopy_after: Option<u32>,
     },
 }
 

@@ -286,6 +286,15 @@ mod tests {
                 downtime_ms: 5,
                 max_rounds: 2,
                 compress: false,
+                postcopy_after: None,
+            },
+            Request::Migrate {
+                dest: "h:1".into(),
+                key: "/k".into(),
+                downtime_ms: 5,
+                max_rounds: 2,
+                compress: true,
+                postcopy_after: Some(0),
             },
         ];
         for req in requests {

@@ -115,6 +115,7 @@ impl Control {
             downtime_ms,
             max_rounds,
             compress: true,
+            postcopy_after: None,
         };
         log::info!("control: migrating VM {pid} ({})", sock.display());
         let (tx, rx) = mpsc::channel::<Value>();

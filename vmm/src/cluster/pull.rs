@@ -134,13 +134,13 @@ pub fn ensure_pages(
 
 /// Live hosts and their summaries (a summary that cannot be read counts as none).
 #[cfg(feature = "etcd")]
-fn live_hosts(etcd: &str) -> Result<Vec<(HostRecord, Option<Bloom>)>, String> {
+pub(crate) fn live_hosts(etcd: &str) -> Result<Vec<(HostRecord, Option<Bloom>)>, String> {
     live_hosts_in(etcd).map_err(|e| e.to_string())
 }
 
 /// A build without the etcd client (the fuzz targets' build) has no registry to ask.
 #[cfg(not(feature = "etcd"))]
-fn live_hosts(etcd: &str) -> Result<Vec<(HostRecord, Option<Bloom>)>, String> {
+pub(crate) fn live_hosts(etcd: &str) -> Result<Vec<(HostRecord, Option<Bloom>)>, String> {
     Err(format!(
         "this fabvm was built without etcd support (asked for {etcd})"
     ))

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use fabric::migration::{Limits, MigrationError, Receiver};
 
 use super::guest::GuestPages;
+use super::postcopy_dest::{self, ClusterFallback, Loader, PostcopyError};
 use super::{read_key, KeyFileError};
 use crate::cli::ReceiveArgs;
 use crate::event_loop::Services;
@@ -61,11 +62,20 @@ pub enum ReceiveError {
     /// The seccomp filter could not be installed.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// Post-copy could not start (the guest never ran here).
+    #[error(transparent)]
+    Postcopy(#[from] PostcopyError),
+    /// The page service's key file (`--page-key`, or `--key`, with `--etcd`).
+    #[error("--etcd: {0}")]
+    PageKey(KeyFileError),
 }
 
 /// Receives one VM and runs it until it stops.
 pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
     let key = read_key(&args.key)?;
+    // The cluster's hosts are read now: etcd's client does not run under this thread's
+    // seccomp filter (installed below).
+    let fallback = cluster_fallback(args)?;
     let listener = TcpListener::bind(&args.listen).map_err(|source| ReceiveError::Listen {
         addr: args.listen.clone(),
         source,
@@ -133,12 +143,15 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
         let received = receiver.receive(&hosted, &mut sink);
         (building.join(), received)
     });
-    drop(keep_mapped);
     let received = received?;
     log::debug!(target: "fabvm::timing", "incoming VM: pages and state in {:?} after the hello", started.elapsed());
     let host_figures = hosted.figures();
     log::info!("incoming migration: pages this host held: {host_figures}");
-    drop(hosted); // release the store for others, and the files read from
+    // Post-copy keeps what this host holds for the pages still to come.
+    let mut hosted = Some(hosted);
+    if received.postcopy.is_none() {
+        drop(hosted.take()); // release the store for others, and the files read from
+    }
     let shell = match shell {
         Ok(Ok(shell)) => shell,
         Ok(Err(e)) => {
@@ -157,6 +170,23 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
             return Err(e.into());
         }
     };
+    // Post-copy: the pages still to come are registered on userfaultfd before anything
+    // (the restore included) may touch them; the loader answers faults from here on.
+    let mut confirm = match (&received.postcopy, hosted.take()) {
+        (Some(pages), Some(hosted)) => {
+            let loader = postcopy_dest::start(
+                receiver,
+                pages,
+                &keep_mapped,
+                Box::new(hosted),
+                fallback,
+                args.json,
+            )?;
+            Confirm::Postcopy(loader)
+        }
+        _ => Confirm::Precopy(Box::new(receiver)),
+    };
+    drop(keep_mapped);
     let ctx = RunContext::new()?;
     let built = match runner::restore_into(shell, &state, &ctx.sink) {
         Ok(mut built) => {
@@ -164,7 +194,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
             built
         }
         Err(e) => {
-            receiver.abort("destination cannot restore the machine state");
+            confirm.abort("destination cannot restore the machine state");
             return Err(e.into());
         }
     };
@@ -180,9 +210,7 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
     let json = args.json;
     let reason = ctx.run(built, &services, move || {
         failpoint("before-ack");
-        let stats = receiver
-            .confirm_resumed()
-            .map_err(|e| format!("could not acknowledge the migration: {e}"))?;
+        let stats = confirm.confirmed()?;
         let report = serde_json::json!({
             "received_ms": started.elapsed().as_secs_f64() * 1000.0,
             "stats": stats,
@@ -196,6 +224,58 @@ pub fn receive(args: &ReceiveArgs) -> Result<StopReason, ReceiveError> {
         Ok(())
     })?;
     Ok(reason)
+}
+
+/// How the destination tells the source the guest runs here.
+enum Confirm {
+    /// Pre-copy: `Ack` on the migration connection.
+    Precopy(Box<Receiver<TcpStream>>),
+    /// Post-copy: the loader owns the connection and sends it.
+    Postcopy(Loader),
+}
+
+impl Confirm {
+    fn abort(&mut self, reason: &str) {
+        if let Confirm::Precopy(receiver) = self {
+            receiver.abort(reason);
+        }
+    }
+
+    /// Sends the acknowledgement; the receiver's figures (none in post-copy: the loader
+    /// reports when every page is in).
+    fn confirmed(&mut self) -> Result<serde_json::Value, String> {
+        let err = |e| format!("could not acknowledge the migration: {e}");
+        match self {
+            Confirm::Precopy(receiver) => receiver
+                .confirm_resumed()
+                .map(|s| serde_json::to_value(s).unwrap_or_default())
+                .map_err(|e| err(e.to_string())),
+            Confirm::Postcopy(loader) => loader
+                .confirm()
+                .map(|()| serde_json::json!({ "postcopy": "switched" }))
+                .map_err(err),
+        }
+    }
+}
+
+/// The cluster's live hosts and the page-service key, with `--etcd` (a registry that
+/// cannot be read leaves post-copy without a fallback, and says so).
+fn cluster_fallback(args: &ReceiveArgs) -> Result<Option<ClusterFallback>, ReceiveError> {
+    let Some(etcd) = &args.etcd else {
+        return Ok(None);
+    };
+    let key =
+        read_key(args.page_key.as_ref().unwrap_or(&args.key)).map_err(ReceiveError::PageKey)?;
+    match crate::cluster::pull::live_hosts(etcd) {
+        Ok(hosts) => {
+            log::info!("post-copy fallback: {} live hosts in {etcd}", hosts.len());
+            Ok(Some(ClusterFallback { hosts, key }))
+        }
+        Err(e) => {
+            log::warn!("--etcd {etcd}: {e}; a post-copy source that fails cannot be replaced");
+            Ok(None)
+        }
+    }
 }
 
 /// Waits for the source's connection (up to `timeout_s` seconds, 0 = for ever), calling

@@ -67,6 +67,22 @@ impl GuestPages {
             .collect()
     }
 
+    /// The guest frame whose page holds host address `addr`, if any.
+    pub fn gfn_of(&self, addr: usize) -> Option<u64> {
+        self.spans.iter().find_map(|s| {
+            let index = (addr.checked_sub(s.host)? / PAGE_SIZE) as u64;
+            (index < s.pages).then_some(s.first_gfn + index)
+        })
+    }
+
+    /// Each region's host address and length in bytes.
+    pub fn host_ranges(&self) -> Vec<(usize, usize)> {
+        self.spans
+            .iter()
+            .map(|s| (s.host, s.pages as usize * PAGE_SIZE))
+            .collect()
+    }
+
     fn host(&self, gfn: u64) -> Option<*mut u8> {
         self.spans.iter().find_map(|s| {
             let index = gfn.checked_sub(s.first_gfn).filter(|&i| i < s.pages)?;

@@ -14,9 +14,16 @@
 //!                                       ◄───────── Ack   (then: the VM runs here)
 //!  exit 0                    any error before Ack: resume the guest on the source
 //! ```
+//!
+//! Post-copy (`--postcopy`, [`postcopy`] and [`postcopy_dest`]): after the rounds asked for
+//! the source stops the guest, lists the pages the destination lacks and sends the state; the
+//! destination resumes the guest with those pages on userfaultfd and takes each on first
+//! touch or from the source's background stream; the source exits once all are in.
 
 pub mod destination;
 pub mod guest;
+pub mod postcopy;
+pub mod postcopy_dest;
 pub mod source;
 
 use std::path::Path;

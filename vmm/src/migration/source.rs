@@ -15,6 +15,7 @@ use fabric::{Page, PAGE_SIZE};
 use serde::Serialize;
 
 use super::guest::GuestPages;
+use super::postcopy::{self, Missing, PostcopyReport};
 use super::{read_key, KeyFileError};
 use crate::event_loop::Machine;
 use crate::memory::dirty::DirtyView;
@@ -65,6 +66,22 @@ pub enum MigrateError {
     /// Its seccomp filter could not be installed.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// Post-copy failed after the destination resumed the guest: the guest cannot resume
+    /// here (it ran there) and the pages not yet sent exist only here.
+    #[error("post-copy to {dest} failed after the switchover ({missing} pages not yet sent; the VM is lost unless the destination finds them elsewhere): {source}")]
+    PostcopyLost {
+        dest: String,
+        missing: u64,
+        source: MigrationError,
+    },
+}
+
+impl MigrateError {
+    /// Whether the guest can no longer run here (post-copy failed after the switchover):
+    /// this process must stop with the error.
+    pub fn guest_gone(&self) -> bool {
+        matches!(self, MigrateError::PostcopyLost { .. })
+    }
 }
 
 /// What the caller asked for.
@@ -80,6 +97,9 @@ pub struct MigrateRequest {
     pub max_rounds: u32,
     /// Compress pages when it pays.
     pub compress: bool,
+    /// Switch to post-copy after this many pre-copy rounds (0: at once); `None`: pre-copy
+    /// only.
+    pub postcopy_after: Option<u32>,
 }
 
 /// The migration report (JSON through the API).
@@ -115,6 +135,9 @@ pub struct MigrationReport {
     pub round_stats: Vec<RoundStats>,
     /// Protocol counters.
     pub protocol: MigrationStats,
+    /// Post-copy figures, when the migration switched to post-copy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostcopyReport>,
 }
 
 /// Migrates the VM. On `Ok` the VM runs at the destination and this process should exit;
@@ -176,9 +199,24 @@ pub fn migrate(
                 std::thread::sleep(crate::vcpu::THROTTLE_PERIOD);
             }
         });
-        let result = precopy(
-            machine, &view, was_paused, sender, &guest, all, req, started, progress,
-        );
+        let result = if req.postcopy_after == Some(0) {
+            postcopy::switch(
+                machine,
+                &view,
+                was_paused,
+                sender,
+                &guest,
+                Missing::All(all),
+                0,
+                started,
+                req,
+            )
+            .map(|pc| postcopy_report(req, pc, Vec::new(), started, MigrationStats::default()))
+        } else {
+            precopy(
+                machine, &view, was_paused, sender, &guest, all, req, started, progress,
+            )
+        };
         stop_kicks.store(true, std::sync::atomic::Ordering::Relaxed);
         result
     });
@@ -269,6 +307,23 @@ fn precopy(
             bandwidth / 1e6,
             expected
         );
+        if req.postcopy_after.is_some_and(|n| rounds.len() as u32 >= n) {
+            let before = sender.stats();
+            let pc = postcopy::switch(
+                machine,
+                view,
+                was_paused,
+                sender,
+                guest,
+                Missing::Dirty(dirty),
+                rounds.len() as u32,
+                started,
+                req,
+            )?;
+            let mut report = postcopy_report(req, pc, rounds, started, before);
+            report.max_throttle_percent = max_throttle;
+            return Ok(report);
+        }
         let fits = expected + backlog <= req.downtime;
         if fits || rounds.len() as u32 >= req.max_rounds {
             // Bytes of earlier rounds still in the socket's send queue would go out ahead
@@ -331,29 +386,15 @@ fn finish(
     };
     // No device touches guest memory from here on (requests are synchronous under this lock).
     let virtio = machine.devices.virtio.lock();
-    let state = (|| -> Result<Vec<u8>, MigrateError> {
-        let mut more = view.take_frames()?;
-        dirty.append(&mut more);
-        dirty.sort_unstable();
-        dirty.dedup();
-        let (serial, i8042) = machine.devices.state();
-        let state = SnapshotState {
-            mem: machine.meta.mem,
-            cpus: machine.meta.cpus,
-            cmdline: machine.meta.cmdline.clone(),
-            kernel: machine.meta.kernel.clone(),
-            regions: guest.regions(),
-            vm: VmState::save(&machine.vm.fd)?,
-            vcpus: machine.vcpus.save_state()?,
-            serial,
-            i8042,
-            virtio: virtio.state(),
-            store: PathBuf::new(),
-            root: String::new(),
-            manifest_blake3: String::new(),
-        };
-        Ok(format::encode(&state))
-    })();
+    let state = view
+        .take_frames()
+        .map_err(MigrateError::from)
+        .and_then(|mut more| {
+            dirty.append(&mut more);
+            dirty.sort_unstable();
+            dirty.dedup();
+            save_state(machine, guest, &virtio)
+        });
     let state = match state {
         Ok(state) => state,
         Err(e) => {
@@ -373,6 +414,60 @@ fn finish(
             drop(virtio);
             Err(resume(protocol(e)))
         }
+    }
+}
+
+/// The vCPU and device state blob, guest paused and the virtio devices locked (`virtio`).
+pub(super) fn save_state(
+    machine: &Machine,
+    guest: &GuestPages,
+    virtio: &crate::virtio::VirtioGuard<'_>,
+) -> Result<Vec<u8>, MigrateError> {
+    let (serial, i8042) = machine.devices.state();
+    let state = SnapshotState {
+        mem: machine.meta.mem,
+        cpus: machine.meta.cpus,
+        cmdline: machine.meta.cmdline.clone(),
+        kernel: machine.meta.kernel.clone(),
+        regions: guest.regions(),
+        vm: VmState::save(&machine.vm.fd)?,
+        vcpus: machine.vcpus.save_state()?,
+        serial,
+        i8042,
+        virtio: virtio.state(),
+        store: PathBuf::new(),
+        root: String::new(),
+        manifest_blake3: String::new(),
+    };
+    Ok(format::encode(&state))
+}
+
+/// The report of a migration that switched to post-copy after `rounds` (`protocol`: the
+/// sender's figures at the switch).
+fn postcopy_report(
+    req: &MigrateRequest,
+    pc: PostcopyReport,
+    rounds: Vec<RoundStats>,
+    started: Instant,
+    protocol: MigrationStats,
+) -> MigrationReport {
+    MigrationReport {
+        dest: req.dest.clone(),
+        bytes_sent: pc.source.bytes_sent,
+        bytes_received: pc.source.bytes_received,
+        pages_offered: protocol.pages_offered,
+        pages_found: protocol.pages_found,
+        pages_sent: protocol.pages_sent + pc.source.sent_on_fault + pc.source.sent_streamed,
+        pages_zero: protocol.pages_zero,
+        compression_saved_bytes: protocol.compression_saved_bytes,
+        rounds: rounds.len() as u32,
+        total_ms: started.elapsed().as_secs_f64() * 1000.0,
+        downtime_ms: pc.downtime_ms,
+        converged: true,
+        max_throttle_percent: 0,
+        round_stats: rounds,
+        protocol,
+        postcopy: Some(pc),
     }
 }
 
@@ -399,6 +494,7 @@ fn report(
         max_throttle_percent: 0,
         round_stats: stats.rounds.clone(),
         protocol: stats,
+        postcopy: None,
     }
 }
 

@@ -5,7 +5,7 @@
 use super::rules::{self, Rules};
 
 /// The `ioctl` type byte of userfaultfd's requests (`UFFDIO`).
-const UFFDIO: u64 = 0xAA;
+pub(super) const UFFDIO: u64 = 0xAA;
 
 pub(super) fn rules(r: &mut Rules) {
     rules::write_files(r);

@@ -4,7 +4,9 @@
 //! and streams pages. The destination is `fabvm receive`'s main thread from just before it
 //! listens until the VM runs (then the [`super::vmm`] filter is stacked on top): it takes the
 //! source's connection, creates the VM (`/dev/kvm`, guest memory, eventfds, taps), reads
-//! pages of VMs on this host (`/proc/PID/mem`) and from the store, and restores state.
+//! pages of VMs on this host (`/proc/PID/mem`) and from the store, and restores state. In
+//! post-copy it registers guest RAM on userfaultfd, and its loader thread (under this
+//! filter) answers the guest's faults.
 
 use super::kvm;
 use super::rules::{self, Rules};
@@ -62,6 +64,14 @@ pub(super) fn destination(r: &mut Rules) {
     rules::ioctls(r, &TAP);
     // The vCPUs' kick signal handler is set when they start.
     let kick = u64::try_from(libc::SIGRTMIN()).unwrap_or(0);
+    // Post-copy: guest RAM on userfaultfd, answered by the loader thread (which runs under
+    // this filter), and the cluster's page service when the source fails.
+    r.allow(&[libc::SYS_userfaultfd]).allow_masked(
+        libc::SYS_ioctl,
+        1,
+        0xFF00,
+        super::lazy::UFFDIO << 8,
+    );
     r.allow_arg(libc::SYS_rt_sigaction, 0, &[kick])
         .allow_arg(libc::SYS_socket, 0, &[libc::AF_UNIX as u64])
         .allow(&[

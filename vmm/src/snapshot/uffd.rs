@@ -192,6 +192,12 @@ impl Uffd {
     }
 }
 
+impl AsRawFd for Uffd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
 fn check(ret: i32) -> io::Result<()> {
     if ret < 0 {
         return Err(io::Error::last_os_error());

@@ -615,6 +615,10 @@ fn fuzz_seeds_complete_and_mutations_never_panic() {
         fuzzing::run_receiver(&seeds[2]),
         "seed 2 (version 3: ranges and a push) completes a migration"
     );
+    assert!(
+        fuzzing::run_receiver(&seeds[3]),
+        "seed 3 (post-copy at once) completes a migration"
+    );
     let completed = AtomicU64::new(0);
     for seed in &seeds {
         // Every byte of the headers and small messages; a sample of the page contents.

@@ -3,6 +3,7 @@
 //! fake guest in a `Vec<u8>`. No KVM, no root.
 
 mod faults;
+mod postcopy;
 mod ranges;
 mod transfer;
 

@@ -38,6 +38,8 @@
 //!           (commits: the destination resumes the guest if everything checks, then Ack)
 //! ```
 //!
+//! Post-copy (`Missing`, `Switchover`, `PostPages`, `Fault`, `AllIn`): see [`postcopy`].
+//!
 //! `known` means "a page with this identity that I sent you earlier in this round".
 //!
 //! Page bodies stay out of the frame MAC (since version 2): a body is worth nothing unless
@@ -49,6 +51,7 @@ mod control;
 mod describe;
 mod offer;
 mod pages;
+mod postcopy;
 mod push;
 mod ranges;
 #[cfg(test)]
@@ -58,6 +61,7 @@ pub use control::*;
 pub use describe::*;
 pub use offer::*;
 pub use pages::*;
+pub use postcopy::*;
 pub use push::*;
 pub use ranges::*;
 
@@ -251,6 +255,16 @@ pub enum MsgType {
     PageRequest = 25,
     /// Page service: the pages held, in the request's order.
     PageReply = 37,
+    /// Post-copy: identities of the pages the destination has not got (an offer's layout).
+    Missing = 26,
+    /// Post-copy: the guest stopped here; state sent; the destination may resume it.
+    Switchover = 27,
+    /// Post-copy: page contents by guest frame.
+    PostPages = 28,
+    /// Post-copy: frames the destination wants now (or holds itself).
+    Fault = 38,
+    /// Post-copy: every page is in; the source may exit.
+    AllIn = 39,
 }
 
 impl MsgType {
@@ -274,6 +288,11 @@ impl MsgType {
             35 => Ack,
             25 => PageRequest,
             37 => PageReply,
+            26 => Missing,
+            27 => Switchover,
+            28 => PostPages,
+            38 => Fault,
+            39 => AllIn,
             _ => return None,
         })
     }
@@ -298,6 +317,11 @@ impl MsgType {
             Ack => "Ack",
             PageRequest => "PageRequest",
             PageReply => "PageReply",
+            Missing => "Missing",
+            Switchover => "Switchover",
+            PostPages => "PostPages",
+            Fault => "Fault",
+            AllIn => "AllIn",
         }
     }
 
@@ -343,6 +367,11 @@ impl MsgType {
             Accept | Ack => 0,
             PageRequest => 8 + SERVICE_MAX_IDS as u64 * 32,
             PageReply => 8 + SERVICE_MAX_IDS as u64 * (1 + PAGE_SIZE as u64),
+            Missing => Offer.max_payload(limits),
+            Switchover => SWITCHOVER_LEN as u64,
+            PostPages => POST_PAGES_MAX,
+            Fault => FAULT_MAX,
+            AllIn => ALL_IN_LEN as u64,
         }
     }
 }
