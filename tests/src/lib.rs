@@ -458,3 +458,45 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A TCP relay for fault tests: accepts one connection on `listen`, connects to `to`, passes
+/// the reply direction untouched and flips the low bit of every byte toward `to` whose
+/// offset in the stream `flip` picks (a link corrupting data under TCP's checksum, or a
+/// tampering middlebox). Runs on its own threads; ends when either side closes.
+pub fn flipping_relay(
+    listen: std::net::TcpListener,
+    to: String,
+    flip: impl Fn(usize) -> bool + Send + 'static,
+) {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        let Ok((mut client, _)) = listen.accept() else {
+            return;
+        };
+        let Ok(mut server) = std::net::TcpStream::connect(&to) else {
+            return;
+        };
+        let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut s2, &mut c2);
+        });
+        let mut seen = 0usize;
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = client.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                if flip(seen + i) {
+                    *b ^= 1;
+                }
+            }
+            seen += n;
+            if server.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = server.shutdown(std::net::Shutdown::Both);
+        let _ = client.shutdown(std::net::Shutdown::Both);
+    });
+}

@@ -4,14 +4,14 @@
 //! and its next verification passes.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use fabvm_tests::netns::{Host, TwoHosts};
 use fabvm_tests::{
-    boot_guest, count, ctl, fabvm, filled_pages, require_kvm, test_guest, wait_for_socket,
-    write_test_key, Vm,
+    boot_guest, count, ctl, fabvm, filled_pages, flipping_relay, require_kvm, test_guest,
+    wait_for_socket, write_test_key, Vm,
 };
 
 const READY: Duration = Duration::from_secs(90);
@@ -338,37 +338,6 @@ fn wrong_key_is_refused() {
     );
 }
 
-/// A TCP relay that flips one bit of the byte at offset `at` of the stream toward the
-/// destination (a link corrupting data under TCP's checksum, or a tampering middlebox).
-fn corrupting_relay(listen: TcpListener, to: String, at: usize) {
-    std::thread::spawn(move || {
-        let Ok((mut client, _)) = listen.accept() else {
-            return;
-        };
-        let Ok(mut server) = TcpStream::connect(&to) else {
-            return;
-        };
-        let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut s2, &mut c2);
-        });
-        let mut seen = 0usize;
-        let mut buf = vec![0u8; 65536];
-        while let Ok(n) = client.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            if seen <= at && at < seen + n {
-                buf[at - seen] ^= 0x01;
-            }
-            seen += n;
-            if server.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-    });
-}
-
 #[test]
 fn corrupted_page_in_flight_is_caught() {
     if require_kvm("migrate_corruption").is_none() {
@@ -411,7 +380,8 @@ fn corrupted_page_in_flight_is_caught() {
     std::thread::sleep(Duration::from_millis(300));
     let relay = TcpListener::bind("127.0.0.1:0").unwrap();
     let relay_addr = relay.local_addr().unwrap().to_string();
-    corrupting_relay(relay, format!("127.0.0.1:{dest_port}"), 4 << 20);
+    let at = 4 << 20;
+    flipping_relay(relay, format!("127.0.0.1:{dest_port}"), move |i| i == at);
     let (ok, _, err) = migrate(&src_sock, &relay_addr, &key);
     assert!(!ok, "a corrupted stream must fail the migration");
     assert_eq!(err.lines().count(), 1, "{err}");

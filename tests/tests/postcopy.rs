@@ -6,8 +6,7 @@
 //! ends with one line. The background stream is throttled (`FABVM_POSTCOPY_STREAM_PAGES_PER_S`,
 //! a knob for tests) so pages are still missing when the test acts.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -15,7 +14,8 @@ use std::time::{Duration, Instant};
 use fabvm_tests::cluster::{find, wait_hosts, Etcd, Host as ClusterHost};
 use fabvm_tests::netns::{Host, TwoHosts};
 use fabvm_tests::{
-    boot_guest, count, ctl, fabvm, free_port, require_kvm, wait_for_socket, write_test_key, Vm,
+    boot_guest, count, ctl, fabvm, flipping_relay, free_port, require_kvm, wait_for_socket,
+    write_test_key, Vm,
 };
 
 const READY: Duration = Duration::from_secs(90);
@@ -321,42 +321,6 @@ fn stalled_link_during_postcopy_makes_the_guest_wait_then_resume() {
     verifies_at_destination(&mut dest, &dest_sock, "after the stall");
 }
 
-/// A relay that passes the source's first `clean` bytes, then flips a bit in every 4 KiB
-/// toward the destination (a tampering middlebox during post-copy).
-fn tampering_relay(listen: TcpListener, to: String, clean: usize) {
-    std::thread::spawn(move || {
-        let Ok((mut client, _)) = listen.accept() else {
-            return;
-        };
-        let Ok(mut server) = TcpStream::connect(&to) else {
-            return;
-        };
-        let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut s2, &mut c2);
-        });
-        let mut seen = 0usize;
-        let mut buf = vec![0u8; 65536];
-        while let Ok(n) = client.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            for (i, b) in buf[..n].iter_mut().enumerate() {
-                let at = seen + i;
-                if at >= clean && at.is_multiple_of(4096) {
-                    *b ^= 1;
-                }
-            }
-            seen += n;
-            if server.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-        let _ = server.shutdown(std::net::Shutdown::Both);
-        let _ = client.shutdown(std::net::Shutdown::Both);
-    });
-}
-
 #[test]
 fn tampered_stream_during_postcopy_fails_both_ends_in_one_line() {
     if require_kvm("postcopy_tampered").is_none() {
@@ -369,7 +333,11 @@ fn tampered_stream_during_postcopy_fails_both_ends_in_one_line() {
     let relay_addr = relay.local_addr().unwrap().to_string();
     // The list of missing identities and the state take about 3 MB for this guest: the
     // damage starts in the page stream, after the switch.
-    tampering_relay(relay, p.dest(), 16 << 20);
+    // The source's first 16 MiB pass; then a bit of every 4 KiB toward the destination flips.
+    let clean = 16 << 20;
+    flipping_relay(relay, p.dest(), move |at| {
+        at >= clean && at.is_multiple_of(4096)
+    });
     let (ok, _, err) = migrate(&src_sock, &relay_addr, &p.key, &["--postcopy-after", "0"]);
     assert!(!ok, "a tampered post-copy cannot succeed");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");

@@ -89,46 +89,13 @@ impl RxState {
         s: &Switchover,
         layout: &Layout,
     ) -> Result<(Manifest, Vec<u8>, PostcopyPages), MigrationError> {
-        if self.round_open || !self.outstanding.is_empty() || self.expected != 0 {
-            return Err(MigrationError::Unexpected {
-                got: "Switchover",
-                when: "inside a round",
-            });
-        }
-        if s.rounds != self.round - 1 {
-            return Err(super::rx_state::bad(
-                "Switchover",
-                "round count does not match",
-            ));
-        }
         if s.listed != self.listed {
             return Err(super::rx_state::bad(
                 "Switchover",
                 "listed page count does not match",
             ));
         }
-        if let Some(index) = self.covered.first_clear() {
-            return Err(MigrationError::Incomplete {
-                gfn: layout.gfn(index),
-            });
-        }
-        if let Some(index) = self.stale.first_set() {
-            return Err(MigrationError::BadPage {
-                gfn: layout.gfn(index),
-            });
-        }
-        if self.state.len() as u64 != s.state_len || self.state_total.unwrap_or(0) != s.state_len {
-            return Err(super::rx_state::bad(
-                "Switchover",
-                "state length does not match",
-            ));
-        }
-        if blake3::hash(&self.state) != blake3::Hash::from_bytes(s.state_hash) {
-            return Err(super::rx_state::bad(
-                "Switchover",
-                "state hash does not match",
-            ));
-        }
+        self.check_whole("Switchover", s.rounds, layout, s.state_len, s.state_hash)?;
         let this = *self;
         let pages = PostcopyPages {
             missing: this.postcopy,

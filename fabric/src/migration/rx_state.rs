@@ -548,14 +548,32 @@ impl RxState {
         c: &Complete,
         layout: &Layout,
     ) -> Result<(Manifest, Vec<u8>), MigrationError> {
+        if c.rounds == 0 {
+            return Err(bad("Complete", "round count does not match"));
+        }
+        self.check_whole("Complete", c.rounds, layout, c.state_len, c.state_hash)?;
+        Ok((self.manifest, self.state))
+    }
+
+    /// What `Complete` and `Switchover` (message `what`) both require: no round open,
+    /// `rounds` rounds done, every page covered and checked, and the whole state in, of
+    /// `state_len` bytes hashing to `state_hash`.
+    pub(super) fn check_whole(
+        &self,
+        what: &'static str,
+        rounds: u32,
+        layout: &Layout,
+        state_len: u64,
+        state_hash: [u8; 32],
+    ) -> Result<(), MigrationError> {
         if self.round_open || !self.outstanding.is_empty() || self.expected != 0 {
             return Err(MigrationError::Unexpected {
-                got: "Complete",
+                got: what,
                 when: "inside a round",
             });
         }
-        if c.rounds == 0 || c.rounds != self.round - 1 {
-            return Err(bad("Complete", "round count does not match"));
+        if rounds != self.round - 1 {
+            return Err(bad(what, "round count does not match"));
         }
         if let Some(index) = self.covered.first_clear() {
             return Err(MigrationError::Incomplete {
@@ -567,13 +585,13 @@ impl RxState {
                 gfn: layout.gfn(index),
             });
         }
-        if self.state.len() as u64 != c.state_len || self.state_total.unwrap_or(0) != c.state_len {
-            return Err(bad("Complete", "state length does not match"));
+        if self.state.len() as u64 != state_len || self.state_total.unwrap_or(0) != state_len {
+            return Err(bad(what, "state length does not match"));
         }
-        if blake3::hash(&self.state) != blake3::Hash::from_bytes(c.state_hash) {
-            return Err(bad("Complete", "state hash does not match"));
+        if blake3::hash(&self.state) != blake3::Hash::from_bytes(state_hash) {
+            return Err(bad(what, "state hash does not match"));
         }
-        Ok((self.manifest, self.state))
+        Ok(())
     }
 
     /// `gfn` now holds `id`.
