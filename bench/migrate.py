@@ -220,7 +220,13 @@ def fabvm_migrate(net, sc, mem, work, port, src_args=(), ctl_args=()):
     _, i = src_con.wait("ready", 300)
     src_con.wait("heartbeat", 30, after=i)
     if "off" not in src_args:
-        common.wait_identities_current(sock_s)
+        try:
+            common.wait_identities_current(sock_s)
+        except RuntimeError:
+            # A guest dirtying faster than the background budget never has every identity
+            # current; round 1 rehashes the stale ones.
+            if "dirty=" not in sc.cmdline:
+                raise
     if sc.sibling:
         common.wait_identities_current(sock_sib)
     host, cport = net.connect_port(port)
