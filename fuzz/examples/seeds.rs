@@ -342,6 +342,7 @@ fn api_request() -> Seeds {
             downtime_ms: 100,
             max_rounds: 30,
             compress: true,
+            postcopy_after: Some(1),
         },
         Request::Identities,
     ];
