@@ -289,6 +289,20 @@ def qemu_sum(a, work, run):
     return {"total_s": total_s, "wire_bytes": wire, "verified": sum(bool(r.get("verified")) for r in runs)}
 
 
+def prepare(a, name):
+    """Applies --quick (128 MiB guests, 32 MiB filled, one run) and --fabvm; exits with one
+    line without root or a tool."""
+    if a.quick:
+        a.mem, a.fill, a.runs = "128M", 32, 1
+    if a.fabvm:
+        common.FABVM = os.path.abspath(a.fabvm)
+    if os.geteuid() != 0:
+        sys.exit(f"{name}: needs root (network namespaces)")
+    for tool in ("etcd", common.FABVM):
+        if not shutil.which(tool):
+            sys.exit(f"{name}: {tool} not found")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke test: 128M guests, 32 MiB filled, 1 run")
@@ -303,15 +317,7 @@ def main():
     p.add_argument("--fabvm", help="fabvm binary [default: target/release/fabvm]")
     p.add_argument("--out", default=common.RESULTS)
     a = p.parse_args()
-    if a.quick:
-        a.mem, a.fill, a.runs = "128M", 32, 1
-    if a.fabvm:
-        common.FABVM = os.path.abspath(a.fabvm)
-    if os.geteuid() != 0:
-        sys.exit("cluster_drain: needs root (network namespaces)")
-    for tool in ("etcd", common.FABVM):
-        if not shutil.which(tool):
-            sys.exit(f"cluster_drain: {tool} not found")
+    prepare(a, "cluster_drain")
     started = time.time()
     load_before = common.load_average()
     results = {"overlap": [], "random": []}

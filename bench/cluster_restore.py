@@ -28,8 +28,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from cluster_drain import (SWITCH_ADDR, Star, cluster_cmd, kill_registered, start_agent,  # noqa: E402
-                           start_etcd)
+from cluster_drain import (SWITCH_ADDR, Star, cluster_cmd, kill_registered, prepare,  # noqa: E402
+                           start_agent, start_etcd)
 from common import Console, spread  # noqa: E402
 
 B, A, C = 0, 1, 2
@@ -137,15 +137,7 @@ def main():
     p.add_argument("--fabvm", help="fabvm binary [default: target/release/fabvm]")
     p.add_argument("--out", default=common.RESULTS)
     a = p.parse_args()
-    if a.quick:
-        a.mem, a.fill, a.runs = "128M", 32, 1
-    if a.fabvm:
-        common.FABVM = os.path.abspath(a.fabvm)
-    if os.geteuid() != 0:
-        sys.exit("cluster_restore: needs root (network namespaces)")
-    for tool in ("etcd", common.FABVM):
-        if not shutil.which(tool):
-            sys.exit(f"cluster_restore: {tool} not found")
+    prepare(a, "cluster_restore")
     load_before = common.load_average()
     runs = []
     for r in range(a.runs):
