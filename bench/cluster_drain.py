@@ -303,6 +303,16 @@ def prepare(a, name):
             sys.exit(f"{name}: {tool} not found")
 
 
+def write_report(out, name, report, text):
+    """Writes `out/name.json` (the report) and `out/name.md` (its table), prints the table."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, name + ".json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out, name + ".md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke test: 128M guests, 32 MiB filled, 1 run")
@@ -348,13 +358,7 @@ def main():
                  "command": " ".join(sys.argv), "machine": common.machine()},
     }
     name = "cluster-drain" + ("-quick" if a.quick else "")
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, name + ".json"), "w") as f:
-        json.dump(report, f, indent=1)
-    text = markdown(report)
-    with open(os.path.join(a.out, name + ".md"), "w") as f:
-        f.write(text)
-    print(text)
+    write_report(a.out, name, report, markdown(report))
 
 
 def markdown(r):

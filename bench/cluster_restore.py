@@ -29,7 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from cluster_drain import (SWITCH_ADDR, Star, cluster_cmd, kill_registered, prepare,  # noqa: E402
-                           start_agent, start_etcd)
+                           start_agent, start_etcd, write_report)
 from common import Console, spread  # noqa: E402
 
 B, A, C = 0, 1, 2
@@ -155,13 +155,7 @@ def main():
                  "machine": common.machine()},
     }
     name = "cluster-restore" + ("-quick" if a.quick else "")
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, name + ".json"), "w") as f:
-        json.dump(report, f, indent=1)
-    text = markdown(report)
-    with open(os.path.join(a.out, name + ".md"), "w") as f:
-        f.write(text)
-    print(text)
+    write_report(a.out, name, report, markdown(report))
 
 
 def markdown(r):

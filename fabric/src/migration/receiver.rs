@@ -204,16 +204,7 @@ impl<S: Read + Write> Receiver<S> {
                         let complete = Complete::decode(payload)?;
                         let rx = r.rx.take().expect("receiving");
                         let (manifest, state) = rx.complete(&complete, &r.layout)?;
-                        r.stats.state_bytes = state.len() as u64;
-                        r.stats.set_counters(&r.ch.counters);
-                        r.phase = Phase::Completed;
-                        return Ok(ReceivedVm {
-                            description: r.desc.clone(),
-                            state,
-                            manifest,
-                            stats: r.stats.clone(),
-                            postcopy: None,
-                        });
+                        return Ok(r.received(manifest, state, None));
                     }
                     (MsgType::Missing, payload) => {
                         let list = OfferView::decode(payload, &r.limits)?;
@@ -223,16 +214,7 @@ impl<S: Read + Write> Receiver<S> {
                         let switch = wire::Switchover::decode(payload)?;
                         let rx = r.rx.take().expect("receiving");
                         let (manifest, state, postcopy) = rx.switchover(&switch, &r.layout)?;
-                        r.stats.state_bytes = state.len() as u64;
-                        r.stats.set_counters(&r.ch.counters);
-                        r.phase = Phase::Completed;
-                        return Ok(ReceivedVm {
-                            description: r.desc.clone(),
-                            state,
-                            manifest,
-                            stats: r.stats.clone(),
-                            postcopy: Some(postcopy),
-                        });
+                        return Ok(r.received(manifest, state, Some(postcopy)));
                     }
                     other => return Err(unexpected(other, "while receiving pages")),
                 }
@@ -283,6 +265,26 @@ impl<S: Read + Write> Receiver<S> {
         let mut stats = self.stats.clone();
         stats.set_counters(&self.ch.counters);
         stats
+    }
+
+    /// The migration is whole (`Complete`, or `Switchover` with the pages still to come in
+    /// `postcopy`): the VM as received.
+    fn received(
+        &mut self,
+        manifest: Manifest,
+        state: Vec<u8>,
+        postcopy: Option<super::PostcopyPages>,
+    ) -> ReceivedVm {
+        self.stats.state_bytes = state.len() as u64;
+        self.stats.set_counters(&self.ch.counters);
+        self.phase = Phase::Completed;
+        ReceivedVm {
+            description: self.desc.clone(),
+            state,
+            manifest,
+            stats: self.stats.clone(),
+            postcopy,
+        }
     }
 
     fn guard<T>(

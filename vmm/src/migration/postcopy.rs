@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::guest::GuestPages;
-use super::source::{save_state, MigrateError, MigrateRequest};
+use super::source::{save_state, stop_guest, MigrateError, MigrateRequest};
 use crate::event_loop::Machine;
 use crate::memory::dirty::DirtyView;
 
@@ -85,17 +85,7 @@ pub fn switch(
     };
     let paused_at = Instant::now();
     let switchover_ms = started.elapsed().as_secs_f64() * 1000.0;
-    if !was_paused {
-        machine.vcpus.pause()?;
-    }
-    let resume = |e: MigrateError| {
-        if !was_paused {
-            if let Err(r) = machine.vcpus.resume() {
-                log::error!("resuming the guest after a failed migration: {r}");
-            }
-        }
-        e
-    };
+    let resume = stop_guest(machine, was_paused)?;
     // No device touches guest memory from here on; the guest never runs here again
     // unless the switch fails before the destination resumes it.
     let virtio = machine.devices.virtio.lock();

@@ -356,6 +356,26 @@ fn precopy(
     }
 }
 
+/// Stops the guest for the stop-and-copy or the switch (unless it was paused already) and
+/// returns what to do with an error before the destination runs it: resume the guest here
+/// and pass the error on.
+pub(super) fn stop_guest(
+    machine: &Machine,
+    was_paused: bool,
+) -> Result<impl Fn(MigrateError) -> MigrateError + '_, MigrateError> {
+    if !was_paused {
+        machine.vcpus.pause()?;
+    }
+    Ok(move |e| {
+        if !was_paused {
+            if let Err(r) = machine.vcpus.resume() {
+                log::error!("resuming the guest after a failed migration: {r}");
+            }
+        }
+        e
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 fn finish(
     machine: &Machine,
@@ -373,17 +393,7 @@ fn finish(
         source,
     };
     let paused_at = Instant::now();
-    if !was_paused {
-        machine.vcpus.pause()?;
-    }
-    let resume = |e: MigrateError| {
-        if !was_paused {
-            if let Err(r) = machine.vcpus.resume() {
-                log::error!("resuming the guest after a failed migration: {r}");
-            }
-        }
-        e
-    };
+    let resume = stop_guest(machine, was_paused)?;
     // No device touches guest memory from here on (requests are synchronous under this lock).
     let virtio = machine.devices.virtio.lock();
     let state = view
